@@ -1,0 +1,203 @@
+"""The job config: one YAML file per job, validated strictly before any worker starts.
+
+Sections mirror the layout of a job: ``model``, ``method``, ``data``, ``training`` (Hugging Face
+``TrainingArguments`` names), ``distributed``. Every model forbids unknown keys, so a typo is an
+error that names the dotted key and the file. ``section.key=value`` overrides are applied to the
+raw YAML before validation; values are parsed as YAML (``training.bf16=false``,
+``method.target_modules=[q_proj,v_proj]``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A job config that cannot run; the message is one line naming the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field(description="Local Hugging Face causal-LM folder or hub id.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the weights are loaded in; DeepSpeed bf16 casts as needed.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="auto = flash_attention_2 when flash-attn is installed and CUDA is used, else sdpa.")
+    trust_remote_code: bool = Field(False, description="Passed to from_pretrained.")
+
+
+class MethodConfig(_Strict):
+    type: Literal["full", "lora"] = Field("lora", description="full fine-tuning or a peft LoRA adapter.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator (alpha = 2r is a good default).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Modules that get adapters: attention and MLP projections, or 'all-linear'.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+
+
+class DataConfig(_Strict):
+    train_files: list[str] = Field(description="JSONL / Parquet files or saved `datasets` directories.")
+    eval_files: list[str] = Field(default_factory=list, description="Held-out files of the new task.")
+    format: Literal["alpaca", "chat", "text", "tokenized"] = Field(
+        "alpaca", description="alpaca (instruction, input, output), chat (messages), text, tokenized (input_ids[, labels]).")
+    max_seq_length: int = Field(512, ge=8, description="Longer sequences are truncated (and counted in the log).")
+    packing: bool = Field(False, description="Concatenate examples into max_seq_length blocks.")
+    prompt_template: Literal["auto", "chat", "alpaca"] = Field(
+        "auto", description="How alpaca records are rendered: the model's chat template (auto when it has one) or the Alpaca prompt.")
+    streaming: bool = Field(False, description="Stream the files instead of preparing them in memory (large data).")
+    text_field: str = Field("text", description="Field holding the text for format=text.")
+
+    @model_validator(mode="after")
+    def _files_given(self) -> "DataConfig":
+        if not self.train_files:
+            raise ValueError("data.train_files is empty: list at least one file")
+        return self
+
+
+class TrainingConfig(_Strict):
+    output_dir: str = Field(description="Everything the job writes goes here.")
+    max_steps: int = Field(-1, description="Optimizer steps; -1 = derive from num_train_epochs.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Used when max_steps is -1.")
+    per_device_train_batch_size: int = Field(4, ge=1, description="Micro-batch size per worker.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Eval batch size per worker.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of max_steps spent in linear warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Warmup steps; overrides warmup_ratio when > 0.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
+    bf16: bool = Field(True, description="bf16 mixed precision through DeepSpeed (fp32 master weights).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    logging_steps: int = Field(10, ge=1, description="Write a metrics.jsonl line every N steps.")
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = only at the end.")
+    save_total_limit: int = Field(2, ge=1, description="Keep at most this many checkpoints (newest).")
+    eval_steps: int = Field(0, ge=0, description="Evaluate on data.eval_files every N steps; 0 = only at the end.")
+    seed: int = Field(42, description="Seeds model init, dropout and the data order.")
+
+
+class DistributedConfig(_Strict):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU, or CPU slots).")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="auto = GPUs when the Ray cluster has them.")
+    cpus_per_worker: int = Field(1, ge=1, description="CPU cores (and OMP threads) per worker.")
+    deepspeed: str = Field("ds_configs/zero2.json", description="DeepSpeed JSON; relative paths resolve against the job file, then the project.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl with GPUs, else gloo.")
+
+
+class JobConfig(_Strict):
+    model: ModelConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: DataConfig
+    training: TrainingConfig
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    source: str | None = Field(None, description="(set by the loader) the job file this came from.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "JobConfig":
+        if self.data.packing and self.data.format == "tokenized":
+            raise ValueError("data.packing: not supported with data.format=tokenized (records are used as they are)")
+        return self
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{source}: override {dotted}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``section.key=value`` strings; the value is read as YAML."""
+    out = []
+    for p in pairs:
+        if "=" not in p or p.startswith("="):
+            raise ConfigError(f"override {p!r}: expected section.key=value")
+        key, val = p.split("=", 1)
+        try:
+            out.append((key.strip(), yaml.safe_load(val) if val != "" else ""))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {p!r}: value is not valid YAML ({e.problem})") from None
+    return out
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the docs of this section)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and not isinstance(e["input"], (dict, list)):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"{source}: {key}: {msg}")
+    return "; ".join(lines)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
+    """Read, override and validate a job file. Raises ConfigError with a one-line message."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{source}: job file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}:{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value, source)
+    return config_from_dict(raw, source)
+
+
+def config_from_dict(raw: dict, source: str = "<config>") -> JobConfig:
+    try:
+        cfg = JobConfig.model_validate({**raw, "source": source})
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, source)) from None
+    cfg.distributed.deepspeed = str(resolve_path(cfg.distributed.deepspeed, source))
+    return cfg
+
+
+def resolve_path(p: str, source: str) -> Path:
+    """Resolve a path from a job file: absolute, relative to the job file, to the cwd, or to the project."""
+    cand = Path(p)
+    if cand.is_absolute():
+        return cand
+    bases = []
+    if source and not source.startswith("<"):
+        bases.append(Path(source).resolve().parent)
+    bases += [Path.cwd(), PROJECT_ROOT]
+    for b in bases:
+        if (b / cand).exists():
+            return (b / cand).resolve()
+    return (Path.cwd() / cand).resolve()
+
+
+def dump_config(cfg: JobConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
