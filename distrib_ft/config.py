@@ -83,7 +83,7 @@ class TrainingConfig(_Strict):
     bf16: bool = Field(True, description="bf16 mixed precision through DeepSpeed (fp32 master weights).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
     logging_steps: int = Field(10, ge=1, description="Write a metrics.jsonl line every N steps.")
-    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = only at the end.")
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps and at the end; 0 = no checkpoints (final/ only).")
     save_total_limit: int = Field(2, ge=1, description="Keep at most this many checkpoints (newest).")
     eval_steps: int = Field(0, ge=0, description="Evaluate on data.eval_files every N steps; 0 = only at the end.")
     seed: int = Field(42, description="Seeds model init, dropout and the data order.")
@@ -107,6 +107,8 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobConfig":
+        if self.data.streaming and self.training.max_steps <= 0:
+            raise ValueError("training.max_steps: required with data.streaming=true (a stream has no known length)")
         if self.data.packing and self.data.format == "tokenized":
             raise ValueError("data.packing: not supported with data.format=tokenized (records are used as they are)")
         return self

@@ -1,0 +1,145 @@
+"""Checkpoints for exact resume, and the final model in Hugging Face / peft format.
+
+Layout under ``output_dir``::
+
+    checkpoints/step-N/       DeepSpeed checkpoint (model, optimizer, scheduler; frozen weights
+                              excluded for LoRA), rng_rank{R}.pt per rank, and COMPLETE once every
+                              rank has written; resume only considers complete checkpoints.
+    final/                    peft adapter (adapter_config.json, adapter_model.safetensors) or the
+                              full model (config.json, model.safetensors), plus the tokenizer.
+
+The loop's own state (step, data position) travels in DeepSpeed's ``client_state``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distrib_ft import dist
+
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file through a temp file in the same folder and a rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under output_dir/checkpoints, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / COMPLETE).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ckpts = complete_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict, *,
+                    exclude_frozen: bool, keep: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder."""
+    root = Path(output_dir) / "checkpoints"
+    tag = f"step-{step}"
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=exclude_frozen)
+    torch.save(rng_state(), root / tag / f"rng_rank{dist.rank()}.pt")
+    dist.barrier()
+    if dist.is_main():
+        atomic_write_text(root / tag / COMPLETE, f"{step}\n")
+        for old in complete_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return root / tag
+
+
+def load_checkpoint(engine, path: Path, *, exclude_frozen: bool) -> dict:
+    """Restore engine, optimizer, scheduler and this rank's RNG; returns the client state."""
+    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=not exclude_frozen)
+    if client_state is None:
+        raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint; delete it to resume from an older one")
+    rng_file = path / f"rng_rank{dist.rank()}.pt"
+    if rng_file.exists():  # absent when resuming with more ranks than were saved
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state
+
+
+def gather_full_state_dict(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The full fp32 weights on every rank's CPU (collective under ZeRO).
+
+    Trainable parameters come from the optimizer's fp32 master copy (bf16 training keeps the module in
+    bf16); frozen ones from the module, gathered when ZeRO-3 partitions them.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+    from deepspeed.zero import GatheredParameters
+
+    out = {}
+    for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None:
+            with GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                full = p.data
+                out[name] = full.detach().to("cpu", torch.float32, copy=True)
+            continue
+        out[name] = full.detach().to("cpu", torch.float32)
+    return out
+
+
+def export_final(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, is_peft: bool) -> Path:
+    """Write final/ atomically (temp folder, then rename). Collective; rank 0 writes."""
+    state = gather_full_state_dict(model, trainable_only=is_peft)
+    final = Path(output_dir) / "final"
+    if dist.is_main():
+        tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if final.exists():
+            old = final.with_name(f".final.old.{os.getpid()}")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    dist.barrier()
+    return final

@@ -1,0 +1,89 @@
+"""The model and its fine-tuning method: a Hugging Face causal LM, fully trainable or with a peft LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The model's tokenizer, with a pad token (eos when it has none): batches are right-padded."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def resolve_attn_implementation(requested: str, use_cuda: bool) -> str:
+    """``auto``: flash_attention_2 on CUDA when flash-attn is installed, else PyTorch SDPA."""
+    if requested != "auto":
+        if requested == "flash_attention_2" and (not use_cuda or importlib.util.find_spec("flash_attn") is None):
+            raise ValueError("model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn package "
+                             "(pip install 'distrib-ft[flash]'); use sdpa")
+        return requested
+    if use_cuda and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(name_or_path: str, *, dtype: str = "float32", attn_implementation: str = "auto",
+               gradient_checkpointing: bool = False, trust_remote_code: bool = False,
+               zero3_config: dict | None = None) -> torch.nn.Module:
+    """Load a causal LM. With ``zero3_config`` the weights are partitioned while they load (zero.Init)."""
+    from transformers import AutoModelForCausalLM
+
+    keep_alive = None
+    if zero3_config is not None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(zero3_config)  # noqa: F841  (must live during from_pretrained)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=TORCH_DTYPES[dtype], trust_remote_code=trust_remote_code,
+            attn_implementation=resolve_attn_implementation(attn_implementation, torch.cuda.is_available()))
+    finally:
+        if keep_alive is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def apply_method(model: torch.nn.Module, method: str, *, r: int = 16, lora_alpha: float = 32,
+                 lora_dropout: float = 0.0, target_modules: list[str] | str | None = None,
+                 use_dora: bool = False) -> torch.nn.Module:
+    """``full``: every parameter trains. ``lora``: a peft LoRA adapter on ``target_modules``."""
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if method == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         target_modules=target_modules, use_dora=use_dora, bias="none")
+        try:
+            return get_peft_model(model, cfg)
+        except ValueError as e:
+            raise ValueError(f"method.target_modules: {e}".splitlines()[0]) from None
+    raise ValueError(f"method.type: unknown method {method!r}")
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; under ZeRO-3 the full sizes (ds_numel)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,220 @@
+"""The training loop: one function that orders forward, backward, step, log, eval and checkpoint.
+
+``train(cfg)`` runs unchanged in-process (a world of one), under torchrun, and inside Ray Train
+workers (``launcher.ray_job``): whoever started the processes, torch.distributed is set up first and
+every rank then runs the same code.
+
+Loss normalisation: each micro-batch's loss is the *sum* of token NLLs scaled by
+``world x accum / target_tokens_in_global_batch``; DeepSpeed divides by ``accum`` and averages over
+ranks, so the gradient is that of the mean NLL over every target token of the global batch. The
+result does not depend on padding, on how examples are split into micro-batches, or on the number
+of ranks (a 2-rank and a 1-rank run with the same global batch take the same steps).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distrib_ft import batches as batching
+from distrib_ft import checkpoint as ckpt
+from distrib_ft import dist
+from distrib_ft.config import JobConfig, dump_config
+from distrib_ft.data import build_dataset, collate
+from distrib_ft.engine import build_engine, load_deepspeed_config, zero_stage
+from distrib_ft.metrics import MetricsLog, Progress
+from distrib_ft.model import apply_method, count_parameters, load_model, load_tokenizer
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def token_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLL over target tokens (labels != -100) of a batch, and their count.
+
+    Args:
+        batch: ``input_ids``, ``attention_mask``, ``labels``, each (B, T).
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = batch["labels"][:, 1:]
+    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                          ignore_index=-100, reduction="sum")
+    return nll, int((shift_labels != -100).sum())
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(engine, dataset, *, batch_size: int, pad_token_id: int) -> dict[str, float]:
+    """Token-weighted mean NLL over ``dataset``, each rank on its share, sums all-reduced.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively), the
+    ranks with a shorter share on a zero-weight repeat of their last batch.
+    """
+    rank, world = dist.rank(), dist.world_size()
+    mine = list(range(rank, len(dataset), world))
+    n_batches = math.ceil(math.ceil(len(dataset) / world) / batch_size)
+    was_training = engine.module.training
+    engine.eval()
+    total_nll, total_tokens = 0.0, 0
+    for b in range(n_batches):
+        idx = mine[b * batch_size:(b + 1) * batch_size]
+        weight = 1.0 if idx else 0.0
+        idx = idx or mine[-1:] or [0]
+        batch = _to(collate([dataset[i] for i in idx], pad_token_id), dist.device())
+        nll, n = token_nll_sum(engine, batch)
+        total_nll += weight * float(nll)
+        total_tokens += int(weight) * n
+    engine.train(was_training)
+    nll_sum, tokens = dist.all_reduce_sum([total_nll, total_tokens])
+    loss = nll_sum / max(tokens, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
+
+
+def train(cfg: JobConfig, resume: bool = False) -> dict:
+    """Run one fine-tuning job on this process's rank. Returns a summary (every rank).
+
+    Args:
+        cfg: the validated job.
+        resume: continue from the newest complete checkpoint in ``training.output_dir`` if any.
+    """
+    t, d = cfg.training, cfg.data
+    dist.apply_env(dist.worker_env(threads=cfg.distributed.cpus_per_worker, use_gpu=torch.cuda.is_available()))
+    dist.init(cfg.distributed.backend)
+    rank, world, device = dist.rank(), dist.world_size(), dist.device()
+    out = Path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        ckpt.atomic_write_text(out / "config.yaml", dump_config(cfg))
+    set_seed(t.seed)
+
+    # Data: rank 0 prepares (and caches) first, the others then read the cache.
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    data_kwargs = dict(fmt=d.format, tokenizer=tokenizer, max_seq_length=d.max_seq_length,
+                       prompt_template=d.prompt_template, text_field=d.text_field)
+    for turn in (0, 1):
+        if (rank == 0) == (turn == 0):
+            train_ds, train_stats = build_dataset(d.train_files, packing=d.packing, streaming=d.streaming, **data_kwargs)
+            eval_ds, eval_stats = (build_dataset(d.eval_files, **data_kwargs) if d.eval_files else (None, None))
+        dist.barrier()
+    dist.print0(f"train data: {train_stats.summary()}")
+    if eval_stats is not None:
+        dist.print0(f"eval data: {eval_stats.summary()}")
+    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
+    max_steps = batching.total_steps(t.max_steps, t.num_train_epochs, None if d.streaming else len(train_ds),
+                                     global_batch)
+    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * max_steps)
+
+    # Model, method, DeepSpeed engine.
+    ds_config = load_deepspeed_config(
+        cfg.distributed.deepspeed, micro_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, world_size=world,
+        max_grad_norm=t.max_grad_norm, bf16=t.bf16, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+        betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+                       gradient_checkpointing=t.gradient_checkpointing, trust_remote_code=cfg.model.trust_remote_code,
+                       zero3_config=ds_config if zero_stage(ds_config) == 3 else None)
+    m = cfg.method
+    model = apply_method(model, m.type, r=m.r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                         target_modules=m.target_modules, use_dora=m.use_dora)
+    trainable, total = count_parameters(model)
+    engine = build_engine(model, ds_config, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+                          betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, warmup_steps=warmup,
+                          total_steps=max_steps, scheduler_type=t.lr_scheduler_type)
+    is_peft = m.type == "lora"
+    dist.print0(f"{m.type}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); "
+                f"ZeRO-{zero_stage(ds_config)}, bf16={t.bf16}, {world} worker(s), global batch {global_batch}, "
+                f"{max_steps} steps")
+
+    # Resume: engine, optimizer, scheduler, RNG and the step (the data position is a function of it).
+    step, tokens_seen = 0, 0
+    latest = ckpt.latest_checkpoint(out) if resume else None
+    if latest is not None:
+        state = ckpt.load_checkpoint(engine, latest, exclude_frozen=is_peft)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        dist.print0(f"resumed from {latest} at step {step}")
+    elif resume:
+        dist.print0(f"no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
+    client_state = lambda: {"step": step, "tokens_seen": tokens_seen, "max_steps": max_steps}  # noqa: E731
+
+    steps_fn = batching.streaming_steps if d.streaming else batching.map_style_steps
+    step_batches = steps_fn(train_ds, start_step=step, micro_batch=t.per_device_train_batch_size,
+                            accum=t.gradient_accumulation_steps, rank=rank, world=world, seed=t.seed)
+    log = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main(), resume_step=step if latest else None)
+    progress = Progress(total=max_steps, initial=step, enabled=dist.is_main())
+    pad_id = tokenizer.pad_token_id
+    window = {"nll": 0.0, "targets": 0, "tokens": 0, "time": time.time(), "steps": 0}
+    last_eval = None
+
+    engine.train()
+    while step < max_steps:
+        # One optimizer step over this rank's micro-batches.
+        micro = [_to(collate(mb, pad_id), device) for mb in next(step_batches)]
+        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        global_targets, global_tokens = dist.all_reduce_sum([local_targets, local_tokens])
+        scale = world * t.gradient_accumulation_steps / max(global_targets, 1)
+        step_nll = 0.0
+        for b in micro:
+            nll, _ = token_nll_sum(engine, b)
+            engine.backward(nll * scale)
+            engine.step()
+            step_nll += float(nll)
+        step += 1
+        tokens_seen += int(global_tokens)
+        window["nll"] += step_nll
+        window["targets"] += global_targets
+        window["tokens"] += global_tokens
+        window["steps"] += 1
+
+        if step % t.logging_steps == 0 or step == max_steps:
+            nll_sum = dist.all_reduce_sum([window["nll"]])[0]
+            elapsed = time.time() - window["time"]
+            grad_norm = engine.get_global_grad_norm()
+            record = {"step": step, "loss": nll_sum / max(window["targets"], 1), "learning_rate": engine.get_lr()[0],
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                      "tokens_per_second": window["tokens"] / max(elapsed, 1e-9),
+                      "tokens_seen": tokens_seen}
+            if not d.streaming:
+                record["epoch"] = step / batching.steps_per_epoch(len(train_ds), global_batch)
+            log.write(record)
+            progress.update(window["steps"], loss=record["loss"], tok_s=round(record["tokens_per_second"]))
+            if progress.bar is None or not sys.stderr.isatty():
+                dist.print0(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            window = {"nll": 0.0, "targets": 0, "tokens": 0, "time": time.time(), "steps": 0}
+
+        if eval_ds is not None and t.eval_steps and step % t.eval_steps == 0 and step < max_steps:
+            last_eval = evaluate(engine, eval_ds, batch_size=t.per_device_eval_batch_size, pad_token_id=pad_id)
+            log.write({"step": step, **last_eval})
+            dist.print0(f"step {step}: eval_loss={last_eval['eval_loss']:.4f}")
+
+        if t.save_steps and step % t.save_steps == 0 and step < max_steps:
+            ckpt.save_checkpoint(engine, out, step, client_state(), exclude_frozen=is_peft, keep=t.save_total_limit)
+    progress.close()
+
+    # The end: last eval, last checkpoint, final model.
+    if eval_ds is not None:
+        last_eval = evaluate(engine, eval_ds, batch_size=t.per_device_eval_batch_size, pad_token_id=pad_id)
+        log.write({"step": step, **last_eval})
+    if t.save_steps:
+        ckpt.save_checkpoint(engine, out, step, client_state(), exclude_frozen=is_peft, keep=t.save_total_limit)
+    final = ckpt.export_final(engine.module, tokenizer, out, is_peft=is_peft)
+    summary = {"output_dir": str(out), "final": str(final), "steps": step, "tokens_seen": tokens_seen,
+               "trainable_parameters": trainable, "total_parameters": total, "world_size": world,
+               "train_data": train_stats.summary(), **(last_eval or {})}
+    dist.print0(f"done: {step} steps; results in {out} (final/ {'adapter' if is_peft else 'model'}, "
+                f"metrics.jsonl, config.yaml{', checkpoints/' if t.save_steps else ''})")
+    return summary
