@@ -13,6 +13,7 @@ of ranks (a 2-rank and a 1-rank run with the same global batch take the same ste
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
@@ -215,6 +216,8 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     summary = {"output_dir": str(out), "final": str(final), "steps": step, "tokens_seen": tokens_seen,
                "trainable_parameters": trainable, "total_parameters": total, "world_size": world,
                "train_data": train_stats.summary(), **(last_eval or {})}
+    if dist.is_main():
+        ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     dist.print0(f"done: {step} steps; results in {out} (final/ {'adapter' if is_peft else 'model'}, "
                 f"metrics.jsonl, config.yaml{', checkpoints/' if t.save_steps else ''})")
     return summary

@@ -1,0 +1,127 @@
+"""``distrib-ft``: the command line.
+
+    distrib-ft train JOB.yaml [section.key=value ...] [--resume] [--address ADDR] [--launcher ray|local]
+
+Exit codes (stable; schedulers may rely on them):
+    0  the job finished
+    1  the job failed while running (a worker raised; see the message and the log)
+    2  usage or input error: bad arguments, job file, DeepSpeed JSON, data or model path (nothing ran)
+  130  interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """An input problem found before anything ran; printed as one line, exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distrib-ft", description="Distributed fine-tuning without forgetting "
+                                "(DeepSpeed workers launched by Ray).")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="run a fine-tuning job")
+    t.add_argument("job", help="job YAML file")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value", help="override keys of the job file")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    t.add_argument("--address", default=None,
+                   help="Ray cluster to run on (e.g. auto, ray://head:10001); default: an embedded local Ray")
+    t.add_argument("--launcher", choices=["ray", "local"], default="ray",
+                   help="local: run the loop in this process (one rank, or each rank under torchrun)")
+    return p
+
+
+def _check_inputs(cfg) -> None:
+    """Fail on the driver, before any worker starts, for what can be checked here."""
+    from distrib_ft.config import resolve_path
+    from distrib_ft.engine import load_deepspeed_config
+
+    t = cfg.training
+    load_deepspeed_config(cfg.distributed.deepspeed, micro_batch_size=t.per_device_train_batch_size,
+                          gradient_accumulation_steps=t.gradient_accumulation_steps,
+                          world_size=cfg.distributed.num_workers, max_grad_norm=t.max_grad_norm, bf16=t.bf16,
+                          learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+                          betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    for key in ("train_files", "eval_files"):
+        files = getattr(cfg.data, key)
+        for i, f in enumerate(files):
+            path = resolve_path(f, cfg.source)
+            if not path.exists():
+                raise UsageError(f"{cfg.source}: data.{key}[{i}]: {f} not found")
+            files[i] = str(path)
+    name = cfg.model.name_or_path
+    if name.startswith("offline:"):
+        from distrib_ft.assets import resolve_offline_model
+
+        cfg.model.name_or_path = str(resolve_offline_model(name))
+    elif name.startswith((".", "/", "~")) or Path(name).exists():
+        path = resolve_path(str(Path(name).expanduser()), cfg.source)
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{cfg.source}: model.name_or_path: {name} is not a Hugging Face model folder "
+                             "(no config.json)")
+        cfg.model.name_or_path = str(path)
+    out = Path(t.output_dir).expanduser()
+    if not out.is_absolute() and cfg.source:
+        out = Path.cwd() / out
+    t.output_dir = str(out.resolve())
+
+
+def cmd_train(args) -> int:
+    from distrib_ft.config import load_config
+
+    cfg = load_config(args.job, args.overrides)
+    _check_inputs(cfg)
+    out = Path(cfg.training.output_dir)
+    if not args.resume and (out / "final").exists():
+        raise UsageError(f"{cfg.source}: training.output_dir: {out} already holds a finished run (final/); "
+                         "use --resume, or another output_dir")
+    if args.launcher == "local":
+        from distrib_ft.train import train
+
+        train(cfg, resume=args.resume)
+    else:
+        from launcher.ray_job import run_on_ray
+
+        run_on_ray(cfg, address=args.address, kwargs={"resume": args.resume})
+    summary_file = out / "summary.json"
+    if summary_file.exists():
+        s = json.loads(summary_file.read_text())
+        print(f"Done: {s['steps']} steps on {s['world_size']} worker(s). Results in {out}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distrib_ft.config import ConfigError
+    from distrib_ft.data import DataError
+    from distrib_ft.engine import DeepSpeedConfigError
+
+    args = _parser().parse_args(argv)
+    input_errors = (UsageError, ConfigError, DataError, DeepSpeedConfigError, FileNotFoundError)
+    try:
+        return {"train": cmd_train}[args.command](args)
+    except input_errors as e:
+        print(f"distrib-ft: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("distrib-ft: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        from launcher.ray_job import WorkerError
+
+        cause = e.cause if isinstance(e, WorkerError) else e
+        if isinstance(cause, input_errors):
+            print(f"distrib-ft: error: {cause}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"distrib-ft: the job failed: {type(cause).__name__}: {cause}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Run the training loop on Ray Train workers: an embedded local Ray by default, or an existing cluster.
+
+The embedded Ray gets its own temporary directory and free ports, and is shut down (every process
+it started, by its own bookkeeping) when the job ends, fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from distrib_ft import dist
+from distrib_ft.config import JobConfig
+
+
+def _worker_loop(payload: dict) -> None:
+    """Runs in each Ray Train worker: the process group exists; hand over to the one loop."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    os.environ.update({"RANK": str(ctx.get_world_rank()), "LOCAL_RANK": str(ctx.get_local_rank()),
+                       "WORLD_SIZE": str(ctx.get_world_size()), "DISTRIB_FT_IN_RAY": "1"})
+    module, name = payload["entry"].rsplit(":", 1)
+    fn = getattr(__import__(module, fromlist=[name]), name)
+    fn(JobConfig.model_validate(payload["job"]), **payload.get("kwargs", {}))
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int) -> Iterator[bool]:
+    """Connect to ``address``, or start an embedded Ray; yields whether the cluster has GPUs."""
+    import ray
+
+    tmp = None
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        # Short path: Ray's unix sockets live under it and are limited to ~107 characters.
+        tmp = tempfile.mkdtemp(prefix="dft-ray-", dir="/tmp")
+        ray.init(address="local", num_cpus=num_cpus, _temp_dir=tmp, include_dashboard=False,
+                 logging_level=logging.WARNING, log_to_driver=True)
+    try:
+        yield ray.cluster_resources().get("GPU", 0) > 0
+    finally:
+        ray.shutdown()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_on_ray(cfg: JobConfig, *, address: str | None = None, entry: str = "distrib_ft.train:train",
+               kwargs: dict | None = None) -> None:
+    """Run ``entry(cfg, **kwargs)`` on ``distributed.num_workers`` Ray Train workers.
+
+    Raises:
+        WorkerError: a worker failed; carries the workers' first error.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    dcfg = cfg.distributed
+    needed = dcfg.num_workers * dcfg.cpus_per_worker
+    with ray_session(address, num_cpus=max(os.cpu_count() or 1, needed)) as has_gpu:
+        use_gpu = has_gpu if dcfg.use_gpu == "auto" else bool(dcfg.use_gpu)
+        if use_gpu and not has_gpu:
+            raise RuntimeError("distributed.use_gpu: true but the Ray cluster has no GPU; set it to auto or false")
+        backend = dcfg.backend if dcfg.backend != "auto" else ("nccl" if use_gpu else "gloo")
+        storage = Path(tempfile.mkdtemp(prefix="dft-train-"))
+        trainer = TorchTrainer(
+            _worker_loop,
+            train_loop_config={"job": cfg.model_dump(mode="json"), "entry": entry, "kwargs": kwargs or {}},
+            torch_config=TorchConfig(backend=backend),
+            scaling_config=ScalingConfig(num_workers=dcfg.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": dcfg.cpus_per_worker}),
+            run_config=RunConfig(name="distrib-ft", storage_path=str(storage),
+                                 failure_config=FailureConfig(max_failures=0),
+                                 worker_runtime_env={"env_vars": dist.worker_env(dcfg.cpus_per_worker, use_gpu)}),
+        )
+        try:
+            trainer.fit()
+        except Exception as e:  # Ray wraps the worker's exception; surface the first one
+            raise WorkerError(_first_worker_error(e)) from e
+        finally:
+            shutil.rmtree(storage, ignore_errors=True)
+
+
+class WorkerError(RuntimeError):
+    """A Ray worker failed; ``cause`` is the worker's own exception when Ray kept it."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _first_worker_error(e: BaseException) -> BaseException:
+    failures = getattr(e, "worker_failures", None)
+    if failures:
+        e = failures[min(failures)]
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if inner is None or not isinstance(inner, BaseException):
+            break
+        e = inner
+    return e

@@ -1,0 +1,79 @@
+"""DeepSpeed JSON merge (auto values, pinned conflicts, unknown keys) and the LR schedule."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from distrib_ft.engine import DeepSpeedConfigError, load_deepspeed_config, lr_factor
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB = dict(micro_batch_size=4, gradient_accumulation_steps=2, world_size=2, max_grad_norm=1.0, bf16=True,
+           learning_rate=1e-4, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8)
+
+
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "zero3_offload"])
+def test_shipped_configs_fill(name):
+    cfg = load_deepspeed_config(ROOT / "ds_configs" / f"{name}.json", **JOB)
+    assert cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["gradient_accumulation_steps"] == 2
+    assert cfg["train_batch_size"] == 16
+    assert cfg["gradient_clipping"] == 1.0
+    assert cfg["bf16"]["enabled"] is True
+    assert "auto" not in json.dumps(cfg)
+
+
+def write(tmp_path, raw):
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(raw))
+    return p
+
+
+def test_pinned_conflict_is_an_error(tmp_path):
+    p = write(tmp_path, {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}})
+    with pytest.raises(DeepSpeedConfigError, match=r"ds.json: train_micro_batch_size_per_gpu is 8 but the job sets 4"):
+        load_deepspeed_config(p, **JOB)
+
+
+def test_pinned_equal_is_fine(tmp_path):
+    p = write(tmp_path, {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0})
+    assert load_deepspeed_config(p, **JOB)["train_micro_batch_size_per_gpu"] == 4
+
+
+def test_optimizer_lr_conflict(tmp_path):
+    p = write(tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": 3e-3}}})
+    with pytest.raises(DeepSpeedConfigError, match=r"optimizer.params.lr"):
+        load_deepspeed_config(p, **JOB)
+
+
+def test_unknown_top_level_key(tmp_path):
+    p = write(tmp_path, {"zero_optimisation": {"stage": 2}})
+    with pytest.raises(DeepSpeedConfigError, match=r"unknown top-level key 'zero_optimisation'"):
+        load_deepspeed_config(p, **JOB)
+
+
+def test_malformed_and_missing(tmp_path):
+    p = tmp_path / "ds.json"
+    p.write_text('{"bf16": {"enabled": "auto"},\n "x": }')
+    with pytest.raises(DeepSpeedConfigError, match=r"line 2: not valid JSON"):
+        load_deepspeed_config(p, **JOB)
+    with pytest.raises(DeepSpeedConfigError, match="not found"):
+        load_deepspeed_config(tmp_path / "none.json", **JOB)
+
+
+def test_scheduler_section_refused(tmp_path):
+    p = write(tmp_path, {"scheduler": {"type": "WarmupLR"}})
+    with pytest.raises(DeepSpeedConfigError, match="scheduler"):
+        load_deepspeed_config(p, **JOB)
+
+
+def test_lr_schedule_shapes():
+    kw = dict(warmup_steps=4, total_steps=20)
+    assert [lr_factor(s, kind="cosine", **kw) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, kind="cosine", **kw) == 1.0
+    assert math.isclose(lr_factor(12, kind="cosine", **kw), 0.5)
+    assert lr_factor(20, kind="cosine", **kw) == 0.0
+    assert math.isclose(lr_factor(12, kind="linear", **kw), 0.5)
+    assert lr_factor(19, kind="constant", **kw) == 1.0
+    assert lr_factor(0, warmup_steps=0, total_steps=10, kind="linear") == 1.0
