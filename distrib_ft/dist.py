@@ -27,6 +27,7 @@ def worker_env(threads: int, use_gpu: bool) -> dict[str, str]:
 
     env = {
         "OMP_NUM_THREADS": str(threads),
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # our rank-0 lines, once (the patch logs each print again)
         "TOKENIZERS_PARALLELISM": "false",
         "TORCH_EXTENSIONS_DIR": str(cache_dir() / "torch_extensions" / f"py{platform.python_version()}"),
     }
@@ -46,6 +47,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def quiet_third_party() -> None:
+    """Silence deprecation chatter that the stack prints at every start (not ours to fix), and
+    progress bars of loading steps on ranks other than 0."""
+    import logging
+    import warnings
+
+    for module in ("torch.distributed", "transformers.modeling_utils", "deepspeed", "peft"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if rank() != 0:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
 def init(backend: str = "auto") -> None:
     """Initialise torch.distributed through DeepSpeed, unless a launcher (Ray Train) already did.
 
@@ -62,6 +81,7 @@ def init(backend: str = "auto") -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    quiet_third_party()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 

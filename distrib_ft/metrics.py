@@ -46,33 +46,38 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class Progress:
-    """A progress bar on rank 0: step, loss, tokens/s, ETA.
+    """Progress on rank 0: a bar (step, loss, tokens/s, ETA) on a terminal, log lines otherwise.
 
-    Inside a Ray worker, Ray's ``tqdm_ray`` renders the bar on the driver (a plain tqdm's carriage
-    returns would arrive as garbled log lines); elsewhere plain tqdm on stderr.
+    ``DISTRIB_FT_PROGRESS`` (bar | log) decides; by default a bar when stderr is a terminal. The Ray
+    launcher sets it from the driver's terminal; in a Ray worker the bar is Ray's ``tqdm_ray``, which
+    the driver renders (a plain tqdm's carriage returns would arrive as garbled log lines).
     """
 
     def __init__(self, total: int, initial: int, enabled: bool, desc: str = "train"):
-        self.bar = None
-        if not enabled:
+        mode = os.environ.get("DISTRIB_FT_PROGRESS") or ("bar" if sys.stderr.isatty() else "log")
+        self.enabled, self.bar = enabled, None
+        if not enabled or mode != "bar":
             return
         if os.environ.get("DISTRIB_FT_IN_RAY") == "1":
             from ray.experimental.tqdm_ray import tqdm
-            self.bar = tqdm(total=total, desc=desc, position=0)
+
+            self.bar = tqdm(total=total, desc=desc)
             self.bar.update(initial)
         else:
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True,
-                            disable=None)
-        self.start = time.time()
 
-    def update(self, n: int = 1, **postfix) -> None:
+            self.bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, n: int, record: dict) -> None:
+        """Advance by ``n`` steps and show ``record`` (a metrics.jsonl line)."""
+        if not self.enabled:
+            return
         if self.bar is None:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+                  file=sys.stderr, flush=True)
             return
         self.bar.update(n)
-        if postfix:
-            text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in postfix.items())
-            self.bar.set_description(f"train [{text}]")
+        self.bar.set_description(f"train [loss={record['loss']:.4g} tok/s={record['tokens_per_second']:.0f}]")
 
     def close(self) -> None:
         if self.bar is not None:

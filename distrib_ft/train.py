@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def evaluate(engine, dataset, *, batch_size: int, pad_token_id: int) -> dict[str
         idx = idx or mine[-1:] or [0]
         batch = _to(collate([dataset[i] for i in idx], pad_token_id), dist.device())
         nll, n = token_nll_sum(engine, batch)
-        total_nll += weight * float(nll)
+        total_nll += weight * nll.item()
         total_tokens += int(weight) * n
     engine.train(was_training)
     nll_sum, tokens = dist.all_reduce_sum([total_nll, total_tokens])
@@ -173,7 +172,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
             nll, _ = token_nll_sum(engine, b)
             engine.backward(nll * scale)
             engine.step()
-            step_nll += float(nll)
+            step_nll += nll.item()
         step += 1
         tokens_seen += int(global_tokens)
         window["nll"] += step_nll
@@ -192,9 +191,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
             if not d.streaming:
                 record["epoch"] = step / batching.steps_per_epoch(len(train_ds), global_batch)
             log.write(record)
-            progress.update(window["steps"], loss=record["loss"], tok_s=round(record["tokens_per_second"]))
-            if progress.bar is None or not sys.stderr.isatty():
-                dist.print0(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            progress.update(window["steps"], record)
             window = {"nll": 0.0, "targets": 0, "tokens": 0, "time": time.time(), "steps": 0}
 
         if eval_ds is not None and t.eval_steps and step % t.eval_steps == 0 and step < max_steps:

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,8 +42,9 @@ def ray_session(address: str | None, num_cpus: int) -> Iterator[bool]:
     else:
         # Short path: Ray's unix sockets live under it and are limited to ~107 characters.
         tmp = tempfile.mkdtemp(prefix="dft-ray-", dir="/tmp")
-        ray.init(address="local", num_cpus=num_cpus, _temp_dir=tmp, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=True)
+        # The dashboard serves Ray's State API, which Ray Train's controller polls.
+        ray.init(address="local", num_cpus=num_cpus, _temp_dir=tmp, include_dashboard=True,
+                 dashboard_port=dist.free_port(), logging_level=logging.WARNING, log_to_driver=True)
     try:
         yield ray.cluster_resources().get("GPU", 0) > 0
     finally:
@@ -77,7 +79,9 @@ def run_on_ray(cfg: JobConfig, *, address: str | None = None, entry: str = "dist
                                          resources_per_worker={"CPU": dcfg.cpus_per_worker}),
             run_config=RunConfig(name="distrib-ft", storage_path=str(storage),
                                  failure_config=FailureConfig(max_failures=0),
-                                 worker_runtime_env={"env_vars": dist.worker_env(dcfg.cpus_per_worker, use_gpu)}),
+                                 worker_runtime_env={"env_vars": {
+                                     **dist.worker_env(dcfg.cpus_per_worker, use_gpu),
+                                     "DISTRIB_FT_PROGRESS": "bar" if sys.stderr.isatty() else "log"}}),
         )
         try:
             trainer.fit()
