@@ -53,6 +53,11 @@ def token_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return nll, int((shift_labels != -100).sum())
 
 
+def _grad_norm(model: torch.nn.Module) -> float:
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -157,7 +162,9 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     progress = Progress(total=max_steps, initial=step, enabled=dist.is_main())
     pad_id = tokenizer.pad_token_id
     window = {"nll": 0.0, "targets": 0, "tokens": 0, "time": time.time(), "steps": 0}
-    last_eval = None
+    last_eval = grad_norm = None
+    # DeepSpeed tracks the gradient norm in its ZeRO / bf16 optimizers only, not for plain fp32 ZeRO-0.
+    own_grad_norm = zero_stage(ds_config) == 0 and not t.bf16
 
     engine.train()
     while step < max_steps:
@@ -168,9 +175,11 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
         global_targets, global_tokens = dist.all_reduce_sum([local_targets, local_tokens])
         scale = world * t.gradient_accumulation_steps / max(global_targets, 1)
         step_nll = 0.0
-        for b in micro:
+        for i, b in enumerate(micro):
             nll, _ = token_nll_sum(engine, b)
             engine.backward(nll * scale)
+            if own_grad_norm and i == len(micro) - 1:
+                grad_norm = _grad_norm(engine.module)  # grads are reduced, not yet clipped
             engine.step()
             step_nll += nll.item()
         step += 1
@@ -183,7 +192,8 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
         if step % t.logging_steps == 0 or step == max_steps:
             nll_sum = dist.all_reduce_sum([window["nll"]])[0]
             elapsed = time.time() - window["time"]
-            grad_norm = engine.get_global_grad_norm()
+            if not own_grad_norm:
+                grad_norm = engine.get_global_grad_norm()
             record = {"step": step, "loss": nll_sum / max(window["targets"], 1), "learning_rate": engine.get_lr()[0],
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
                       "tokens_per_second": window["tokens"] / max(elapsed, 1e-9),

@@ -18,6 +18,7 @@ CHAT = [{"messages": [{"role": "system", "content": "answer briefly"},
                       {"role": "assistant", "content": "answer one"},
                       {"role": "user", "content": "question two"},
                       {"role": "assistant", "content": "answer two"}]}]
+LONG_PROMPT = {"instruction": "the quick brown fox " * 20, "input": "", "output": "yes"}
 TEXT = [{"text": "the quick brown fox jumps over the lazy dog"}, {"text": "hello world"},
         {"text": "convert 12 km to m"}]
 
@@ -130,6 +131,16 @@ def test_malformed_json_names_the_line(tmp_path, tiny_tokenizer):
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("content,problem", [(b'[1, 2]\n', "line 2: not a JSON object"),
+                                             ('{"text": "caf\xe9"}\n'.encode("latin-1"), "line 2: not UTF-8 text")])
+def test_unreadable_lines_are_named(tmp_path, tiny_tokenizer, content, problem):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(json.dumps(TEXT[0]).encode() + b"\n" + content)
+    for streaming in (False, True):
+        with pytest.raises(DataError, match=re.escape(f"bad.jsonl: {problem}")):
+            list(build_dataset([str(path)], "text", tiny_tokenizer, 64, streaming=streaming)[0])
+
+
 def test_missing_field_names_file_line_and_field(tmp_path, tiny_tokenizer):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps(ALPACA[0]) + "\n\n" + json.dumps({"instruction": "x"}) + "\n")
@@ -177,8 +188,7 @@ def test_missing_file_and_missing_chat_template(tmp_path, tiny_tokenizer):
 
 
 def test_truncation_and_skipping_are_counted(tmp_path, tiny_tokenizer):
-    long_prompt = {"instruction": "the quick brown fox " * 20, "input": "", "output": "yes"}
-    path = write_jsonl(tmp_path / "a.jsonl", [ALPACA[0], long_prompt] + TEXT[:0])
+    path = write_jsonl(tmp_path / "a.jsonl", [ALPACA[0], LONG_PROMPT])
     ds, stats = build_dataset([path], "alpaca", tiny_tokenizer, 32)
     assert len(ds) == 1 and stats.records == 2 and stats.examples == 1
     assert stats.skipped == {"no target tokens after truncation": 1}
@@ -190,7 +200,7 @@ def test_truncation_and_skipping_are_counted(tmp_path, tiny_tokenizer):
     assert stats.truncated == sum(n > 8 for n in full_lengths) > 0
     assert f"{stats.truncated} truncated to 8" in stats.summary()
     with pytest.raises(DataError, match="no training example left"):
-        build_dataset([write_jsonl(tmp_path / "b.jsonl", [long_prompt])], "alpaca", tiny_tokenizer, 32)
+        build_dataset([write_jsonl(tmp_path / "b.jsonl", [LONG_PROMPT])], "alpaca", tiny_tokenizer, 32)
 
 
 def test_packing_cuts_exact_blocks_with_aligned_labels(tmp_path, tiny_tokenizer):
@@ -208,8 +218,10 @@ def test_packing_cuts_exact_blocks_with_aligned_labels(tmp_path, tiny_tokenizer)
     assert stats.tokens == len(packed) * block and stats.truncated == 0
 
 
-@pytest.mark.parametrize("fmt,records,max_len,packing", [("chat", CHAT * 3, 256, False),
-                                                         ("alpaca", ALPACA * 3, 40, True), ("text", TEXT, 8, False)])
+@pytest.mark.parametrize("fmt,records,max_len,packing", [
+    ("chat", CHAT * 3, 256, False), ("alpaca", ALPACA * 3, 40, True), ("text", TEXT, 8, False),
+    ("alpaca", [ALPACA[0], LONG_PROMPT, ALPACA[1]], 40, False),
+])
 def test_streaming_yields_the_same_examples(tmp_path, tiny_tokenizer, fmt, records, max_len, packing):
     path = write_jsonl(tmp_path / "s.jsonl", records)
     ds, stats = build_dataset([path], fmt, tiny_tokenizer, max_len, packing=packing)

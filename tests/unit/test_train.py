@@ -1,0 +1,77 @@
+"""The training loop in-process (a world of one): learning, exact resume, and the final export."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distrib_ft.config import config_from_dict
+from distrib_ft.metrics import read_metrics
+from distrib_ft.train import train
+from tests.jobs import job_dict, set_in
+
+
+def run(raw, resume=False):
+    return train(config_from_dict(raw), resume=resume)
+
+
+def test_loss_falls_on_a_learnable_task(tmp_path, tiny_model_dir):
+    raw = job_dict(tmp_path, tiny_model_dir, zero=0, max_steps=30, learning_rate=3e-3, lr_scheduler_type="constant")
+    set_in(raw, "method.type", "full")
+    run(raw)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    rec = read_metrics(tmp_path / "out" / "metrics.jsonl")[0]
+    for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second"):
+        assert rec[key] is not None, key
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_gives_the_same_weights(tmp_path, tiny_model_dir, method):
+    """Interrupt after the step-4 checkpoint (drop what came after), resume, compare with the full run."""
+    raw = job_dict(tmp_path / "a", tiny_model_dir, zero=2, max_steps=8, save_steps=4, save_total_limit=3)
+    set_in(raw, "method.type", method)
+    run(raw)
+    a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "final")
+    shutil.rmtree(b / "checkpoints" / "step-8")
+    (b / "summary.json").unlink()
+    raw_b = set_in(dict(raw), "training", {**raw["training"], "output_dir": str(b)})
+    summary = run(raw_b, resume=True)
+    assert summary["steps"] == 8
+    name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    wa, wb = load_file(a / "final" / name), load_file(b / "final" / name)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
+    la, lb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    assert [r["step"] for r in lb] == [r["step"] for r in la]
+    assert [r["loss"] for r in lb] == [r["loss"] for r in la]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_final_model_loads_and_matches_the_trained_weights(tmp_path, tiny_model_dir, method):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    raw = job_dict(tmp_path, tiny_model_dir, zero=2, max_steps=4, save_steps=4)
+    set_in(raw, "method.type", method)
+    run(raw)
+    out = tmp_path / "out"
+    # The trained model: DeepSpeed's own checkpoint of the module at the last step.
+    trained = torch.load(out / "checkpoints" / "step-4" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    if method == "lora":
+        loaded = PeftModel.from_pretrained(base, out / "final")
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "final")
+    else:
+        loaded = AutoModelForCausalLM.from_pretrained(out / "final")
+        reference = base
+    missing, unexpected = reference.load_state_dict(trained, strict=False)
+    assert not unexpected
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, reference.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(loaded(ids).logits, AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits)
