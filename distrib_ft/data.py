@@ -1,32 +1,29 @@
 """Training data: JSONL / Parquet / saved ``datasets`` folders -> token ids and loss labels.
 
-Every record becomes one example ``{"input_ids": [...], "labels": [...]}`` of equal lengths. A label
-of ``IGNORE_INDEX`` (-100) takes a token out of the loss; the model shifts labels by one itself, so
-position 0 is never predicted.
-
-Formats (``fmt``):
+Each record becomes one example ``{"input_ids": [...], "labels": [...]}`` (equal lengths). A label of
+``IGNORE_INDEX`` (-100) keeps a token out of the loss; the model shifts labels itself, so position 0
+is never predicted. Formats (``fmt``):
 
 - ``alpaca``: ``instruction`` (str), optional ``input`` (str, may be empty), ``output`` (str).
-  ``prompt_template="chat"`` renders it as a user turn (instruction + blank line + input) and an
-  assistant turn with the tokenizer's chat template; ``"alpaca"`` uses the Stanford Alpaca prompt
-  followed by ``output`` + eos; ``"auto"`` picks chat when the tokenizer has a chat template.
+  ``prompt_template="chat"`` renders a user turn (instruction, blank line, input) and an assistant
+  turn with the tokenizer's chat template; ``"alpaca"`` writes the Stanford Alpaca prompt, then
+  ``output`` + eos; ``"auto"`` is chat when the tokenizer has a chat template, else alpaca.
 - ``chat``: ``messages``, a list of ``{"role": system|user|assistant, "content": str}``, rendered
   with the tokenizer's chat template.
-- ``text``: the string in ``text_field`` plus eos; every token is a target.
+- ``text``: the string in ``text_field``, plus eos; every token is a target.
 - ``tokenized``: ``input_ids`` and optional ``labels`` (same length, -100 allowed), used as they are.
 
-Loss mask (alpaca, chat): only response tokens are targets. For assistant message i the text of
+Loss mask (alpaca, chat): only responses are targets. For assistant message i,
 ``render(messages[:i], add_generation_prompt=True)`` must be a prefix of ``render(messages[:i+1])``,
-which must be a prefix of the whole rendering; the characters between the two (trailing whitespace
-cut) are the response plus the template's end-of-turn token. Tokens whose character offsets overlap
-such a span are targets, every assistant turn included. Chat-template text is tokenized with
-``add_special_tokens=False`` (the template already holds them); plain prompts (alpaca, text) with the
-tokenizer's defaults.
+itself a prefix of the whole rendering; the characters in between, trailing whitespace cut, are the
+response and the end-of-turn token (``<|im_end|>``). Every token whose character offsets overlap such
+a span is a target. Chat-template text is tokenized with ``add_special_tokens=False`` (the template
+holds them already); plain prompts (alpaca template, text) with the tokenizer's defaults.
 
-Examples longer than ``max_seq_length`` keep their beginning (counted in ``DataStats.truncated``);
-an example left without a target token is dropped and counted in ``DataStats.skipped``. Packing
-concatenates the examples and cuts blocks of exactly ``max_seq_length``; the last partial block is
-dropped and counted. A malformed record is an error (``DataError``), never skipped.
+Longer examples keep their first ``max_seq_length`` tokens (``DataStats.truncated``); an example
+left without a target is dropped and counted in ``DataStats.skipped``. Packing concatenates the
+(truncated) examples and cuts blocks of exactly ``max_seq_length``; the last partial block is dropped
+and counted. A malformed record raises ``DataError``; it is never skipped.
 """
 
 from __future__ import annotations
@@ -40,12 +37,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from datasets import (Dataset, DatasetDict, Features, IterableDataset, Sequence, Value, concatenate_datasets,
-                      load_dataset, load_from_disk)
+from datasets import (DatasetDict, Features, IterableDataset, Sequence, Value, concatenate_datasets, load_dataset,
+                      load_from_disk)
 
 IGNORE_INDEX = -100
 FORMATS = ("alpaca", "chat", "text", "tokenized")
-PROMPT_TEMPLATES = ("auto", "chat", "alpaca")
 ROLES = ("system", "user", "assistant")
 ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
                  "context. Write a response that appropriately completes the request.\n\n"
@@ -54,47 +50,36 @@ ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write 
                           "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 _HINTS = {"alpaca": "alpaca records need instruction, output and optionally input",
           "chat": "chat records need messages: a list of {role, content}",
-          "text": "text records need the text field",
+          "text": "text records need the field named by text_field",
           "tokenized": "tokenized records need input_ids and optionally labels"}
 _FEATURES = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
                       "truncated": Value("bool"), "skip": Value("string")})
 
 
 class DataError(ValueError):
-    """A data problem, in one line: file, ``line N`` (JSON lines, 1-based) or ``record N (0-based)``
+    """A data problem in one line: the file, ``line N`` (JSON lines, 1-based) or ``record N (0-based)``
     (Parquet, saved datasets), the field, what is wrong and what to do."""
 
 
 @dataclass
 class DataStats:
-    """What preparing the data did. In streaming mode the counts grow while the dataset is iterated
-    (in the iterating process) and start again at each pass.
+    """What preparing the data did. When streaming, the counts grow as the dataset is iterated (in the
+    iterating process) and restart with each pass."""
 
-    Attributes:
-        records: records read.
-        examples: examples produced (after packing: blocks).
-        truncated: records cut to ``max_seq_length``.
-        skipped: reason -> number of examples (or packed blocks) dropped.
-        tokens: input tokens in the produced examples.
-        target_tokens: tokens in the produced examples whose label is not -100.
-        max_seq_length: the length limit used (for the summary).
-    """
-
-    records: int = 0
-    examples: int = 0
-    truncated: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-    tokens: int = 0
-    target_tokens: int = 0
-    max_seq_length: int = 0
+    records: int = 0  # records read
+    examples: int = 0  # examples produced (with packing: blocks)
+    truncated: int = 0  # records cut to max_seq_length
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> examples (or packed blocks) dropped
+    tokens: int = 0  # input tokens in the produced examples
+    target_tokens: int = 0  # of those, tokens whose label is not -100
+    max_seq_length: int = 0  # the length limit (for the summary)
 
     def summary(self) -> str:
-        """One line for the log, e.g. ``412 records -> 412 examples, 53,211 tokens (31,004 targets); ...``."""
-        skipped = sum(self.skipped.values())
+        """One line for the log: ``412 records -> 412 examples, 53,211 tokens (31,004 targets); ...``."""
         reasons = ", ".join(f"{r}: {n:,}" for r, n in self.skipped.items())
         return (f"{self.records:,} records -> {self.examples:,} examples, {self.tokens:,} tokens "
                 f"({self.target_tokens:,} targets); {self.truncated:,} truncated to {self.max_seq_length}; "
-                f"skipped: {skipped:,}" + (f" ({reasons})" if reasons else ""))
+                f"skipped: {sum(self.skipped.values()):,}" + (f" ({reasons})" if reasons else ""))
 
     def merge(self, other: DataStats) -> DataStats:
         """The sum of two stats (e.g. of two files), as a new object."""
@@ -105,11 +90,11 @@ class DataStats:
 
 
 class _RecordError(Exception):
-    """A malformed record; ``build_dataset`` turns it into a ``DataError`` with the file and line."""
+    """A malformed record; becomes a ``DataError`` once the file and line are known."""
 
-    def __init__(self, field_name: str, problem: str, index: int = -1):
+    def __init__(self, field_name: str, problem: str):
         super().__init__(f"field '{field_name}': {problem}")
-        self.field_name, self.problem, self.index = field_name, problem, index
+        self.field_name, self.problem, self.index = field_name, problem, -1
 
 
 def build_dataset(files: list[str], fmt: str, tokenizer, max_seq_length: int, packing: bool = False,
@@ -124,32 +109,40 @@ def build_dataset(files: list[str], fmt: str, tokenizer, max_seq_length: int, pa
         packing: concatenate examples into blocks of exactly ``max_seq_length`` tokens.
         prompt_template: how alpaca records are rendered: ``auto``, ``chat`` or ``alpaca``.
         text_field: the field holding the text for ``fmt="text"``.
-        streaming: return an ``IterableDataset`` that tokenizes while it is iterated.
+        streaming: return an ``IterableDataset`` that reads and tokenizes while it is iterated.
 
     Returns:
         ``(dataset, stats)``: a ``datasets.Dataset`` with exactly the int columns ``input_ids`` and
-        ``labels``, in file and record order, and its filled ``DataStats``; with ``streaming`` an
-        ``IterableDataset`` of the same dicts and a ``DataStats`` counted while it is iterated.
+        ``labels``, in file and record order (tokenization cached by ``datasets``), and its filled
+        ``DataStats``. With ``streaming``: an ``IterableDataset`` of the same dicts (one shard) and a
+        ``DataStats`` counted while it is iterated; its errors surface during iteration.
 
     Raises:
         DataError: a missing or unreadable file, a malformed record, or no example left.
     """
-    template = _check_args(files, fmt, tokenizer, max_seq_length, prompt_template)
-    kwargs = dict(fmt=fmt, tokenizer=tokenizer, max_seq_length=max_seq_length, prompt_template=template,
-                  text_field=text_field)
-    for path in files:
-        if not Path(path).exists():
-            raise DataError(f"{path}: file not found")
+    kwargs = dict(fmt=fmt, tokenizer=tokenizer, max_seq_length=max_seq_length, text_field=text_field,
+                  prompt_template=_check_args(files, fmt, tokenizer, max_seq_length, prompt_template))
     if streaming:
         stats = DataStats(max_seq_length=max_seq_length)
-        gen_kwargs = dict(files=tuple(files), stats=stats, packing=packing, kwargs=kwargs)  # tuple: one shard
+        gen_kwargs = dict(files=tuple(files), stats=stats, packing=packing, kwargs=kwargs)  # a tuple is not sharded
         return IterableDataset.from_generator(_stream, gen_kwargs=gen_kwargs), stats
 
     stats, parts = DataStats(max_seq_length=max_seq_length), []
     for path in files:
-        part, part_stats = _encode_file(path, kwargs)
-        parts.append(part)
-        stats = stats.merge(part_stats)
+        raw = _load(path)
+        try:
+            part = raw.map(_encode, with_indices=True, fn_kwargs=kwargs, remove_columns=raw.column_names,
+                           features=_FEATURES, desc=f"tokenizing {Path(path).name}")
+        except _RecordError as e:
+            raise _record_error(path, fmt, e) from None
+        except UnicodeDecodeError as e:  # Arrow keeps invalid UTF-8 in JSON strings until they are read
+            raise _read_error(path, e) from e
+        skip = list(part["skip"])
+        stats = stats.merge(DataStats(records=len(raw), truncated=sum(part["truncated"]),
+                                      skipped=dict(Counter(s for s in skip if s))))
+        if any(skip):
+            part = part.select([i for i, s in enumerate(skip) if not s])
+        parts.append(part.select_columns(["input_ids", "labels"]))
     ds = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if packing and len(ds):
         rest = _count_tokens(ds.with_format("arrow")[:])[0] % max_seq_length
@@ -168,135 +161,97 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its longest example.
 
     Args:
-        examples: dicts with ``input_ids`` and ``labels`` (lists or 1-D tensors of equal length).
-        pad_token_id: id written into padding (any valid id: padding is masked).
+        examples: dicts with ``input_ids`` and ``labels`` (equal-length lists or 1-D tensors).
+        pad_token_id: the id written into padding (any valid id works: padding is masked).
 
     Returns:
-        LongTensors of shape (B, T): ``input_ids`` (padding: ``pad_token_id``), ``attention_mask``
+        LongTensors of shape (B, T): ``input_ids`` (``pad_token_id`` on padding), ``attention_mask``
         (0 on padding) and ``labels`` (-100 on padding).
     """
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    shape = (len(examples), max(len(e["input_ids"]) for e in examples))
+    batch = {"input_ids": torch.full(shape, pad_token_id, dtype=torch.long),
+             "attention_mask": torch.zeros(shape, dtype=torch.long),
+             "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long)}
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
-        input_ids[row, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
-        labels[row, :n] = torch.as_tensor(e["labels"], dtype=torch.long)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch["input_ids"][row, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
+        batch["labels"][row, :n] = torch.as_tensor(e["labels"], dtype=torch.long)
+        batch["attention_mask"][row, :n] = 1
+    return batch
 
 
 def _check_args(files, fmt, tokenizer, max_seq_length, prompt_template) -> str:
-    """Check the arguments; return the alpaca prompt template with ``auto`` resolved."""
-    where = files[0] if files else "(no files)"
+    """Fail before reading anything; return the alpaca prompt template with ``auto`` resolved."""
     if not files:
         raise DataError("no data files given: list at least one .jsonl, .parquet or saved dataset folder")
-    if fmt not in FORMATS:
-        raise DataError(f"{where}: unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
-    if prompt_template not in PROMPT_TEMPLATES:
-        raise DataError(f"{where}: unknown prompt_template {prompt_template!r}: use one of {', '.join(PROMPT_TEMPLATES)}")
-    if max_seq_length < 2:
-        raise DataError(f"{where}: max_seq_length must be at least 2, got {max_seq_length}")
+    if fmt not in FORMATS or prompt_template not in ("auto", "chat", "alpaca") or max_seq_length < 2:
+        raise DataError(f"{files[0]}: bad arguments fmt={fmt!r} (one of {', '.join(FORMATS)}), prompt_template="
+                        f"{prompt_template!r} (auto, chat or alpaca), max_seq_length={max_seq_length} (at least 2)")
+    for path in files:
+        if not Path(path).exists():
+            raise DataError(f"{path}: file not found")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     template = ("chat" if has_template else "alpaca") if prompt_template == "auto" else prompt_template
     if (fmt == "chat" or (fmt == "alpaca" and template == "chat")) and not has_template:
-        raise DataError(f"{where}: format {fmt!r} needs a chat template but the tokenizer has none "
+        raise DataError(f"{files[0]}: format {fmt!r} needs a chat template but the tokenizer has none "
                         "(use a chat model's tokenizer, or format=alpaca with prompt_template=alpaca)")
     if fmt in ("alpaca", "chat") and not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"{where}: format {fmt!r} needs a fast tokenizer (character offsets for the loss mask)")
+        raise DataError(f"{files[0]}: format {fmt!r} needs a fast tokenizer (character offsets for the loss mask)")
     return template
 
 
 def _load(path: str, streaming: bool = False):
-    """Read one file or saved-dataset folder with ``datasets``; ``DataError`` when it cannot."""
+    """Open one file or saved-dataset folder with ``datasets`` (lazily when streaming)."""
     p = Path(path)
+    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(p.suffix.lower())
+    if not p.is_dir() and builder is None:
+        raise DataError(f"{path}: unsupported file type: use .jsonl, .json (JSON lines), .parquet or a "
+                        "save_to_disk folder")
     try:
-        if p.is_dir():
-            ds = load_from_disk(str(p))
-            if isinstance(ds, DatasetDict):
-                if "train" not in ds:
-                    raise DataError(f"{path}: saved DatasetDict has no 'train' split (has {', '.join(ds)})")
-                ds = ds["train"]
-            return ds
-        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(p.suffix.lower())
-        if builder is None:
-            raise DataError(f"{path}: unsupported file type: use .jsonl, .json, .parquet or a save_to_disk folder")
-        return load_dataset(builder, data_files=str(p), split="train", streaming=streaming)
-    except DataError:
-        raise
+        if not p.is_dir():
+            return load_dataset(builder, data_files=str(p), split="train", streaming=streaming)
+        ds = load_from_disk(str(p))
     except Exception as e:
         raise _read_error(path, e) from e
+    if isinstance(ds, DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: the saved DatasetDict has no 'train' split (it has {', '.join(ds)})")
+        ds = ds["train"]
+    return ds
 
 
 def _read_error(path: str, error: Exception) -> DataError:
-    """Explain why ``datasets`` could not read a file; for JSON, find the first bad line."""
+    """Explain why a file could not be read; for JSON lines, name the first line that is not an object."""
     if Path(path).suffix.lower() in (".jsonl", ".json"):
-        problem = _json_problem(path)
-        if problem:
-            return DataError(f"{path}: {problem}")
+        empty = True
+        with open(path, "rb") as f:
+            for lineno, line in (x for x in enumerate(f, 1) if x[1].strip()):
+                empty = False
+                try:
+                    if isinstance(json.loads(line), dict):
+                        continue
+                    problem = "not a JSON object: each line must be one JSON object"
+                except UnicodeDecodeError as e:
+                    problem = f"not UTF-8 text ({e.reason} at byte {e.start} of the line): save the file as UTF-8"
+                except json.JSONDecodeError as e:
+                    problem = f"invalid JSON ({e.msg} at column {e.colno}): each line must be one JSON object"
+                return DataError(f"{path}: line {lineno}: {problem}")
+        if empty:
+            return DataError(f"{path}: no records (the file is empty)")
     cause = error.__cause__ or error
     return DataError(f"{path}: could not be read: {type(cause).__name__}: {cause}")
 
 
-def _is_json_array(path: str) -> bool:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read(4096).lstrip().startswith("[")
-
-
-def _json_problem(path: str) -> str | None:
-    """``"line N: invalid JSON (...)"`` for the first bad line (blank lines are fine), or None."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            if _is_json_array(path):
-                json.load(f)
-                return None
-            empty = True
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    empty = False
-                    try:
-                        json.loads(line)
-                    except json.JSONDecodeError as e:
-                        return f"line {lineno}: invalid JSON ({e.msg} at column {e.colno}): fix or remove the line"
-            return "no records (the file is empty)" if empty else None
-    except json.JSONDecodeError as e:
-        return f"line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})"
-    except UnicodeDecodeError as e:
-        return f"not UTF-8 text ({e.reason} at byte {e.start})"
-
-
-def _where(path: str, index: int) -> str:
-    """``line N`` (1-based, blank lines counted) for JSON lines files, else ``record N (0-based)``."""
-    if Path(path).suffix.lower() in (".jsonl", ".json") and not _is_json_array(path):
-        seen = -1
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                seen += bool(line.strip())
-                if seen == index:
-                    return f"line {lineno}"
-    return f"record {index} (0-based)"
-
-
 def _record_error(path: str, fmt: str, e: _RecordError) -> DataError:
-    problem = e.problem + (f" ({_HINTS[fmt]})" if e.problem == "missing" else "")
-    return DataError(f"{path}: {_where(path, e.index)}: field '{e.field_name}': {problem}")
-
-
-def _encode_file(path: str, kwargs: dict) -> tuple[Dataset, DataStats]:
-    """Tokenize one file with ``Dataset.map`` (cached by ``datasets``); count truncated and skipped."""
-    raw = _load(path)
-    try:
-        mapped = raw.map(_encode, with_indices=True, fn_kwargs=kwargs, remove_columns=raw.column_names,
-                         features=_FEATURES, desc=f"tokenizing {Path(path).name}")
-    except _RecordError as e:
-        raise _record_error(path, kwargs["fmt"], e) from None
-    skip = list(mapped["skip"])
-    stats = DataStats(records=len(raw), truncated=sum(mapped["truncated"]),
-                      skipped=dict(Counter(s for s in skip if s)), max_seq_length=kwargs["max_seq_length"])
-    if stats.skipped:
-        mapped = mapped.select([i for i, s in enumerate(skip) if not s])
-    return mapped.select_columns(["input_ids", "labels"]), stats
+    """Name the file and the line (JSON lines: the index-th non-blank line) or record of a bad record."""
+    where = f"record {e.index} (0-based)"
+    if Path(path).suffix.lower() in (".jsonl", ".json"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = (lineno for lineno, line in enumerate(f, 1) if line.strip())
+            lineno = next((x for i, x in enumerate(lines) if i == e.index), None)
+        where = f"line {lineno}" if lineno else where
+    hint = f" ({_HINTS[fmt]})" if e.problem == "missing" else ""
+    return DataError(f"{path}: {where}: field '{e.field_name}': {e.problem}{hint}")
 
 
 def _encode(record: dict, index: int, fmt: str, tokenizer, max_seq_length: int, prompt_template: str,
@@ -309,11 +264,9 @@ def _encode(record: dict, index: int, fmt: str, tokenizer, max_seq_length: int, 
             if len(labels) != len(ids):
                 raise _RecordError("labels", f"has {len(labels)} entries but input_ids has {len(ids)}")
         elif fmt == "text":
-            text = _text(record, text_field) + (tokenizer.eos_token or "")
-            ids = labels = tokenizer(text)["input_ids"]
+            ids = labels = tokenizer(_text(record, text_field) + (tokenizer.eos_token or ""))["input_ids"]
         else:
-            text, spans, add_special = _render(record, fmt, tokenizer, prompt_template)
-            ids, labels = _mask(tokenizer, text, spans, add_special)
+            ids, labels = _mask(tokenizer, *_render(record, fmt, tokenizer, prompt_template))
     except _RecordError as e:
         e.index = index
         raise
@@ -327,60 +280,49 @@ def _encode(record: dict, index: int, fmt: str, tokenizer, max_seq_length: int, 
 
 def _text(record: dict, name: str, required: bool = True) -> str:
     value = record.get(name)
-    if value is None and not required:
-        return ""
-    if value is None:
+    if value is None and required:
         raise _RecordError(name, "missing")
-    if not isinstance(value, str):
+    if value is not None and not isinstance(value, str):
         raise _RecordError(name, f"expected a string, got {type(value).__name__} {value!r:.40}")
-    return value
+    return value or ""
 
 
 def _token_ids(record: dict, name: str, vocab_size: int, allow_ignore: bool) -> list[int]:
     value = record.get(name)
-    if value is None:
-        raise _RecordError(name, "missing")
     if not isinstance(value, list) or not value:
-        raise _RecordError(name, f"expected a non-empty list of token ids, got {value!r:.40}")
-    ids = []
-    for j, v in enumerate(value):
-        if isinstance(v, float) and v.is_integer():  # Arrow stores a column as floats if any row has one
-            v = int(v)
+        raise _RecordError(name, "missing" if value is None else f"expected a non-empty list of ids, got {value!r:.40}")
+    ids = [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]  # Arrow may store ints as floats
+    for j, v in enumerate(ids):
         if not isinstance(v, int) or isinstance(v, bool):
             raise _RecordError(f"{name}[{j}]", f"expected an integer token id, got {v!r}")
         if not (0 <= v < vocab_size or (allow_ignore and v == IGNORE_INDEX)):
-            raise _RecordError(f"{name}[{j}]", f"{v} is outside the tokenizer's vocabulary (0..{vocab_size - 1})"
-                               + (" or -100" if allow_ignore else ""))
-        ids.append(v)
+            raise _RecordError(f"{name}[{j}]", f"{v} is outside the tokenizer's vocabulary (0..{vocab_size - 1}"
+                               + (" or -100)" if allow_ignore else ")"))
     return ids
 
 
 def _messages(record: dict) -> list[dict]:
     value = record.get("messages")
-    if value is None:
-        raise _RecordError("messages", "missing")
     if not isinstance(value, list) or not value:
-        raise _RecordError("messages", f"expected a non-empty list of {{role, content}}, got {value!r:.40}")
+        raise _RecordError("messages", "missing" if value is None else f"expected a non-empty list of "
+                           f"{{role, content}} objects, got {value!r:.40}")
     out = []
     for j, m in enumerate(value):
         if not isinstance(m, dict):
             raise _RecordError(f"messages[{j}]", f"expected a {{role, content}} object, got {m!r:.40}")
         try:
-            role, content = _text(m, "role"), _text(m, "content")
+            out.append({"role": _text(m, "role"), "content": _text(m, "content")})
         except _RecordError as e:
             raise _RecordError(f"messages[{j}].{e.field_name}", e.problem) from None
-        if role not in ROLES:
-            raise _RecordError(f"messages[{j}].role", f"unknown role {role!r}: use one of {', '.join(ROLES)}")
-        out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
-        raise _RecordError("messages", "no assistant message: nothing to learn from")
-    if out[0]["role"] == "assistant":
-        raise _RecordError("messages[0].role", "the conversation starts with assistant: put a user message first")
+        if out[-1]["role"] not in ROLES:
+            raise _RecordError(f"messages[{j}].role", f"unknown role {m['role']!r}: use one of {', '.join(ROLES)}")
+    if out[0]["role"] == "assistant" or not any(m["role"] == "assistant" for m in out):
+        raise _RecordError("messages", "needs an assistant message after a user or system message (the targets)")
     return out
 
 
 def _render(record: dict, fmt: str, tokenizer, prompt_template: str) -> tuple[str, list[tuple[int, int]], bool]:
-    """Alpaca or chat record -> (text, target character spans, add_special_tokens)."""
+    """An alpaca or chat record -> (text, target character spans, add_special_tokens)."""
     if fmt == "chat":
         return (*_chat_spans(tokenizer, _messages(record)), False)
     instruction, inp, output = _text(record, "instruction"), _text(record, "input", False), _text(record, "output")
@@ -394,11 +336,11 @@ def _render(record: dict, fmt: str, tokenizer, prompt_template: str) -> tuple[st
 
 
 def _chat_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation; return it and the character span of each assistant turn."""
+    """Render a conversation; return the text and the character span of each assistant turn."""
     def render(msgs, generation_prompt=False) -> str:
         try:
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-        except Exception as e:  # jinja errors, e.g. "roles must alternate"
+        except Exception as e:  # the template's own checks, e.g. "roles must alternate"
             raise _RecordError("messages", f"the chat template rejected the conversation: {e}") from None
 
     full, spans = render(messages), []
@@ -406,43 +348,42 @@ def _chat_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, i
         if m["role"] == "assistant":
             prefix, upto = render(messages[:i], True), render(messages[: i + 1])
             if not (upto.startswith(prefix) and full.startswith(upto)):
-                raise _RecordError(f"messages[{i}]", "the chat template is not prefix-stable (rendering the "
-                                   "conversation up to this turn changes earlier text), so the response "
-                                   "tokens cannot be located: use format=text or pre-tokenize")
+                raise _RecordError(f"messages[{i}]", "the chat template is not prefix-stable (rendering up to "
+                                   "this turn changes earlier text), so the response cannot be located: use "
+                                   "format=tokenized with your own labels")
             spans.append((len(prefix), max(len(prefix), len(upto.rstrip()))))
     return full, spans
 
 
 def _mask(tokenizer, text: str, spans: list[tuple[int, int]], add_special_tokens: bool) -> tuple[list, list]:
-    """Tokenize; a token is a target when its character span overlaps a target span."""
+    """Tokenize; a token is a target when its character offsets overlap a target span."""
     enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    ids = enc["input_ids"]
     labels = [t if any(s < end and e > start for start, end in spans) else IGNORE_INDEX
-              for t, (s, e) in zip(ids, enc["offset_mapping"])]
-    return ids, labels
+              for t, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
+    return enc["input_ids"], labels
 
 
 def _count_tokens(table: pa.Table) -> tuple[int, int]:
-    """(tokens, target tokens) of an Arrow table with ``input_ids`` and ``labels`` columns."""
-    tokens = len(pc.list_flatten(table["input_ids"]))
-    targets = pc.sum(pc.not_equal(pc.list_flatten(table["labels"]), IGNORE_INDEX)).as_py() or 0
-    return tokens, targets
+    """(tokens, target tokens) of an Arrow table with ``input_ids`` and ``labels`` list columns."""
+    targets = pc.sum(pc.not_equal(pc.list_flatten(table["labels"]), IGNORE_INDEX)).as_py()
+    return len(pc.list_flatten(table["input_ids"])), targets or 0
 
 
 def _pack_table(table: pa.Table, block: int) -> pa.Table:
-    """Concatenate all rows and cut them into rows of exactly ``block`` tokens (remainder dropped)."""
+    """Concatenate all rows and cut rows of exactly ``block`` tokens (the remainder is dropped)."""
     ids, labels = pc.list_flatten(table["input_ids"]), pc.list_flatten(table["labels"])
     n = len(ids) // block
-    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * block)
+    offsets = pa.array(np.arange(n + 1, dtype=np.int64) * block, pa.int32())  # raises past 2**31 tokens
+
     def cut(values):
         return pa.ListArray.from_arrays(offsets, values.slice(0, n * block).combine_chunks())
     return pa.table({"input_ids": cut(ids), "labels": cut(labels)})
 
 
 def _stream(files: tuple[str, ...], stats: DataStats, packing: bool, kwargs: dict):
-    """The streaming generator: encode records lazily (and pack); update ``stats`` as it goes."""
-    vars(stats).update(vars(DataStats(max_seq_length=kwargs["max_seq_length"])))  # a new pass starts anew
-    examples = _stream_examples(files, stats, kwargs)
+    """The streaming generator: read, encode (and pack) lazily, counting into ``stats``."""
+    vars(stats).update(vars(DataStats(max_seq_length=kwargs["max_seq_length"])))  # each pass counts anew
+    examples = (ex for path in files for ex in _stream_file(path, stats, kwargs))
     for ex in _pack_stream(examples, kwargs["max_seq_length"], stats) if packing else examples:
         stats.examples += 1
         stats.tokens += len(ex["input_ids"])
@@ -450,31 +391,29 @@ def _stream(files: tuple[str, ...], stats: DataStats, packing: bool, kwargs: dic
         yield ex
 
 
-def _stream_examples(files, stats: DataStats, kwargs: dict):
-    for path in files:
-        try:
-            for index, record in enumerate(_load(path, streaming=True)):
-                try:
-                    ex = _encode(record, index, **kwargs)
-                except _RecordError as e:
-                    raise _record_error(path, kwargs["fmt"], e) from None
-                stats.records += 1
-                stats.truncated += ex["truncated"]
-                if ex["skip"]:
-                    stats.skipped[ex["skip"]] = stats.skipped.get(ex["skip"], 0) + 1
-                else:
-                    yield {"input_ids": ex["input_ids"], "labels": ex["labels"]}
-        except DataError:
-            raise
-        except Exception as e:  # the JSON reader fails while iterating
-            raise _read_error(path, e) from e
+def _stream_file(path: str, stats: DataStats, kwargs: dict):
+    try:
+        for index, record in enumerate(_load(path, streaming=True)):
+            try:
+                ex = _encode(record, index, **kwargs)
+            except _RecordError as e:
+                raise _record_error(path, kwargs["fmt"], e) from None
+            stats.records += 1
+            stats.truncated += ex["truncated"]
+            if ex["skip"]:
+                stats.skipped[ex["skip"]] = stats.skipped.get(ex["skip"], 0) + 1
+            else:
+                yield {"input_ids": ex["input_ids"], "labels": ex["labels"]}
+    except DataError:
+        raise
+    except Exception as e:  # the JSON reader fails while iterating
+        raise _read_error(path, e) from e
 
 
 def _pack_stream(examples, block: int, stats: DataStats):
     ids, labels = [], []
     for ex in examples:
-        ids += ex["input_ids"]
-        labels += ex["labels"]
+        ids, labels = ids + ex["input_ids"], labels + ex["labels"]
         while len(ids) >= block:
             yield {"input_ids": ids[:block], "labels": labels[:block]}
             ids, labels = ids[block:], labels[block:]

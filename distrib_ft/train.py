@@ -115,7 +115,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
             train_ds, train_stats = build_dataset(d.train_files, packing=d.packing, streaming=d.streaming, **data_kwargs)
             eval_ds, eval_stats = (build_dataset(d.eval_files, **data_kwargs) if d.eval_files else (None, None))
         dist.barrier()
-    dist.print0(f"train data: {train_stats.summary()}")
+    dist.print0(f"train data: {'streamed from ' + str(len(d.train_files)) + ' file(s)' if d.streaming else train_stats.summary()}")
     if eval_stats is not None:
         dist.print0(f"eval data: {eval_stats.summary()}")
     global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
@@ -222,7 +222,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     final = ckpt.export_final(engine.module, tokenizer, out, is_peft=is_peft)
     summary = {"output_dir": str(out), "final": str(final), "steps": step, "tokens_seen": tokens_seen,
                "trainable_parameters": trainable, "total_parameters": total, "world_size": world,
-               "train_data": train_stats.summary(), **(last_eval or {})}
+               "train_data": train_stats.summary(), **(last_eval or {})}  # streaming: counts of rank 0's reads
     if dist.is_main():
         ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     dist.print0(f"done: {step} steps; results in {out} (final/ {'adapter' if is_peft else 'model'}, "

@@ -1,0 +1,113 @@
+"""The real CLI end to end: `distrib-ft train` through an embedded Ray with 2 CPU workers."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distrib_ft.metrics import read_metrics
+from tests.jobs import ROOT, job_dict, set_in
+
+CLI = [sys.executable, "-m", "launcher.cli"]
+
+
+def cli(*args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def write_job(tmp_path, raw) -> Path:
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def live_ray_processes(tag: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[0]
+        except OSError:
+            continue
+        if tag in cmd and state != "Z":
+            found.append(f"{pid}: {cmd[:120]}")
+    return found
+
+
+def test_train_through_ray_with_two_workers(tmp_path, tiny_model_dir):
+    raw = job_dict(tmp_path, tiny_model_dir, zero=2, max_steps=4, save_steps=2, per_device_train_batch_size=2,
+                   bf16=True)
+    set_in(raw, "distributed.num_workers", 2)
+    eval_file = tmp_path / "train.jsonl"
+    set_in(raw, "data.eval_files", [str(eval_file)])
+    job = write_job(tmp_path, raw)
+    before = set(live_ray_processes("dft-ray-"))
+    r = cli("train", job, "training.logging_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    assert f"Results in {out}" in r.stdout
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["training"]["logging_steps"] == 2 and cfg["distributed"]["num_workers"] == 2
+    metrics = read_metrics(out / "metrics.jsonl")
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [2, 4]
+    for m in steps:
+        assert m["loss"] > 0 and m["learning_rate"] >= 0 and m["grad_norm"] > 0 and m["tokens_per_second"] > 0
+    assert any("eval_loss" in m for m in metrics)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-2", "step-4"]
+    assert (out / "checkpoints" / "step-4" / "rng_rank1.pt").exists()
+    assert (out / "final" / "adapter_model.safetensors").exists()
+    assert (out / "final" / "tokenizer_config.json").exists()
+    assert set(live_ray_processes("dft-ray-")) <= before, "the embedded Ray left processes behind"
+
+    # A finished output_dir is not overwritten by accident.
+    r = cli("train", job)
+    assert r.returncode == 2 and "already holds a finished run" in r.stderr
+
+
+def test_worker_data_error_is_one_line_exit_2(tmp_path, tiny_model_dir):
+    raw = job_dict(tmp_path, tiny_model_dir)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    set_in(raw, "data.train_files", [str(bad)])
+    set_in(raw, "distributed.num_workers", 2)
+    r = cli("train", write_job(tmp_path, raw))
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("distrib-ft: error:") and "bad.jsonl" in last and "line 2" in last and "output" in last
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.learning_rat=1", "training.learning_rat: unknown key"),
+    ("data.train_files=[nope.jsonl]", "data.train_files[0]: nope.jsonl not found"),
+    ("distributed.deepspeed=missing.json", "DeepSpeed config not found"),
+    ("model.name_or_path=/nonexistent/model", "is not a Hugging Face model folder"),
+])
+def test_input_errors_fail_before_any_worker(tmp_path, tiny_model_dir, override, message):
+    job = write_job(tmp_path, job_dict(tmp_path, tiny_model_dir))
+    r = cli("train", job, override, timeout=120)
+    assert r.returncode == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_pinned_deepspeed_value_is_an_error(tmp_path, tiny_model_dir):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}))
+    job = write_job(tmp_path, job_dict(tmp_path, tiny_model_dir))
+    r = cli("train", job, f"distributed.deepspeed={ds}", timeout=120)
+    assert r.returncode == 2 and "train_micro_batch_size_per_gpu is 16 but the job sets 4" in r.stderr
+
+
+def test_local_launcher_runs_in_process(tmp_path, tiny_model_dir):
+    job = write_job(tmp_path, job_dict(tmp_path, tiny_model_dir, max_steps=2))
+    r = cli("train", job, "--launcher", "local")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "out" / "final" / "adapter_config.json").exists()
