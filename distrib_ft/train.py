@@ -166,6 +166,12 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     # DeepSpeed tracks the gradient norm in its ZeRO / bf16 optimizers only, not for plain fp32 ZeRO-0.
     own_grad_norm = zero_stage(ds_config) == 0 and not t.bf16
 
+    first_eval = None
+    if eval_ds is not None and step == 0:  # the baseline, before any update
+        first_eval = evaluate(engine, eval_ds, batch_size=t.per_device_eval_batch_size, pad_token_id=pad_id)
+        log.write({"step": 0, **first_eval})
+        dist.print0(f"step 0: eval_loss={first_eval['eval_loss']:.4f}")
+
     engine.train()
     while step < max_steps:
         # One optimizer step over this rank's micro-batches.
@@ -223,8 +229,8 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     summary = {"output_dir": str(out), "final": str(final), "steps": step, "tokens_seen": tokens_seen,
                "trainable_parameters": trainable, "total_parameters": total, "world_size": world,
                "train_data": train_stats.summary(), **(last_eval or {})}  # streaming: counts of rank 0's reads
+    if first_eval is not None:
+        summary["eval_loss_start"] = first_eval["eval_loss"]
     if dist.is_main():
         ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    dist.print0(f"done: {step} steps; results in {out} (final/ {'adapter' if is_peft else 'model'}, "
-                f"metrics.jsonl, config.yaml{', checkpoints/' if t.save_steps else ''})")
     return summary

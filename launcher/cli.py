@@ -93,7 +93,13 @@ def cmd_train(args) -> int:
     summary_file = out / "summary.json"
     if summary_file.exists():
         s = json.loads(summary_file.read_text())
-        print(f"Done: {s['steps']} steps on {s['world_size']} worker(s). Results in {out}")
+        evals = ""
+        if "eval_loss" in s:
+            start = f"{s['eval_loss_start']:.4f} -> " if "eval_loss_start" in s else ""
+            evals = f"; eval loss {start}{s['eval_loss']:.4f}"
+        kind = "adapter" if cfg.method.type == "lora" else "model"
+        print(f"Done: {s['steps']} steps on {s['world_size']} worker(s){evals}. Results in {out} "
+              f"(final/ {kind}, metrics.jsonl{', checkpoints/' if cfg.training.save_steps else ''})")
     return EXIT_OK
 
 
