@@ -47,8 +47,11 @@ def set_in(d: dict, dotted: str, value) -> dict:
 
 def _rank_main(rank: int, world: int, port: int, raw: dict, result_dir: str) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                       "DS_ACCELERATOR": "cpu"})
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
     out = Path(result_dir) / f"rank{rank}.json"
     try:
         from distrib_ft.config import config_from_dict
