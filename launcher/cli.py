@@ -108,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     from distrib_ft.data import DataError
     from distrib_ft.engine import DeepSpeedConfigError
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)  # overrides may also come after the options
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*getattr(args, "overrides", []), *extra]
     input_errors = (UsageError, ConfigError, DataError, DeepSpeedConfigError, FileNotFoundError)
     try:
         return {"train": cmd_train}[args.command](args)
