@@ -43,6 +43,9 @@ class MethodConfig(_Strict):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Modules that get adapters: attention and MLP projections, or 'all-linear'.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    merge_adapters: list[str] = Field(default_factory=list, description=(
+        "LoRA adapters of earlier rounds (their final/ folders), merged into the base weights in this order "
+        "before the new adapter is added; the retraining chain of EWC-LoRA (ewc.target: lora_merged)."))
 
 
 class DataConfig(_Strict):
@@ -97,18 +100,64 @@ class DistributedConfig(_Strict):
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl with GPUs, else gloo.")
 
 
+class EWCConfig(_Strict):
+    """Elastic Weight Consolidation: lambda/2 * sum_i F_i (theta_i - theta*_i)^2 (see distrib_ft/fisher.py)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    lambda_: float = Field(0.0, alias="lambda", ge=0, description=(
+        "Penalty weight; 0 = no penalty. It does not transfer between estimators (their scales differ ~100x)."))
+    estimator: Literal["empirical", "sampled", "batched"] = Field(
+        "empirical", description="empirical (per-sequence, data labels), sampled (true Fisher), batched (biased; comparison only).")
+    target: Literal["trainable", "lora_merged"] = Field("trainable", description=(
+        "trainable: F over the parameters being trained, anchored at their start values (full / partial "
+        "fine-tuning, or EWC on the adapter itself). lora_merged: F over the dense weights that the LoRA "
+        "adapters update, penalty on this round's merged update B@A*scale (EWC-LoRA); the anchor is the "
+        "merged model this round starts from."))
+    fisher_file: str | None = Field(None, description="A precomputed Fisher (distrib-ft fisher, or final/fisher.safetensors of a round).")
+    fisher_files: list[str] = Field(default_factory=list, description="Data of the skills to keep, to compute F at the start of the job.")
+    fisher_format: Literal["alpaca", "chat", "text", "tokenized"] | None = Field(
+        None, description="Format of fisher_files; default data.format.")
+    fisher_max_sequences: int = Field(512, ge=1, description="At most this many sequences enter a Fisher pass.")
+    fisher_batch_size: int = Field(8, ge=1, description="Sequences per backward for the sampled and batched estimators.")
+    update_fisher_after: bool = Field(False, description=(
+        "At the end, compute F on the data just learned and write final/fisher.safetensors (merged online "
+        "with the starting F: F <- gamma*F_old + F_new) for the next round."))
+    gamma: float = Field(1.0, ge=0, le=1, description="Online EWC decay of the previous rounds' Fisher.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.lambda_ > 0 or self.update_fisher_after
+
+
 class JobConfig(_Strict):
     model: ModelConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
     data: DataConfig
     training: TrainingConfig
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    ewc: EWCConfig = Field(default_factory=EWCConfig)
     source: str | None = Field(None, description="(set by the loader) the job file this came from.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobConfig":
         if self.data.streaming and self.training.max_steps <= 0:
             raise ValueError("training.max_steps: required with data.streaming=true (a stream has no known length)")
+        e = self.ewc
+        if e.lambda_ > 0 and not (e.fisher_file or e.fisher_files):
+            raise ValueError("ewc.lambda: > 0 needs ewc.fisher_file or ewc.fisher_files (the data of the skills to keep)")
+        if e.fisher_file and e.fisher_files:
+            raise ValueError("ewc.fisher_file: give either a precomputed fisher_file or fisher_files, not both")
+        if e.target == "lora_merged" and (self.method.type != "lora" or self.method.use_dora):
+            raise ValueError("ewc.target: lora_merged needs method.type=lora without use_dora")
+        if e.target == "trainable" and self.method.type == "lora" and e.fisher_file:
+            raise ValueError("ewc.fisher_file: a new LoRA adapter starts from fresh values, so the anchors of an "
+                             "earlier round do not apply; use ewc.target=lora_merged with method.merge_adapters")
+        if self.method.merge_adapters and self.method.type != "lora":
+            raise ValueError("method.merge_adapters: only with method.type=lora (for full fine-tuning, point "
+                             "model.name_or_path at the previous round's final/)")
+        if e.update_fisher_after and self.data.streaming:
+            raise ValueError("ewc.update_fisher_after: not supported with data.streaming (list ewc.fisher_files instead)")
         if self.data.packing and self.data.format == "tokenized":
             raise ValueError("data.packing: not supported with data.format=tokenized (records are used as they are)")
         return self
@@ -202,4 +251,4 @@ def resolve_path(p: str, source: str) -> Path:
 
 
 def dump_config(cfg: JobConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)

@@ -109,6 +109,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def main_first(fn):
+    """Run ``fn`` on rank 0 first (it prepares caches, e.g. datasets' Arrow files), then on the others."""
+    result = None
+    for turn in (0, 1):
+        if (rank() == 0) == (turn == 0):
+            result = fn()
+        barrier()
+    return result
+
+
 def all_reduce_sum(values: list[float], device: torch.device | None = None) -> list[float]:
     """Sum a few scalars over all ranks (float64, so counts stay exact)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)

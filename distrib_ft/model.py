@@ -73,6 +73,15 @@ def load_model(name_or_path: str, *, dtype: str = "float32", attn_implementation
     return model
 
 
+def merge_adapters(model: torch.nn.Module, adapters: list[str]) -> torch.nn.Module:
+    """Merge earlier rounds' LoRA adapters into the base weights, in order (W <- W + B @ A * scale)."""
+    from peft import PeftModel
+
+    for path in adapters:
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    return model
+
+
 def apply_method(model: torch.nn.Module, method: str, *, r: int = 16, lora_alpha: float = 32,
                  lora_dropout: float = 0.0, target_modules: list[str] | str | None = None,
                  use_dora: bool = False) -> torch.nn.Module:

@@ -30,7 +30,8 @@ from distrib_ft.config import JobConfig, dump_config
 from distrib_ft.data import build_dataset, collate
 from distrib_ft.engine import build_engine, load_deepspeed_config, zero_stage
 from distrib_ft.metrics import MetricsLog, Progress
-from distrib_ft.model import apply_method, count_parameters, load_model, load_tokenizer
+from distrib_ft.model import apply_method, count_parameters, load_model, load_tokenizer, merge_adapters
+from distrib_ft.preservation import build_strategies
 
 
 def set_seed(seed: int) -> None:
@@ -89,6 +90,38 @@ def evaluate(engine, dataset, *, batch_size: int, pad_token_id: int) -> dict[str
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
 
 
+def start_worker(cfg: JobConfig) -> None:
+    """This process's environment and process group (in-process, torchrun or Ray)."""
+    dist.apply_env(dist.worker_env(threads=cfg.distributed.cpus_per_worker, use_gpu=torch.cuda.is_available()))
+    dist.init(cfg.distributed.backend)
+    set_seed(cfg.training.seed)
+
+
+def build_model_engine(cfg: JobConfig, *, total_steps: int, warmup_steps: int):
+    """Model, method and DeepSpeed engine. Returns (engine, ds_config, trainable, total) parameter counts."""
+    t, m = cfg.training, cfg.method
+    ds_config = load_deepspeed_config(
+        cfg.distributed.deepspeed, micro_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, world_size=dist.world_size(),
+        max_grad_norm=t.max_grad_norm, bf16=t.bf16, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+        betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    zero3 = zero_stage(ds_config) == 3
+    if zero3 and m.merge_adapters:
+        raise ValueError("method.merge_adapters: not supported under ZeRO-3 (merging needs whole weights); "
+                         "use zero2.json, or merge the adapters into a model folder first")
+    model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+                       gradient_checkpointing=t.gradient_checkpointing, trust_remote_code=cfg.model.trust_remote_code,
+                       zero3_config=ds_config if zero3 else None)
+    model = merge_adapters(model, m.merge_adapters)
+    model = apply_method(model, m.type, r=m.r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                         target_modules=m.target_modules, use_dora=m.use_dora)
+    trainable, total = count_parameters(model)
+    engine = build_engine(model, ds_config, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+                          betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, warmup_steps=warmup_steps,
+                          total_steps=total_steps, scheduler_type=t.lr_scheduler_type)
+    return engine, ds_config, trainable, total
+
+
 def train(cfg: JobConfig, resume: bool = False) -> dict:
     """Run one fine-tuning job on this process's rank. Returns a summary (every rank).
 
@@ -97,24 +130,21 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
         resume: continue from the newest complete checkpoint in ``training.output_dir`` if any.
     """
     t, d = cfg.training, cfg.data
-    dist.apply_env(dist.worker_env(threads=cfg.distributed.cpus_per_worker, use_gpu=torch.cuda.is_available()))
-    dist.init(cfg.distributed.backend)
+    start_worker(cfg)
     rank, world, device = dist.rank(), dist.world_size(), dist.device()
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
         ckpt.atomic_write_text(out / "config.yaml", dump_config(cfg))
-    set_seed(t.seed)
 
     # Data: rank 0 prepares (and caches) first, the others then read the cache.
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     data_kwargs = dict(fmt=d.format, tokenizer=tokenizer, max_seq_length=d.max_seq_length,
                        prompt_template=d.prompt_template, text_field=d.text_field)
-    for turn in (0, 1):
-        if (rank == 0) == (turn == 0):
-            train_ds, train_stats = build_dataset(d.train_files, packing=d.packing, streaming=d.streaming, **data_kwargs)
-            eval_ds, eval_stats = (build_dataset(d.eval_files, **data_kwargs) if d.eval_files else (None, None))
-        dist.barrier()
+    train_ds, train_stats = dist.main_first(lambda: build_dataset(d.train_files, packing=d.packing,
+                                                                  streaming=d.streaming, **data_kwargs))
+    eval_ds, eval_stats = (dist.main_first(lambda: build_dataset(d.eval_files, **data_kwargs))
+                           if d.eval_files else (None, None))
     dist.print0(f"train data: {'streamed from ' + str(len(d.train_files)) + ' file(s)' if d.streaming else train_stats.summary()}")
     if eval_stats is not None:
         dist.print0(f"eval data: {eval_stats.summary()}")
@@ -123,26 +153,15 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
                                      global_batch)
     warmup = t.warmup_steps or math.ceil(t.warmup_ratio * max_steps)
 
-    # Model, method, DeepSpeed engine.
-    ds_config = load_deepspeed_config(
-        cfg.distributed.deepspeed, micro_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, world_size=world,
-        max_grad_norm=t.max_grad_norm, bf16=t.bf16, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
-        betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
-    model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
-                       gradient_checkpointing=t.gradient_checkpointing, trust_remote_code=cfg.model.trust_remote_code,
-                       zero3_config=ds_config if zero_stage(ds_config) == 3 else None)
-    m = cfg.method
-    model = apply_method(model, m.type, r=m.r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                         target_modules=m.target_modules, use_dora=m.use_dora)
-    trainable, total = count_parameters(model)
-    engine = build_engine(model, ds_config, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
-                          betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, warmup_steps=warmup,
-                          total_steps=max_steps, scheduler_type=t.lr_scheduler_type)
-    is_peft = m.type == "lora"
-    dist.print0(f"{m.type}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); "
+    # Model, method, DeepSpeed engine; the defences against forgetting.
+    engine, ds_config, trainable, total = build_model_engine(cfg, total_steps=max_steps, warmup_steps=warmup)
+    is_peft = cfg.method.type == "lora"
+    dist.print0(f"{cfg.method.type}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); "
                 f"ZeRO-{zero_stage(ds_config)}, bf16={t.bf16}, {world} worker(s), global batch {global_batch}, "
                 f"{max_steps} steps")
+    strategies = build_strategies(cfg, tokenizer)
+    for s in strategies:
+        s.check(zero_stage=zero_stage(ds_config), model=engine.module)
 
     # Resume: engine, optimizer, scheduler, RNG and the step (the data position is a function of it).
     step, tokens_seen = 0, 0
@@ -154,6 +173,8 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     elif resume:
         dist.print0(f"no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
     client_state = lambda: {"step": step, "tokens_seen": tokens_seen, "max_steps": max_steps}  # noqa: E731
+    for s in strategies:  # state (e.g. Fisher, anchors) of the job's start; persisted for resume
+        s.on_task_start(engine.module, output_dir=out, resumed=latest is not None)
 
     steps_fn = batching.streaming_steps if d.streaming else batching.map_style_steps
     step_batches = steps_fn(train_ds, start_step=step, micro_batch=t.per_device_train_batch_size,
@@ -161,7 +182,8 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     log = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main(), resume_step=step if latest else None)
     progress = Progress(total=max_steps, initial=step, enabled=dist.is_main())
     pad_id = tokenizer.pad_token_id
-    window = {"nll": 0.0, "targets": 0, "tokens": 0, "time": time.time(), "steps": 0}
+    new_window = lambda: {"nll": 0.0, "targets": 0, "tokens": 0, "penalty": 0.0, "time": time.time(), "steps": 0}  # noqa: E731
+    window = new_window()
     last_eval = grad_norm = None
     # DeepSpeed tracks the gradient norm in its ZeRO / bf16 optimizers only, not for plain fp32 ZeRO-0.
     own_grad_norm = zero_stage(ds_config) == 0 and not t.bf16
@@ -183,7 +205,14 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
         step_nll = 0.0
         for i, b in enumerate(micro):
             nll, _ = token_nll_sum(engine, b)
-            engine.backward(nll * scale)
+            loss = nll * scale
+            if i == len(micro) - 1:  # penalties once per step: DeepSpeed divides by accum, averages ranks
+                penalties = [p for p in (s.penalty(engine.module) for s in strategies) if p is not None]
+                if penalties:
+                    penalty = torch.stack(penalties).sum()
+                    loss = loss + penalty * t.gradient_accumulation_steps
+                    window["penalty"] += penalty.item()
+            engine.backward(loss)
             if own_grad_norm and i == len(micro) - 1:
                 grad_norm = _grad_norm(engine.module)  # grads are reduced, not yet clipped
             engine.step()
@@ -204,11 +233,13 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
                       "tokens_per_second": window["tokens"] / max(elapsed, 1e-9),
                       "tokens_seen": tokens_seen}
+            if strategies and cfg.ewc.lambda_ > 0:
+                record["ewc_penalty"] = window["penalty"] / window["steps"]
             if not d.streaming:
                 record["epoch"] = step / batching.steps_per_epoch(len(train_ds), global_batch)
             log.write(record)
             progress.update(window["steps"], record)
-            window = {"nll": 0.0, "targets": 0, "tokens": 0, "time": time.time(), "steps": 0}
+            window = new_window()
 
         if eval_ds is not None and t.eval_steps and step % t.eval_steps == 0 and step < max_steps:
             last_eval = evaluate(engine, eval_ds, batch_size=t.per_device_eval_batch_size, pad_token_id=pad_id)
@@ -226,6 +257,8 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     if t.save_steps:
         ckpt.save_checkpoint(engine, out, step, client_state(), exclude_frozen=is_peft, keep=t.save_total_limit)
     final = ckpt.export_final(engine.module, tokenizer, out, is_peft=is_peft)
+    for s in strategies:  # what the next round needs (e.g. the Fisher of the data just learned)
+        s.on_task_end(engine.module, final_dir=final, train_examples=train_ds)
     summary = {"output_dir": str(out), "final": str(final), "steps": step, "tokens_seen": tokens_seen,
                "trainable_parameters": trainable, "total_parameters": total, "world_size": world,
                "train_data": train_stats.summary(), **(last_eval or {})}  # streaming: counts of rank 0's reads
@@ -234,3 +267,23 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     if dist.is_main():
         ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def fisher_job(cfg: JobConfig, out: str) -> dict:
+    """``distrib-ft fisher``: the Fisher of the job's model and method on ``ewc.fisher_files``, written to
+    ``out`` (safetensors) with the anchors (target=trainable). Runs on every rank; rank 0 writes."""
+    from distrib_ft.fisher import save_fisher
+    from distrib_ft.preservation.ewc import EWC
+
+    start_worker(cfg)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    engine, ds_config, _, _ = build_model_engine(cfg, total_steps=1, warmup_steps=0)
+    ewc = EWC.from_config(cfg, tokenizer)
+    fisher, info = ewc.compute(engine.module, ewc.fisher_examples())
+    anchors = ewc.current_anchors(engine.module)
+    if dist.is_main():
+        save_fisher(out, fisher, info, anchors)
+        dist.print0(f"fisher: {info['estimator']} over {info['sequences']} sequences ({info['target_tokens']} target "
+                    f"tokens), {len(fisher)} tensors -> {out}")
+    dist.barrier()
+    return info

@@ -1,6 +1,7 @@
 """``distrib-ft``: the command line.
 
     distrib-ft train JOB.yaml [section.key=value ...] [--resume] [--address ADDR] [--launcher ray|local]
+    distrib-ft fisher JOB.yaml [section.key=value ...] --out FILE.safetensors [--address ADDR] [--launcher ...]
 
 Exit codes (stable; schedulers may rely on them):
     0  the job finished
@@ -35,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="Ray cluster to run on (e.g. auto, ray://head:10001); default: an embedded local Ray")
     t.add_argument("--launcher", choices=["ray", "local"], default="ray",
                    help="local: run the loop in this process (one rank, or each rank under torchrun)")
+    f = sub.add_parser("fisher", help="compute the diagonal Fisher of the job's model on ewc.fisher_files")
+    f.add_argument("job", help="job YAML file")
+    f.add_argument("overrides", nargs="*", metavar="section.key=value", help="override keys of the job file")
+    f.add_argument("--out", required=True, help="the safetensors file to write")
+    f.add_argument("--address", default=None, help="Ray cluster to run on; default: an embedded local Ray")
+    f.add_argument("--launcher", choices=["ray", "local"], default="ray", help="local: in this process")
     return p
 
 
@@ -49,13 +56,19 @@ def _check_inputs(cfg) -> None:
                           world_size=cfg.distributed.num_workers, max_grad_norm=t.max_grad_norm, bf16=t.bf16,
                           learning_rate=t.learning_rate, weight_decay=t.weight_decay,
                           betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
-    for key in ("train_files", "eval_files"):
-        files = getattr(cfg.data, key)
+    for section, key in (("data", "train_files"), ("data", "eval_files"), ("ewc", "fisher_files"),
+                         ("method", "merge_adapters")):
+        files = getattr(getattr(cfg, section), key)
         for i, f in enumerate(files):
             path = resolve_path(f, cfg.source)
             if not path.exists():
-                raise UsageError(f"{cfg.source}: data.{key}[{i}]: {f} not found")
+                raise UsageError(f"{cfg.source}: {section}.{key}[{i}]: {f} not found")
             files[i] = str(path)
+    if cfg.ewc.fisher_file:
+        path = resolve_path(cfg.ewc.fisher_file, cfg.source)
+        if not path.is_file():
+            raise UsageError(f"{cfg.source}: ewc.fisher_file: {cfg.ewc.fisher_file} not found")
+        cfg.ewc.fisher_file = str(path)
     name = cfg.model.name_or_path
     if name.startswith("offline:"):
         from distrib_ft.model import resolve_offline_model
@@ -106,6 +119,26 @@ def cmd_train(args) -> int:
     return EXIT_OK
 
 
+def cmd_fisher(args) -> int:
+    from distrib_ft.config import load_config
+
+    cfg = load_config(args.job, args.overrides)
+    if not cfg.ewc.fisher_files:
+        raise UsageError(f"{cfg.source}: ewc.fisher_files: list the data to compute the Fisher on")
+    _check_inputs(cfg)
+    out = str(Path(args.out).expanduser().resolve())
+    if args.launcher == "local":
+        from distrib_ft.train import fisher_job
+
+        fisher_job(cfg, out)
+    else:
+        from launcher.ray_job import run_on_ray
+
+        run_on_ray(cfg, address=args.address, entry="distrib_ft.train:fisher_job", kwargs={"out": out})
+    print(f"Fisher written to {out}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     from distrib_ft.config import ConfigError
     from distrib_ft.data import DataError
@@ -120,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*getattr(args, "overrides", []), *extra]
     input_errors = (UsageError, ConfigError, DataError, DeepSpeedConfigError, FileNotFoundError)
     try:
-        return {"train": cmd_train}[args.command](args)
+        return {"train": cmd_train, "fisher": cmd_fisher}[args.command](args)
     except input_errors as e:
         print(f"distrib-ft: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -73,7 +73,7 @@ def run_on_ray(cfg: JobConfig, *, address: str | None = None, entry: str = "dist
         storage = Path(tempfile.mkdtemp(prefix="dft-train-"))
         trainer = TorchTrainer(
             _worker_loop,
-            train_loop_config={"job": cfg.model_dump(mode="json"), "entry": entry, "kwargs": kwargs or {}},
+            train_loop_config={"job": cfg.model_dump(mode="json", by_alias=True), "entry": entry, "kwargs": kwargs or {}},
             torch_config=TorchConfig(backend=backend),
             scaling_config=ScalingConfig(num_workers=dcfg.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": dcfg.cpus_per_worker}),

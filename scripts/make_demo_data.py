@@ -5,7 +5,7 @@
   "Convert 3.5 km to m." -> "3.5 km = 3500 m"). Disjoint: no (value, from, to) question is in both.
 - ``general_qa.jsonl`` (``--general-qa``): a retention set, ~100 general prompts (facts, definitions,
   how-tos, simple reasoning, language) answered by SmolLM2-135M-Instruct itself (greedy, chat template,
-  at most 48 new tokens; an answer cut by that limit is trimmed to its last full sentence). Needs the
+  at most 48 new tokens; an answer cut by that limit is trimmed to its last full sentence, if any). Needs the
   converted model (``distrib_ft.assets.smollm2_path``); a few minutes on CPU.
 
 Usage: python scripts/make_demo_data.py [--general-qa] [--out-dir examples/data]

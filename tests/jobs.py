@@ -45,7 +45,7 @@ def set_in(d: dict, dotted: str, value) -> dict:
     return d
 
 
-def _rank_main(rank: int, world: int, port: int, raw: dict, result_dir: str) -> None:
+def _rank_main(rank: int, world: int, port: int, raw: dict, result_dir: str, entry: str, kwargs: dict) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
     import torch
@@ -54,25 +54,28 @@ def _rank_main(rank: int, world: int, port: int, raw: dict, result_dir: str) -> 
         os.environ["DS_ACCELERATOR"] = "cpu"
     out = Path(result_dir) / f"rank{rank}.json"
     try:
-        from distrib_ft.config import config_from_dict
-        from distrib_ft.train import train
+        import importlib
 
-        summary = train(config_from_dict(raw), resume=raw.pop("_resume", False))
+        from distrib_ft.config import config_from_dict
+
+        module, name = entry.split(":")
+        summary = getattr(importlib.import_module(module), name)(config_from_dict(raw), **kwargs)
         out.write_text(json.dumps({"ok": True, "summary": summary}))
     except BaseException:
         out.write_text(json.dumps({"ok": False, "error": traceback.format_exc()}))
         raise
 
 
-def run_ranks(raw: dict, world: int, tmp_path: Path, timeout: float = 300) -> list[dict]:
-    """Run ``train`` on ``world`` real processes (gloo); return each rank's summary."""
+def run_ranks(raw: dict, world: int, tmp_path: Path, timeout: float = 300, entry: str = "distrib_ft.train:train",
+              **kwargs) -> list[dict]:
+    """Run ``entry(cfg, **kwargs)`` on ``world`` real processes (gloo); return each rank's result."""
     from distrib_ft.dist import free_port
 
     result_dir = tmp_path / f"results-{os.getpid()}-{random.randrange(1 << 30)}"
     result_dir.mkdir()
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, raw, str(result_dir))) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, raw, str(result_dir), entry, kwargs)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:

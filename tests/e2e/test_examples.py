@@ -23,7 +23,7 @@ def test_every_example_is_listed_in_the_readme():
 def test_example_runs_on_a_tiny_model(tmp_path, tiny_model_dir, job):
     cfg = load_config(job, [f"model.name_or_path={tiny_model_dir}", f"training.output_dir={tmp_path / 'out'}",
                             "training.max_steps=3", "training.eval_steps=2", "training.bf16=false"])
-    raw = cfg.model_dump(mode="json")
+    raw = cfg.model_dump(mode="json", by_alias=True)
     raw["data"]["train_files"] = [str(ROOT / "examples" / f) for f in raw["data"]["train_files"]]
     raw["data"]["eval_files"] = [str(ROOT / "examples" / f) for f in raw["data"]["eval_files"]]
     if cfg.training.save_steps:
