@@ -111,3 +111,29 @@ def test_local_launcher_runs_in_process(tmp_path, tiny_model_dir):
     r = cli("train", job, "--launcher", "local")
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "out" / "final" / "adapter_config.json").exists()
+
+
+def test_fisher_command_through_ray(tmp_path, tiny_model_dir):
+    from distrib_ft.fisher import load_fisher
+    from tests.jobs import toy_alpaca
+
+    raw = job_dict(tmp_path, tiny_model_dir)
+    set_in(raw, "distributed.num_workers", 2)
+    set_in(raw, "ewc.fisher_files", [str(toy_alpaca(tmp_path / "old.jsonl", n=5))])
+    out = tmp_path / "fisher.safetensors"
+    r = cli("fisher", write_job(tmp_path, raw), "--out", out, "ewc.estimator=sampled")
+    assert r.returncode == 0, r.stderr[-3000:]
+    fisher, anchors, info = load_fisher(out)
+    assert info["estimator"] == "sampled" and info["sequences"] == 5 and info["target_tokens"] > 0
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=raw["method"]["target_modules"]
+                                      if "target_modules" in raw["method"] else
+                                      ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(fisher) == names and set(anchors) == names
+
+    r = cli("fisher", write_job(tmp_path, raw), "--out", out, "ewc.fisher_files=[]", timeout=120)
+    assert r.returncode == 2 and "ewc.fisher_files" in r.stderr

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from distrib_ft.config import load_config
+from launcher.cli import _check_inputs
 from tests.e2e.test_cli import cli
 from tests.jobs import ROOT, run_ranks
 
@@ -22,10 +23,10 @@ def test_every_example_is_listed_in_the_readme():
 @pytest.mark.parametrize("job", EXAMPLES, ids=lambda p: p.stem)
 def test_example_runs_on_a_tiny_model(tmp_path, tiny_model_dir, job):
     cfg = load_config(job, [f"model.name_or_path={tiny_model_dir}", f"training.output_dir={tmp_path / 'out'}",
-                            "training.max_steps=3", "training.eval_steps=2", "training.bf16=false"])
+                            "training.max_steps=3", "training.eval_steps=2", "training.bf16=false",
+                            "ewc.fisher_max_sequences=4"])
+    _check_inputs(cfg)  # resolves the job's relative paths as the CLI does
     raw = cfg.model_dump(mode="json", by_alias=True)
-    raw["data"]["train_files"] = [str(ROOT / "examples" / f) for f in raw["data"]["train_files"]]
-    raw["data"]["eval_files"] = [str(ROOT / "examples" / f) for f in raw["data"]["eval_files"]]
     if cfg.training.save_steps:
         raw["training"]["save_steps"] = 2
     run_ranks(raw, 2 if cfg.method.type == "full" else 1, tmp_path)
