@@ -213,7 +213,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
                     loss = loss + penalty * t.gradient_accumulation_steps
                     window["penalty"] += penalty.item()
             engine.backward(loss)
-            if own_grad_norm and i == len(micro) - 1:
+            if own_grad_norm and i == len(micro) - 1 and ((step + 1) % t.logging_steps == 0 or step + 1 == max_steps):
                 grad_norm = _grad_norm(engine.module)  # grads are reduced, not yet clipped
             engine.step()
             step_nll += nll.item()

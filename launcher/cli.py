@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def cmd_train(args) -> int:
 
         run_on_ray(cfg, address=args.address, kwargs={"resume": args.resume})
     summary_file = out / "summary.json"
-    if summary_file.exists():
+    if summary_file.exists() and os.environ.get("RANK", "0") == "0":  # once under torchrun
         s = json.loads(summary_file.read_text())
         evals = ""
         if "eval_loss" in s:

@@ -79,8 +79,10 @@ def test_worker_data_error_is_one_line_exit_2(tmp_path, tiny_model_dir):
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
     set_in(raw, "data.train_files", [str(bad)])
     set_in(raw, "distributed.num_workers", 2)
+    before = set(live_ray_processes("dft-ray-"))
     r = cli("train", write_job(tmp_path, raw))
     assert r.returncode == 2, r.stderr[-2000:]
+    assert set(live_ray_processes("dft-ray-")) <= before, "a failed job left Ray processes behind"
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("distrib-ft: error:") and "bad.jsonl" in last and "line 2" in last and "output" in last
 
@@ -137,3 +139,15 @@ def test_fisher_command_through_ray(tmp_path, tiny_model_dir):
 
     r = cli("fisher", write_job(tmp_path, raw), "--out", out, "ewc.fisher_files=[]", timeout=120)
     assert r.returncode == 2 and "ewc.fisher_files" in r.stderr
+
+
+def test_same_loop_under_torchrun(tmp_path, tiny_model_dir):
+    raw = job_dict(tmp_path, tiny_model_dir, max_steps=2, per_device_train_batch_size=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(__import__("distrib_ft.dist", fromlist=["x"]).free_port()),
+                        "-m", "launcher.cli", "train", str(write_job(tmp_path, raw)), "--launcher", "local"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["world_size"] == 2
+    assert r.stdout.count("Results in") == 1

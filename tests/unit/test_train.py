@@ -28,11 +28,14 @@ def test_loss_falls_on_a_learnable_task(tmp_path, tiny_model_dir):
         assert rec[key] is not None, key
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "full+ewc"])
 def test_resume_gives_the_same_weights(tmp_path, tiny_model_dir, method):
-    """Interrupt after the step-4 checkpoint (drop what came after), resume, compare with the full run."""
+    """Interrupt after the step-4 checkpoint (drop what came after), resume, compare with the full run.
+    With EWC the resumed run must keep the Fisher and anchors of the original start, not recompute them."""
     raw = job_dict(tmp_path / "a", tiny_model_dir, zero=2, max_steps=8, save_steps=4, save_total_limit=3)
-    set_in(raw, "method.type", method)
+    set_in(raw, "method.type", method.removesuffix("+ewc"))
+    if method.endswith("+ewc"):
+        set_in(raw, "ewc", {"lambda": 100.0, "fisher_files": [raw["data"]["train_files"][0]], "fisher_max_sequences": 8})
     run(raw)
     a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"
     shutil.copytree(a, b)
@@ -43,6 +46,7 @@ def test_resume_gives_the_same_weights(tmp_path, tiny_model_dir, method):
     summary = run(raw_b, resume=True)
     assert summary["steps"] == 8
     name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    assert ("ewc_penalty" in read_metrics(b / "metrics.jsonl")[-1]) == method.endswith("+ewc")
     wa, wb = load_file(a / "final" / name), load_file(b / "final" / name)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
