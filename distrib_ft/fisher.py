@@ -35,6 +35,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 
 from distrib_ft import dist
+from distrib_ft.metrics import Progress
 
 ESTIMATORS = ("empirical", "sampled", "batched")
 
@@ -94,7 +95,7 @@ def compute_fisher(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]
     for p in tensors:
         p.requires_grad_(True)
     count = tokens = 0.0
-    bar = _progress(n_passes, progress and dist.is_main())
+    bar = Progress(total=n_passes, initial=0, enabled=progress and dist.is_main(), desc=f"fisher ({estimator})")
     try:
         for i in range(n_passes):
             idx = mine[i * per_pass:(i + 1) * per_pass]
@@ -117,14 +118,12 @@ def compute_fisher(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]
             if weight:
                 count += 1 if estimator == "batched" else len(idx)
                 tokens += n_targets
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
     finally:
         for p, f in zip(tensors, flags):
             p.requires_grad_(f)
         model.train(was_training)
-        if bar is not None:
-            bar.close()
+        bar.close()
     n_sequences = float(len(mine))
     count, tokens, n_sequences = dist.all_reduce_sum([count, tokens, n_sequences], device=device)
     for acc in sums:
@@ -133,14 +132,6 @@ def compute_fisher(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]
         acc.div_(max(count, 1.0))
     fisher = {n: acc.cpu() for n, acc in zip(names, sums)}
     return fisher, {"estimator": estimator, "sequences": int(n_sequences), "target_tokens": int(tokens)}
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="fisher", unit="pass", dynamic_ncols=True, disable=None)
 
 
 # --- the artifact ---------------------------------------------------------------------------------

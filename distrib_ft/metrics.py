@@ -55,7 +55,7 @@ class Progress:
 
     def __init__(self, total: int, initial: int, enabled: bool, desc: str = "train"):
         mode = os.environ.get("DISTRIB_FT_PROGRESS") or ("bar" if sys.stderr.isatty() else "log")
-        self.enabled, self.bar = enabled, None
+        self.enabled, self.bar, self.desc, self.total, self.done = enabled, None, desc, total, initial
         if not enabled or mode != "bar":
             return
         if os.environ.get("DISTRIB_FT_IN_RAY") == "1":
@@ -68,16 +68,22 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
-    def update(self, n: int, record: dict) -> None:
-        """Advance by ``n`` steps and show ``record`` (a metrics.jsonl line)."""
+    def update(self, n: int, record: dict | None = None) -> None:
+        """Advance by ``n`` and show ``record`` (a metrics.jsonl line) if given. Without a bar, a log line
+        per record, or, for work without records, one at every tenth of the total."""
         if not self.enabled:
             return
+        before, self.done = self.done, self.done + n
         if self.bar is None:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
-                  file=sys.stderr, flush=True)
+            if record is not None:
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+                      file=sys.stderr, flush=True)
+            elif self.done * 10 // max(self.total, 1) > before * 10 // max(self.total, 1):
+                print(f"{self.desc}: {self.done}/{self.total}", file=sys.stderr, flush=True)
             return
         self.bar.update(n)
-        self.bar.set_description(f"train [loss={record['loss']:.4g} tok/s={record['tokens_per_second']:.0f}]")
+        if record is not None:
+            self.bar.set_description(f"{self.desc} [loss={record['loss']:.4g} tok/s={record['tokens_per_second']:.0f}]")
 
     def close(self) -> None:
         if self.bar is not None:
