@@ -76,8 +76,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict, *,
-                    exclude_frozen: bool, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+                    exclude_frozen: bool, keep: int, protect: set[int] = frozenset()) -> Path:
+    """Collective: every rank calls it. Keeps the newest ``keep`` checkpoints and the steps in ``protect``
+    (e.g. the monitor's best model within budget). Returns the checkpoint folder."""
     root = Path(output_dir) / "checkpoints"
     tag = f"step-{step}"
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
@@ -87,7 +88,8 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
     if dist.is_main():
         atomic_write_text(root / tag / COMPLETE, f"{step}\n")
         for old in complete_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if int(old.name.removeprefix("step-")) not in protect:
+                shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return root / tag
 
@@ -126,10 +128,12 @@ def gather_full_state_dict(model: torch.nn.Module, trainable_only: bool) -> dict
     return out
 
 
-def export_final(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, is_peft: bool) -> Path:
-    """Write final/ atomically (temp folder, then rename). Collective; rank 0 writes."""
+def export_final(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, is_peft: bool,
+                 name: str = "final") -> Path:
+    """Write output_dir/name (final/, or rejected/ for a model out of budget) atomically (temp folder,
+    then rename). Collective; rank 0 writes."""
     state = gather_full_state_dict(model, trainable_only=is_peft)
-    final = Path(output_dir) / "final"
+    final = Path(output_dir) / name
     if dist.is_main():
         tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)

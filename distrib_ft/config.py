@@ -130,6 +130,48 @@ class EWCConfig(_Strict):
         return self.lambda_ > 0 or self.update_fisher_after
 
 
+LOSS_METRICS = ("nll",)
+SCORE_METRICS = ("exact_match", "contains", "regex", "multiple_choice")
+
+
+class SuiteConfig(_Strict):
+    """A held-out set of an old skill, measured from step 0 with a budget on how much it may degrade."""
+
+    name: str = Field(description="Shown in metrics.jsonl (retention/<name>), the report and the plots.")
+    files: list[str] = Field(description="Data files of the skill (any data format).")
+    format: Literal["alpaca", "chat", "text", "tokenized"] = Field("alpaca", description="Format of files.")
+    metric: Literal["nll", "exact_match", "contains", "regex", "multiple_choice"] = Field(
+        "nll", description="nll: mean token NLL (lower is better); the others score greedy generations (higher is better).")
+    pattern: str | None = Field(None, description="metric=regex: the pattern (default: the reference).")
+    max_examples: int = Field(256, ge=1, description="At most this many examples are evaluated.")
+    max_new_tokens: int = Field(32, ge=1, description="Generation length for the generation metrics.")
+    max_relative_increase: float | None = Field(None, gt=0, description=(
+        "Budget of a loss metric: at most baseline * (1 + this); e.g. 0.05 = 5% worse."))
+    max_absolute_drop: float | None = Field(None, gt=0, description="Budget of a score metric: at most baseline - this.")
+
+    @model_validator(mode="after")
+    def _budget_fits_metric(self) -> "SuiteConfig":
+        if self.metric in LOSS_METRICS and self.max_absolute_drop is not None:
+            raise ValueError(f"max_absolute_drop: suite {self.name!r} has a loss metric; use max_relative_increase")
+        if self.metric in SCORE_METRICS and self.max_relative_increase is not None:
+            raise ValueError(f"max_relative_increase: suite {self.name!r} has a score metric; use max_absolute_drop")
+        return self
+
+
+class MonitorConfig(_Strict):
+    """The forgetting monitor: retention suites evaluated from step 0, a budget, and what to do on a breach."""
+
+    suites: list[SuiteConfig] = Field(default_factory=list, description="Retention suites of old skills.")
+    eval_at: list[int] = Field(default_factory=lambda: [0, 5, 10, 25, 50], description=(
+        "Steps evaluated besides every training.eval_steps and the end: dense early, where forgetting happens first."))
+    policy: Literal["report", "stop", "rollback"] = Field("report", description=(
+        "On a budget breach: report (carry on; exit code 3 if the final model is out of budget), stop (end the "
+        "run; final/ = the last evaluated checkpoint within budget), rollback (carry on; final/ = the best "
+        "checkpoint within every budget by new-task loss)."))
+    early_stopping_patience: int = Field(0, ge=0, description="Stop after this many evaluations without new-task improvement; 0 = off.")
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest new-task loss decrease that counts as improvement.")
+
+
 class JobConfig(_Strict):
     model: ModelConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -137,6 +179,7 @@ class JobConfig(_Strict):
     training: TrainingConfig
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     ewc: EWCConfig = Field(default_factory=EWCConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     source: str | None = Field(None, description="(set by the loader) the job file this came from.")
 
     @model_validator(mode="after")
@@ -158,6 +201,11 @@ class JobConfig(_Strict):
                              "model.name_or_path at the previous round's final/)")
         if e.update_fisher_after and self.data.streaming:
             raise ValueError("ewc.update_fisher_after: not supported with data.streaming (list ewc.fisher_files instead)")
+        names = [su.name for su in self.monitor.suites]
+        if len(set(names)) != len(names) or "new_task" in names:
+            raise ValueError("monitor.suites: names must be unique and not 'new_task'")
+        if self.monitor.early_stopping_patience and not self.data.eval_files:
+            raise ValueError("monitor.early_stopping_patience: needs data.eval_files (the new task's held-out set)")
         if self.data.packing and self.data.format == "tokenized":
             raise ValueError("data.packing: not supported with data.format=tokenized (records are used as they are)")
         return self

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from distrib_ft import batches as batching
 from distrib_ft import checkpoint as ckpt
@@ -29,7 +28,9 @@ from distrib_ft import dist
 from distrib_ft.config import JobConfig, dump_config
 from distrib_ft.data import build_dataset, collate
 from distrib_ft.engine import build_engine, load_deepspeed_config, zero_stage
+from distrib_ft.evaluation import evaluate_nll, evaluate_suites, load_suites, token_nll_sum
 from distrib_ft.metrics import MetricsLog, Progress
+from distrib_ft.monitor import Monitor, is_eval_step
 from distrib_ft.model import apply_method, count_parameters, load_model, load_tokenizer, merge_adapters
 from distrib_ft.preservation import build_strategies
 
@@ -40,20 +41,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def token_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token NLL over target tokens (labels != -100) of a batch, and their count.
-
-    Args:
-        batch: ``input_ids``, ``attention_mask``, ``labels``, each (B, T).
-    """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = batch["labels"][:, 1:]
-    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                          ignore_index=-100, reduction="sum")
-    return nll, int((shift_labels != -100).sum())
-
-
 def _grad_norm(model: torch.nn.Module) -> float:
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
@@ -61,33 +48,6 @@ def _grad_norm(model: torch.nn.Module) -> float:
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(engine, dataset, *, batch_size: int, pad_token_id: int) -> dict[str, float]:
-    """Token-weighted mean NLL over ``dataset``, each rank on its share, sums all-reduced.
-
-    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively), the
-    ranks with a shorter share on a zero-weight repeat of their last batch.
-    """
-    rank, world = dist.rank(), dist.world_size()
-    mine = list(range(rank, len(dataset), world))
-    n_batches = math.ceil(math.ceil(len(dataset) / world) / batch_size)
-    was_training = engine.module.training
-    engine.eval()
-    total_nll, total_tokens = 0.0, 0
-    for b in range(n_batches):
-        idx = mine[b * batch_size:(b + 1) * batch_size]
-        weight = 1.0 if idx else 0.0
-        idx = idx or mine[-1:] or [0]
-        batch = _to(collate([dataset[i] for i in idx], pad_token_id), dist.device())
-        nll, n = token_nll_sum(engine, batch)
-        total_nll += weight * nll.item()
-        total_tokens += int(weight) * n
-    engine.train(was_training)
-    nll_sum, tokens = dist.all_reduce_sum([total_nll, total_tokens])
-    loss = nll_sum / max(tokens, 1)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
 
 
 def start_worker(cfg: JobConfig) -> None:
@@ -172,7 +132,16 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
         dist.print0(f"resumed from {latest} at step {step}")
     elif resume:
         dist.print0(f"no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
-    client_state = lambda: {"step": step, "tokens_seen": tokens_seen, "max_steps": max_steps}  # noqa: E731
+    # The forgetting monitor (distrib_ft/monitor.py): the new task and the retention suites from step 0,
+    # their budget, and which checkpoint becomes final/.
+    mc = cfg.monitor
+    suites = load_suites(mc.suites, tokenizer, max_seq_length=d.max_seq_length, prompt_template=d.prompt_template)
+    monitor = Monitor([sd.suite for sd in suites], policy=mc.policy, patience=mc.early_stopping_patience,
+                      min_delta=mc.early_stopping_min_delta)
+    if latest is not None and "monitor" in state:
+        monitor.load_state_dict(state["monitor"])
+    client_state = lambda: {"step": step, "tokens_seen": tokens_seen, "max_steps": max_steps,  # noqa: E731
+                            "monitor": monitor.state_dict()}
     for s in strategies:  # state (e.g. Fisher, anchors) of the job's start; persisted for resume
         s.on_task_start(engine.module, output_dir=out, resumed=latest is not None)
 
@@ -184,15 +153,33 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     pad_id = tokenizer.pad_token_id
     new_window = lambda: {"nll": 0.0, "targets": 0, "tokens": 0, "penalty": 0.0, "time": time.time(), "steps": 0}  # noqa: E731
     window = new_window()
-    last_eval = grad_norm = None
+    grad_norm = stop_reason = None
     # DeepSpeed tracks the gradient norm in its ZeRO / bf16 optimizers only, not for plain fp32 ZeRO-0.
     own_grad_norm = zero_stage(ds_config) == 0 and not t.bf16
+    evaluating = eval_ds is not None or bool(suites)
+    saved = {int(p.name.removeprefix("step-")) for p in ckpt.complete_checkpoints(out)}
 
-    first_eval = None
-    if eval_ds is not None and step == 0:  # the baseline, before any update
-        first_eval = evaluate(engine, eval_ds, batch_size=t.per_device_eval_batch_size, pad_token_id=pad_id)
-        log.write({"step": 0, **first_eval})
-        dist.print0(f"step 0: eval_loss={first_eval['eval_loss']:.4f}")
+    def save(at: int) -> None:
+        if at not in saved:
+            keep_best = monitor.choose(at, sorted(saved | {at}))[0] if evaluating else None
+            ckpt.save_checkpoint(engine, out, at, client_state(), exclude_frozen=is_peft, keep=t.save_total_limit,
+                                 protect={keep_best} - {None})
+            saved.add(at)
+
+    def run_eval(at: int) -> None:
+        new = evaluate_nll(engine.module, eval_ds, batch_size=t.per_device_eval_batch_size,
+                           pad_token_id=pad_id) if eval_ds is not None else {}
+        values = evaluate_suites(engine.module, tokenizer, suites, batch_size=t.per_device_eval_batch_size)
+        monitor.record(at, values, new.get("eval_loss"))
+        log.write({"step": at, **new, **{f"retention/{k}": v for k, v in values.items()}})
+        shown = {"eval_loss": new.get("eval_loss"), **values}
+        dist.print0(f"step {at}: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None)
+                    + ("" if monitor.within_budget(at) else "  [out of forgetting budget]"))
+        if mc.policy in ("stop", "rollback"):  # a model to go back to
+            save(at)
+
+    if evaluating and step == 0:  # the baselines, before any update
+        run_eval(0)
 
     engine.train()
     while step < max_steps:
@@ -241,31 +228,43 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
             progress.update(window["steps"], record)
             window = new_window()
 
-        if eval_ds is not None and t.eval_steps and step % t.eval_steps == 0 and step < max_steps:
-            last_eval = evaluate(engine, eval_ds, batch_size=t.per_device_eval_batch_size, pad_token_id=pad_id)
-            log.write({"step": step, **last_eval})
-            dist.print0(f"step {step}: eval_loss={last_eval['eval_loss']:.4f}")
-
-        if t.save_steps and step % t.save_steps == 0 and step < max_steps:
-            ckpt.save_checkpoint(engine, out, step, client_state(), exclude_frozen=is_peft, keep=t.save_total_limit)
+        if evaluating and is_eval_step(step, eval_at=mc.eval_at, eval_steps=t.eval_steps, max_steps=max_steps):
+            run_eval(step)
+            stop_reason = monitor.should_stop()
+        if t.save_steps and (step % t.save_steps == 0 or step == max_steps or stop_reason):
+            save(step)
+        if stop_reason:
+            dist.print0(f"stopping at step {step}: {stop_reason}")
+            break
     progress.close()
 
-    # The end: last eval, last checkpoint, final model.
-    if eval_ds is not None:
-        last_eval = evaluate(engine, eval_ds, batch_size=t.per_device_eval_batch_size, pad_token_id=pad_id)
-        log.write({"step": step, **last_eval})
-    if t.save_steps:
-        ckpt.save_checkpoint(engine, out, step, client_state(), exclude_frozen=is_peft, keep=t.save_total_limit)
-    final = ckpt.export_final(engine.module, tokenizer, out, is_peft=is_peft)
-    for s in strategies:  # what the next round needs (e.g. the Fisher of the data just learned)
-        s.on_task_end(engine.module, final_dir=final, train_examples=train_ds)
+    # The end: the checkpoint the monitor chooses becomes final/ (or rejected/, exit code 3), the report.
+    if evaluating and monitor.steps[-1] != step:
+        run_eval(step)
+    chosen, decision = monitor.choose(step, sorted(saved)) if evaluating else (step, "accepted")
+    if chosen is not None and chosen != step:
+        dist.print0(f"restoring step {chosen}, the {'last' if mc.policy == 'stop' else 'best'} model within budget")
+        ckpt.load_checkpoint(engine, out / "checkpoints" / f"step-{chosen}", exclude_frozen=is_peft)
+    final = ckpt.export_final(engine.module, tokenizer, out, is_peft=is_peft,
+                              name="final" if chosen is not None else "rejected")
+    if chosen is not None:
+        for s in strategies:  # what the next round needs (e.g. the Fisher of the data just learned)
+            s.on_task_end(engine.module, final_dir=final, train_examples=train_ds)
+    report = monitor.report(chosen, decision, notes=[stop_reason] if stop_reason else [])
+    new_task = report["new_task"] or {}
     summary = {"output_dir": str(out), "final": str(final), "steps": step, "tokens_seen": tokens_seen,
                "trainable_parameters": trainable, "total_parameters": total, "world_size": world,
-               "train_data": train_stats.summary(), **(last_eval or {})}  # streaming: counts of rank 0's reads
-    if first_eval is not None:
-        summary["eval_loss_start"] = first_eval["eval_loss"]
+               "train_data": train_stats.summary(),  # streaming: counts of rank 0's reads
+               "decision": decision, "exit_code": report["exit_code"], "chosen_step": chosen,
+               "eval_loss_start": new_task.get("baseline"),
+               "eval_loss": monitor.new_task_loss(chosen) if chosen is not None else None}
     if dist.is_main():
+        if evaluating:
+            from distrib_ft.report import write_report
+
+            write_report(report, out)
         ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    dist.barrier()
     return summary
 
 

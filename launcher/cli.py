@@ -4,9 +4,10 @@
     distrib-ft fisher JOB.yaml [section.key=value ...] --out FILE.safetensors [--address ADDR] [--launcher ...]
 
 Exit codes (stable; schedulers may rely on them):
-    0  the job finished
+    0  the job finished and final/ is within the forgetting budget
     1  the job failed while running (a worker raised; see the message and the log)
     2  usage or input error: bad arguments, job file, DeepSpeed JSON, data or model path (nothing ran)
+    3  forgetting budget breached and no checkpoint qualifies: the model is in rejected/, not final/
   130  interrupted (Ctrl-C)
 """
 
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_BUDGET = 3  # = distrib_ft.monitor.EXIT_BUDGET
 
 
 class UsageError(Exception):
@@ -96,7 +98,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.job, args.overrides)
     _check_inputs(cfg)
     out = Path(cfg.training.output_dir)
-    if not args.resume and (out / "final").exists():
+    if not args.resume and ((out / "final").exists() or (out / "rejected").exists()):
         raise UsageError(f"{cfg.source}: training.output_dir: {out} already holds a finished run (final/); "
                          "use --resume, or another output_dir")
     if args.launcher == "local":
@@ -108,16 +110,35 @@ def cmd_train(args) -> int:
 
         run_on_ray(cfg, address=args.address, kwargs={"resume": args.resume})
     summary_file = out / "summary.json"
-    if summary_file.exists() and os.environ.get("RANK", "0") == "0":  # once under torchrun
-        s = json.loads(summary_file.read_text())
-        evals = ""
-        if "eval_loss" in s:
-            start = f"{s['eval_loss_start']:.4f} -> " if "eval_loss_start" in s else ""
-            evals = f"; eval loss {start}{s['eval_loss']:.4f}"
-        kind = "adapter" if cfg.method.type == "lora" else "model"
-        print(f"Done: {s['steps']} steps on {s['world_size']} worker(s){evals}. Results in {out} "
-              f"(final/ {kind}, metrics.jsonl{', checkpoints/' if cfg.training.save_steps else ''})")
-    return EXIT_OK
+    if not summary_file.exists():
+        return EXIT_OK
+    s = json.loads(summary_file.read_text())
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        print(_summary_text(s, cfg, out))
+    return s.get("exit_code", EXIT_OK)
+
+
+def _summary_text(s: dict, cfg, out: Path) -> str:
+    lines = []
+    report = out / "report.json"
+    if report.exists():
+        r = json.loads(report.read_text())
+        lines.append(f"{'Suite':24} {'metric':16} {'baseline':>10} {'final':>10} {'change':>9}  budget")
+        for name, su in r["suites"].items():
+            final = next((e for e in su["evaluations"] if e["step"] == r["chosen_step"]), su["evaluations"][-1])
+            ok = "ok" if final["within_budget"] else "BREACHED"
+            change = f"{100 * final['relative']:+.1f}%" if su["kind"] == "loss" and final["relative"] is not None \
+                else f"{final['delta']:+.3f}"
+            lines.append(f"{name:24} {su['metric']:16} {su['baseline']:10.4f} {final['value']:10.4f} {change:>9}  {ok}")
+        if r["new_task"]:
+            lines.append(f"{'new task (eval loss)':24} {'nll':16} {r['new_task']['baseline']:10.4f} "
+                         f"{r['new_task']['baseline'] - r['new_task']['gain']:10.4f}")
+        lines.append(f"Decision: {r['decision']} (step {r['chosen_step']}); report: {out / 'report.md'}, plots: {out / 'plots'}/")
+    kind = "adapter" if cfg.method.type == "lora" else "model"
+    where = "final/" if s["exit_code"] == EXIT_OK else "rejected/ (out of the forgetting budget)"
+    lines.append(f"Done: {s['steps']} steps on {s['world_size']} worker(s). Results in {out} "
+                 f"({where} {kind}, metrics.jsonl{', checkpoints/' if cfg.training.save_steps else ''})")
+    return "\n".join(lines)
 
 
 def cmd_fisher(args) -> int:

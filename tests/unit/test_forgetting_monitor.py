@@ -1,0 +1,84 @@
+"""A run built to forget: a tiny model is taught an old skill, then fully fine-tuned on a new one with a high
+learning rate. The monitor must see the old skill degrade from step 0 and stop, roll back, or reject.
+Measured here: the old skill's NLL rises +43% by step 2, +98% by step 10, +152% by step 20, while the new
+task's falls 7.30 -> 2.56 by step 30; with a +100% budget, steps 0-10 are within it."""
+
+import json
+import random
+
+import pytest
+
+from distrib_ft.config import config_from_dict
+from distrib_ft.metrics import read_metrics
+from distrib_ft.train import train
+from tests.jobs import job_dict, set_in, toy_alpaca
+
+
+def new_skill(path, n=64, seed=5):
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "cloud", "green", "seven", "table", "light"]
+    with open(path, "w") as f:
+        for _ in range(n):
+            w = rng.sample(words, 2)
+            f.write(json.dumps({"instruction": f"join {w[0]} and {w[1]}", "input": "", "output": f"{w[0]}-{w[1]}"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def old_skill_model(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("old-skill")
+    raw = job_dict(d, tiny_model_dir, zero=0, max_steps=40, learning_rate=3e-3, lr_scheduler_type="constant")
+    set_in(raw, "method.type", "full")
+    train(config_from_dict(raw))
+    toy_alpaca(d / "old_eval.jsonl", n=24, seed=99)
+    return d
+
+
+def forget_job(tmp_path, old, policy, budget=1.0):
+    raw = job_dict(tmp_path, old / "out" / "final", zero=0, max_steps=30, learning_rate=3e-3,
+                   lr_scheduler_type="constant", eval_steps=10, save_steps=0, save_total_limit=2)
+    set_in(raw, "method.type", "full")
+    set_in(raw, "data.train_files", [str(new_skill(tmp_path / "new.jsonl"))])
+    set_in(raw, "data.eval_files", [str(new_skill(tmp_path / "new_eval.jsonl", n=16, seed=6))])
+    set_in(raw, "monitor", {"policy": policy, "eval_at": [0, 2, 5],
+                            "suites": [{"name": "old_skill", "files": [str(old / "old_eval.jsonl")],
+                                        "metric": "nll", "max_relative_increase": budget}]})
+    return raw
+
+
+def test_stop_policy_ends_the_run_and_keeps_the_last_model_within_budget(tmp_path, old_skill_model):
+    summary = train(config_from_dict(forget_job(tmp_path, old_skill_model, "stop")))
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    old = report["suites"]["old_skill"]
+    assert old["evaluations"][0]["step"] == 0 and old["baseline"] == old["evaluations"][0]["value"]
+    assert report["breaches"] and summary["steps"] == report["breaches"][0]["step"] < 30  # stopped early
+    assert report["decision"] == "stopped" and summary["exit_code"] == 0
+    chosen = report["chosen_step"]
+    assert 0 < chosen < summary["steps"]
+    assert next(e for e in old["evaluations"] if e["step"] == chosen)["within_budget"]
+    assert (out / "final" / "model.safetensors").exists() and not (out / "rejected").exists()
+    # The report holds the measured values: the same numbers as metrics.jsonl.
+    logged = {r["step"]: r["retention/old_skill"] for r in read_metrics(out / "metrics.jsonl") if "retention/old_skill" in r}
+    assert logged == {e["step"]: e["value"] for e in old["evaluations"]}
+    assert (out / "report.md").read_text().count("old_skill") >= 1
+    assert (out / "plots" / "old_skill.png").stat().st_size > 5000 and (out / "plots" / "new_task.png").exists()
+
+
+def test_rollback_goes_on_and_picks_the_best_checkpoint_within_budget(tmp_path, old_skill_model):
+    summary = train(config_from_dict(forget_job(tmp_path, old_skill_model, "rollback")))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert summary["steps"] == 30 and report["breaches"]
+    assert report["decision"] == "rolled_back" and summary["exit_code"] == 0
+    within = [e["step"] for e in report["suites"]["old_skill"]["evaluations"] if e["within_budget"]]
+    new = {e["step"]: e["value"] for e in report["new_task"]["evaluations"]}
+    assert report["chosen_step"] == min(within, key=lambda s: new[s]) > 0
+    assert report["new_task"]["gain"] > 0
+
+
+def test_report_policy_rejects_a_model_out_of_budget_with_exit_code_3(tmp_path, old_skill_model):
+    summary = train(config_from_dict(forget_job(tmp_path, old_skill_model, "report")))
+    out = tmp_path / "out"
+    assert summary["exit_code"] == 3 and summary["decision"] == "rejected"
+    assert (out / "rejected" / "model.safetensors").exists() and not (out / "final").exists()
+    assert "Rejected" in (out / "report.md").read_text() or "rejected" in (out / "report.md").read_text()
