@@ -2,6 +2,7 @@
 
     distrib-ft train JOB.yaml [section.key=value ...] [--resume] [--address ADDR] [--launcher ray|local]
     distrib-ft fisher JOB.yaml [section.key=value ...] --out FILE.safetensors [--address ADDR] [--launcher ...]
+    distrib-ft eval JOB.yaml [section.key=value ...] [--model PATH] [--out DIR] [--address ADDR] [--launcher ...]
 
 Exit codes (stable; schedulers may rely on them):
     0  the job finished and final/ is within the forgetting budget
@@ -45,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="the safetensors file to write")
     f.add_argument("--address", default=None, help="Ray cluster to run on; default: an embedded local Ray")
     f.add_argument("--launcher", choices=["ray", "local"], default="ray", help="local: in this process")
+    e = sub.add_parser("eval", help="evaluate a model or adapter on the job's retention suites against its base")
+    e.add_argument("job", help="job YAML file")
+    e.add_argument("overrides", nargs="*", metavar="section.key=value", help="override keys of the job file")
+    e.add_argument("--model", default=None, help="a final/ folder (peft adapter or full model); default: the "
+                   "job's final/ if it exists, else only the base model")
+    e.add_argument("--out", default=None, help="where the report goes (default: OUTPUT_DIR/eval)")
+    e.add_argument("--address", default=None, help="Ray cluster to run on; default: an embedded local Ray")
+    e.add_argument("--launcher", choices=["ray", "local"], default="ray", help="local: in this process")
     return p
 
 
@@ -67,6 +76,12 @@ def _check_inputs(cfg) -> None:
             if not path.exists():
                 raise UsageError(f"{cfg.source}: {section}.{key}[{i}]: {f} not found")
             files[i] = str(path)
+    for i, su in enumerate(cfg.monitor.suites):
+        for j, f in enumerate(su.files):
+            path = resolve_path(f, cfg.source)
+            if not path.exists():
+                raise UsageError(f"{cfg.source}: monitor.suites[{i}].files[{j}]: {f} not found")
+            su.files[j] = str(path)
     if cfg.ewc.fisher_file:
         path = resolve_path(cfg.ewc.fisher_file, cfg.source)
         if not path.is_file():
@@ -161,6 +176,32 @@ def cmd_fisher(args) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args) -> int:
+    from distrib_ft.config import load_config
+
+    cfg = load_config(args.job, args.overrides)
+    _check_inputs(cfg)
+    out_dir = Path(cfg.training.output_dir)
+    model = args.model or (str(out_dir / "final") if (out_dir / "final").exists() else None)
+    if model is not None:
+        model = str(Path(model).expanduser().resolve())
+        if not (Path(model) / "config.json").exists() and not (Path(model) / "adapter_config.json").exists():
+            raise UsageError(f"--model: {model} holds neither a peft adapter nor a Hugging Face model")
+    out = str(Path(args.out).expanduser().resolve()) if args.out else str(out_dir / "eval")
+    if args.launcher == "local":
+        from distrib_ft.evaluation import eval_job
+
+        eval_job(cfg, model, out)
+    else:
+        from launcher.ray_job import run_on_ray
+
+        run_on_ray(cfg, address=args.address, entry="distrib_ft.evaluation:eval_job",
+                   kwargs={"model_path": model, "out": out})
+    report = json.loads((Path(out) / "report.json").read_text())
+    print(f"Decision: {report['decision']}; report: {Path(out) / 'report.md'}")
+    return report["exit_code"]
+
+
 def main(argv: list[str] | None = None) -> int:
     from distrib_ft.config import ConfigError
     from distrib_ft.data import DataError
@@ -175,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*getattr(args, "overrides", []), *extra]
     input_errors = (UsageError, ConfigError, DataError, DeepSpeedConfigError, FileNotFoundError)
     try:
-        return {"train": cmd_train, "fisher": cmd_fisher}[args.command](args)
+        return {"train": cmd_train, "fisher": cmd_fisher, "eval": cmd_eval}[args.command](args)
     except input_errors as e:
         print(f"distrib-ft: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -22,6 +22,17 @@ def toy_alpaca(path: Path, n: int = 64, seed: int = 0) -> Path:
     return path
 
 
+def toy_join(path: Path, n: int = 64, seed: int = 5) -> Path:
+    """A second toy skill, unlike toy_alpaca: join two words with a hyphen."""
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "cloud", "green", "seven", "table", "light"]
+    with open(path, "w") as f:
+        for _ in range(n):
+            w = rng.sample(words, 2)
+            f.write(json.dumps({"instruction": f"join {w[0]} and {w[1]}", "input": "", "output": f"{w[0]}-{w[1]}"}) + "\n")
+    return path
+
+
 def job_dict(tmp_path: Path, model_dir: Path, zero: int = 2, **training) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
     train = toy_alpaca(tmp_path / "train.jsonl")

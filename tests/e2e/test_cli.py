@@ -151,3 +151,27 @@ def test_same_loop_under_torchrun(tmp_path, tiny_model_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["world_size"] == 2
     assert r.stdout.count("Results in") == 1
+
+
+def test_budget_gate_exit_code_and_standalone_eval(tmp_path, tiny_model_dir):
+    """A budget nothing can meet: exit code 3, the model in rejected/; `distrib-ft eval` reports the same."""
+    from tests.jobs import toy_join
+
+    raw = job_dict(tmp_path, tiny_model_dir, max_steps=4, learning_rate=5e-2)
+    set_in(raw, "method.type", "full")
+    set_in(raw, "data.eval_files", [raw["data"]["train_files"][0]])
+    old = toy_join(tmp_path / "old.jsonl", n=8, seed=4)
+    set_in(raw, "monitor", {"suites": [{"name": "old", "files": [str(old)], "max_relative_increase": 0.001}]})
+    job = write_job(tmp_path, raw)
+    r = cli("train", job, "--launcher", "local")
+    assert r.returncode == 3, r.stderr[-2000:]
+    out = tmp_path / "out"
+    assert (out / "rejected" / "model.safetensors").exists() and not (out / "final").exists()
+    assert "BREACHED" in r.stdout and "Decision: rejected" in r.stdout
+
+    r = cli("eval", job, "--model", out / "rejected", "--launcher", "local")
+    assert r.returncode == 3, r.stderr[-2000:]
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["decision"] == "rejected" and [e["step"] for e in report["suites"]["old"]["evaluations"]] == [0, 1]
+    r = cli("eval", job, "--model", out / "rejected", "monitor.suites.0.max_relative_increase=100", timeout=120)
+    assert r.returncode == 2  # suites is a list: the override path is refused with a clear error

@@ -4,24 +4,13 @@ Measured here: the old skill's NLL rises +43% by step 2, +98% by step 10, +152% 
 task's falls 7.30 -> 2.56 by step 30; with a +100% budget, steps 0-10 are within it."""
 
 import json
-import random
 
 import pytest
 
 from distrib_ft.config import config_from_dict
 from distrib_ft.metrics import read_metrics
 from distrib_ft.train import train
-from tests.jobs import job_dict, set_in, toy_alpaca
-
-
-def new_skill(path, n=64, seed=5):
-    rng = random.Random(seed)
-    words = ["apple", "river", "stone", "cloud", "green", "seven", "table", "light"]
-    with open(path, "w") as f:
-        for _ in range(n):
-            w = rng.sample(words, 2)
-            f.write(json.dumps({"instruction": f"join {w[0]} and {w[1]}", "input": "", "output": f"{w[0]}-{w[1]}"}) + "\n")
-    return path
+from tests.jobs import job_dict, set_in, toy_alpaca, toy_join
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +27,8 @@ def forget_job(tmp_path, old, policy, budget=1.0):
     raw = job_dict(tmp_path, old / "out" / "final", zero=0, max_steps=30, learning_rate=3e-3,
                    lr_scheduler_type="constant", eval_steps=10, save_steps=0, save_total_limit=2)
     set_in(raw, "method.type", "full")
-    set_in(raw, "data.train_files", [str(new_skill(tmp_path / "new.jsonl"))])
-    set_in(raw, "data.eval_files", [str(new_skill(tmp_path / "new_eval.jsonl", n=16, seed=6))])
+    set_in(raw, "data.train_files", [str(toy_join(tmp_path / "new.jsonl"))])
+    set_in(raw, "data.eval_files", [str(toy_join(tmp_path / "new_eval.jsonl", n=16, seed=6))])
     set_in(raw, "monitor", {"policy": policy, "eval_at": [0, 2, 5],
                             "suites": [{"name": "old_skill", "files": [str(old / "old_eval.jsonl")],
                                         "metric": "nll", "max_relative_increase": budget}]})
