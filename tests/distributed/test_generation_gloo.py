@@ -59,9 +59,11 @@ def _rank_main(rank: int, port: int, model_dir: str, eos: list[int], cases: list
                        "DS_ACCELERATOR": "cpu"})
     result = {}
     try:
+        from distrib_ft import dist
+
+        dist.apply_env(dist.worker_env(threads=1, use_gpu=False))  # before DeepSpeed: its private JIT-op cache
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from distrib_ft import dist
         from distrib_ft.engine import build_engine, load_deepspeed_config
         from distrib_ft.generation import score_generations
         from distrib_ft.model import load_model
