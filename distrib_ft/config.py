@@ -90,6 +90,9 @@ class TrainingConfig(_Strict):
     save_total_limit: int = Field(2, ge=1, description="Keep at most this many checkpoints (newest).")
     eval_steps: int = Field(0, ge=0, description="Evaluate on data.eval_files every N steps; 0 = only at the end.")
     seed: int = Field(42, description="Seeds model init, dropout and the data order.")
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list, description=(
+        "Loggers beside metrics.jsonl, with the same names: tensorboard (output_dir/runs) and mlflow "
+        "(MLFLOW_TRACKING_URI, else a local file store in output_dir/mlruns)."))
 
 
 class DistributedConfig(_Strict):

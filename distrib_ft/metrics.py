@@ -17,11 +17,14 @@ class MetricsLog:
     file reads as one uninterrupted run.
     """
 
-    def __init__(self, path: str | Path, enabled: bool, resume_step: int | None = None):
+    def __init__(self, path: str | Path, enabled: bool, resume_step: int | None = None,
+                 report_to: list[str] = (), run_name: str = "distrib-ft", params: dict | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.loggers = []
         if not enabled:
             return
+        self.loggers = [_LOGGERS[name](self.path.parent, run_name, params or {}) for name in report_to]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
@@ -39,6 +42,50 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
             f.flush()
+        scalars = {k: float(v) for k, v in clean.items() if k != "step" and isinstance(v, (int, float))}
+        for logger in self.loggers:
+            logger.log(scalars, clean["step"])
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
+class _TensorBoard:
+    def __init__(self, output_dir: Path, run_name: str, params: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(output_dir / "runs"))
+        self.writer.add_text("config", "```\n" + json.dumps(params, indent=1) + "\n```")
+
+    def log(self, scalars: dict, step: int) -> None:
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _MLflow:
+    def __init__(self, output_dir: Path, run_name: str, params: dict):
+        import mlflow
+
+        if not os.environ.get("MLFLOW_TRACKING_URI"):  # a local file store in output_dir by default
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps it, in maintenance mode
+            mlflow.set_tracking_uri((output_dir / "mlruns").resolve().as_uri())
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "distrib-ft"))
+        self.mlflow, self.run = mlflow, mlflow.start_run(run_name=run_name)
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.mlflow.log_metrics(scalars, step=step)  # MLflow allows "/" in names: the same as metrics.jsonl
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+_LOGGERS = {"tensorboard": _TensorBoard, "mlflow": _MLflow}
 
 
 def read_metrics(path: str | Path) -> list[dict]:

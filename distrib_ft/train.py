@@ -46,6 +46,14 @@ def _grad_norm(model: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"training": {"seed": 1}} -> {"training.seed": 1}, for loggers' parameters."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -148,7 +156,8 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     steps_fn = batching.streaming_steps if d.streaming else batching.map_style_steps
     step_batches = steps_fn(train_ds, start_step=step, micro_batch=t.per_device_train_batch_size,
                             accum=t.gradient_accumulation_steps, rank=rank, world=world, seed=t.seed)
-    log = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main(), resume_step=step if latest else None)
+    log = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main(), resume_step=step if latest else None,
+                     report_to=t.report_to, run_name=out.name, params=_flat(cfg.model_dump(mode="json", by_alias=True)))
     progress = Progress(total=max_steps, initial=step, enabled=dist.is_main())
     pad_id = tokenizer.pad_token_id
     new_window = lambda: {"nll": 0.0, "targets": 0, "tokens": 0, "penalty": 0.0, "time": time.time(), "steps": 0}  # noqa: E731
@@ -258,6 +267,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
                "decision": decision, "exit_code": report["exit_code"], "chosen_step": chosen,
                "eval_loss_start": new_task.get("baseline"),
                "eval_loss": monitor.new_task_loss(chosen) if chosen is not None else None}
+    log.close()
     if dist.is_main():
         if evaluating:
             from distrib_ft.report import write_report

@@ -79,3 +79,24 @@ def test_final_model_loads_and_matches_the_trained_weights(tmp_path, tiny_model_
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(ids).logits, reference.eval()(ids).logits, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(loaded(ids).logits, AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits)
+
+
+def test_tensorboard_and_mlflow_get_the_same_metrics(tmp_path, tiny_model_dir, monkeypatch):
+    pytest.importorskip("tensorboard")
+    mlflow = pytest.importorskip("mlflow")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw = job_dict(tmp_path, tiny_model_dir, zero=0, max_steps=3, report_to=["tensorboard", "mlflow"])
+    set_in(raw, "data.eval_files", [raw["data"]["train_files"][0]])
+    run(raw)
+    out = tmp_path / "out"
+    logged = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    events = EventAccumulator(str(out / "runs")).Reload()
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in logged])
+    assert "eval_loss" in events.Tags()["scalars"]
+    client = mlflow.tracking.MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    run_ = client.search_runs([client.get_experiment_by_name("distrib-ft").experiment_id])[0]
+    history = client.get_metric_history(run_.info.run_id, "loss")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx([r["loss"] for r in logged])
+    assert run_.data.params["training.max_steps"] == "3"
