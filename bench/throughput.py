@@ -113,11 +113,41 @@ def prepare(work: Path, args) -> dict:
 
 # ------------------------------------------------------------------------------------------ workers
 
-def worker_ours(spec: dict) -> dict:
+
+def train_and_measure(raw: dict, out: Path) -> dict:
+    """Run ``train`` in this process and measure each logged step: wall-clock tokens/s (from
+    metrics.jsonl) and tokens per CPU-second of this process, which other processes on a shared machine
+    disturb far less than wall time. Returns per-step lists plus the metrics.jsonl records."""
+    from distrib_ft import metrics as metrics_mod
     from distrib_ft.config import config_from_dict
     from distrib_ft.metrics import read_metrics
     from distrib_ft.train import train
 
+    marks: list[float] = []
+    write = metrics_mod.MetricsLog.write
+
+    def write_and_mark(self, record):
+        if "tokens_per_second" in record:
+            marks.append(time.process_time())
+        return write(self, record)
+
+    metrics_mod.MetricsLog.write = write_and_mark
+    t0 = time.time()
+    try:
+        train(config_from_dict(raw))
+    finally:
+        metrics_mod.MetricsLog.write = write
+    wall = time.time() - t0
+    recs = [r for r in read_metrics(out / "metrics.jsonl") if "tokens_per_second" in r]
+    seen = [r["tokens_seen"] for r in recs]
+    tokens = [b - a for a, b in zip([0] + seen, seen)]
+    cpu = [None] + [b - a for a, b in zip(marks, marks[1:])]
+    return {"tokens_per_second": [r["tokens_per_second"] for r in recs], "loss": [r["loss"] for r in recs],
+            "tokens": tokens, "tokens_per_cpu_second": [None if c is None else n / c for n, c in zip(tokens, cpu)],
+            "wall_s": wall, "records": recs}
+
+
+def worker_ours(spec: dict) -> dict:
     s = spec["settings"]
     out = Path(spec["work"]) / "out"
     raw = {
@@ -134,29 +164,8 @@ def worker_ours(spec: dict) -> dict:
         "distributed": {"num_workers": 1, "cpus_per_worker": spec["threads"], "backend": "gloo",
                         "deepspeed": str(ROOT / "ds_configs" / f"zero{spec['zero']}.json")},
     }
-    # Measurement only: note the process CPU time whenever the loop writes a step's metrics line, for a
-    # tokens-per-CPU-second figure that other processes on a shared machine disturb far less than wall time.
-    from distrib_ft import metrics as metrics_mod
-
-    marks: list[float] = []
-    write = metrics_mod.MetricsLog.write
-
-    def write_and_mark(self, record):
-        if "tokens_per_second" in record:
-            marks.append(time.process_time())
-        return write(self, record)
-
-    metrics_mod.MetricsLog.write = write_and_mark
-    t0 = time.time()
-    train(config_from_dict(raw))
-    wall = time.time() - t0
-    recs = [r for r in read_metrics(out / "metrics.jsonl") if "tokens_per_second" in r]
-    seen = [r["tokens_seen"] for r in recs]
-    tokens = [b - a for a, b in zip([0] + seen, seen)]
-    cpu = [None] + [b - a for a, b in zip(marks, marks[1:])]
-    return {"tokens_per_second": [r["tokens_per_second"] for r in recs], "loss": [r["loss"] for r in recs],
-            "tokens": tokens, "tokens_per_cpu_second": [None if c is None else n / c for n, c in zip(tokens, cpu)],
-            "wall_s": wall}
+    m = train_and_measure(raw, out)
+    return {k: m[k] for k in ("tokens_per_second", "loss", "tokens", "tokens_per_cpu_second", "wall_s")}
 
 
 def worker_hf(spec: dict) -> dict:
