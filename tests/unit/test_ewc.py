@@ -11,7 +11,7 @@ from distrib_ft.fisher import load_fisher
 from distrib_ft.metrics import read_metrics
 from distrib_ft.preservation.ewc import EWC, lora_delta, lora_layers
 from distrib_ft.train import train
-from tests.jobs import job_dict, run_ranks, set_in, toy_alpaca
+from tests.jobs import job_dict, set_in, toy_alpaca
 
 
 def test_penalty_gradient_is_lambda_f_times_delta():
