@@ -1,31 +1,36 @@
 """What EWC costs: the Fisher pass vs a training pass, and the penalty's share of a training step.
 
-(a) Fisher pass vs training forward+backward, same N sequences, same model, same collate
-    (``distrib_ft.data.collate``), one process, ``OMP_NUM_THREADS`` set by this script:
+(a) ``--parts fisher``: Fisher pass vs training forward+backward, same N sequences, same model, same
+    collate (``distrib_ft.data.collate``), one process, ``OMP_NUM_THREADS`` set by this script:
     - ``train``: the loop's forward+backward (``distrib_ft.train.token_nll_sum`` over micro-batches of
-      8, loss scaled as the loop scales it, ``loss.backward()``), no optimizer; ``train+adamw`` adds one
-      ``torch.optim.AdamW`` step per micro-batch of 8 (timed separately), i.e. a whole training step;
+      8, loss scaled as the loop scales it, ``loss.backward()``), no optimizer; one
+      ``torch.optim.AdamW`` step per micro-batch is timed separately (``Fisher / (fwd+bwd + AdamW)``);
+    - ``train_b1``: the same one sequence at a time (the floor for a per-sequence estimator);
     - ``fisher``: ``distrib_ft.fisher.compute_fisher`` with each estimator (empirical: one backward per
       sequence; sampled and batched: one per micro-batch of 8) over the parameters that EWC reads:
       LoRA ``target=trainable`` (the adapter), LoRA ``target=lora_merged`` (the dense weights the adapters
       update) and full fine-tuning (every parameter).
-    Ratio per estimator: Fisher time / training forward+backward time, taken in the same process (which
-    cancels most of the machine's load), median over ``--repeats`` fresh processes; the order of the
-    measurements rotates from one repeat to the next.
+    Each process warms up, then runs ``--rounds`` rounds of all measurements (order rotated from one
+    process to the next); per process the ratio of the medians (which cancels most of the machine's
+    load); reported: the median over ``--repeats`` fresh processes.
 
-(b) Penalty overhead:
-    - ``train()``: a LoRA job (distrib_ft.train.train, DeepSpeed ZeRO-0, fp32, micro-batch 8) without
-      EWC, with EWC target=trainable and with target=lora_merged (lambda 1), each a fresh subprocess,
-      interleaved; per run the median tokens/s over the steps after the first ``--warmup``; ratio of
-      the medians over runs. Also tokens per CPU-second (other processes move wall time far more).
-    - micro: in the (a) processes, the penalty's own forward+backward (``EWC.penalty`` + ``backward``) vs
-      one training step's forward+backward (micro-batch of 8), median of 20 timings each: the
-      penalty's share without the run-to-run noise of a 2-core shared machine.
+``--parts attribution``: where the extra time goes, part by part (see ``worker_attribution``).
+
+(b) ``--parts penalty`` (always on the tiny model):
+    - ``train()`` runs: a LoRA job (distrib_ft.train.train, DeepSpeed ZeRO-0, fp32, micro-batch 8)
+      without EWC (``no-ewc``), with EWC target=trainable / lora_merged (lambda 1), each a fresh
+      subprocess, interleaved; per run the median tokens/s over the steps after the first ``--warmup``;
+      ratio of the medians over runs. Also tokens per CPU-second;
+    - ``alt-*``: paired inside one process: the penalty on odd steps only (``EWC.penalty`` wrapped to
+      return None on even steps); per run median tokens/s of penalty steps / of the other steps;
+    - micro (in the (a) processes): the penalty's own forward+backward (``EWC.penalty`` + ``backward``)
+      vs one micro-batch's forward+backward, median of ``--penalty-reps`` timings each.
 
 Usage::
 
-    python bench/ewc_cost.py                               # tiny Llama (hidden 256, 4 layers), ~5 min
-    python bench/ewc_cost.py --models tiny smollm2 --smollm2-sequences 16
+    python bench/ewc_cost.py --steps 60                    # tiny Llama (hidden 256, 4 layers), ~13 min
+    python bench/ewc_cost.py --models smollm2 --parts fisher --out bench/results/ewc_cost_smollm2.json
+    python bench/ewc_cost.py --models tiny smollm2 --parts attribution --out bench/results/ewc_cost_attribution.json
 """
 
 from __future__ import annotations

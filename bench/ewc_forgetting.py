@@ -6,7 +6,10 @@
 2. From that base, full fine-tuning on the NEW skill, with a learning rate that makes it forget the
    old one, for every estimator (empirical, sampled, batched) and lambda over several decades
    (lambda 0 is plain fine-tuning): ``ewc: {lambda: L, estimator: E, fisher_files: [old_train.jsonl],
-   fisher_max_sequences: 256}``. Each run is evaluated from its saved ``final/`` model.
+   fisher_max_sequences: 256}``. Also plain fine-tuning stopped after ``--plain-steps`` steps: the "train
+   less" frontier that EWC has to beat. Each run is evaluated from its saved ``final/`` model; the old
+   skill's NLL is also followed during training (the loop's evaluation of ``data.eval_files`` =
+   the old held-out set; ``eval_curve`` in the JSON).
 
 Skills (alpaca records, rendered with the tiny tokenizer's ChatML template; letters from an alphabet
 whose pairs the tokenizer never merges, so every letter is one token; held-out strings never occur
@@ -26,8 +29,8 @@ in-process one after the other.
 
 Usage::
 
-    python bench/ewc_forgetting.py                      # 1 seed, ~8 min on 2 cores
-    python bench/ewc_forgetting.py --seeds 0 1
+    python bench/ewc_forgetting.py --seeds 0 1          # 66 runs, ~6.5 min on 2 quiet cores
+    python bench/ewc_forgetting.py --table-from bench/results/ewc_forgetting.json
 """
 
 from __future__ import annotations
