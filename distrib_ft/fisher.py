@@ -50,13 +50,14 @@ def _sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torc
 
 
 def _sample_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Replace every target token by a draw from the model's distribution at that position."""
-    probs = F.softmax(logits[:, :-1, :].detach().float(), dim=-1)
-    draws = torch.multinomial(probs.reshape(-1, probs.size(-1)).cpu(), 1, generator=generator)
-    draws = draws.view(probs.shape[:2]).to(labels.device)
-    sampled = labels.clone()
+    """Replace every target token by a draw from the model's distribution at that position (only target
+    positions are sampled: prompt and padding positions cost nothing)."""
     tgt = labels[:, 1:]
-    sampled[:, 1:] = torch.where(tgt != -100, draws, tgt)
+    where = (tgt != -100).nonzero(as_tuple=True)
+    probs = F.softmax(logits[:, :-1, :].detach()[where].float(), dim=-1)  # (n_targets, V)
+    draws = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(labels.device)
+    sampled = labels.clone()
+    sampled[:, 1:][where] = draws
     return sampled
 
 
@@ -114,7 +115,8 @@ def compute_fisher(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]
                 grads = torch.autograd.grad(objective, tensors, allow_unused=True)
             for acc, g in zip(sums, grads):
                 if g is not None and weight:
-                    acc.add_(g.detach().float().pow(2))
+                    g = g.detach().float()
+                    acc.addcmul_(g, g)
             if weight:
                 count += 1 if estimator == "batched" else len(idx)
                 tokens += n_targets
