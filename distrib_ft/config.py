@@ -48,6 +48,17 @@ class MethodConfig(_Strict):
         "before the new adapter is added; the retraining chain of EWC-LoRA (ewc.target: lora_merged)."))
 
 
+class TokenMaskingConfig(_Strict):
+    """Selective Token Masking (Wu et al. 2025): drop from the loss the response tokens the base model finds
+    surprising, which are the ones that pull it furthest from what it knows."""
+
+    mode: Literal["off", "stm", "random"] = Field("off", description=(
+        "stm: mask target tokens whose base-model perplexity exp(NLL) exceeds threshold; random: mask the same "
+        "number of target tokens chosen at random (the control); off."))
+    threshold: float = Field(2.5, gt=1, description="tau: the perplexity above which a token is masked (2.5 in the paper).")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward in the base-model pass.")
+
+
 class DataConfig(_Strict):
     train_files: list[str] = Field(description="JSONL / Parquet files or saved `datasets` directories.")
     eval_files: list[str] = Field(default_factory=list, description="Held-out files of the new task.")
@@ -59,6 +70,8 @@ class DataConfig(_Strict):
         "auto", description="How alpaca records are rendered: the model's chat template (auto when it has one) or the Alpaca prompt.")
     streaming: bool = Field(False, description="Stream the files instead of preparing them in memory (large data).")
     text_field: str = Field("text", description="Field holding the text for format=text.")
+    token_masking: TokenMaskingConfig = Field(default_factory=TokenMaskingConfig, description=(
+        "Selective Token Masking of the new data's responses (a base-model pass before training, cached)."))
 
     @model_validator(mode="after")
     def _files_given(self) -> "DataConfig":
@@ -133,6 +146,43 @@ class EWCConfig(_Strict):
         return self.lambda_ > 0 or self.update_fisher_after
 
 
+class GenerateConfig(_Strict):
+    """Generative replay: the base model writes pseudo-examples of what it can do before training."""
+
+    prompts_files: list[str] = Field(default_factory=list, description=(
+        "Prompts the base model answers (alpaca records' instruction/input, chat records' turns up to the last "
+        "user message, or text records), one pseudo-example each."))
+    prompts_format: Literal["alpaca", "chat", "text"] = Field("alpaca", description="Format of prompts_files.")
+    seed_files: list[str] = Field(default_factory=list, description=(
+        "Self-instruct: a few example tasks (alpaca or chat records); the model writes new instructions in "
+        "their style, then answers them. Used when prompts_files is empty."))
+    num_examples: int = Field(200, ge=1, description="Valid pseudo-examples to produce (more are drawn to replace rejected ones).")
+    max_new_tokens: int = Field(128, ge=1, description="Longest response; a response cut here is rejected (length).")
+    min_response_chars: int = Field(8, ge=1, description="Shorter responses are rejected (empty / too short).")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generate call on each worker.")
+    max_rounds: int = Field(8, ge=1, description="Rounds of generation before giving up on reaching num_examples.")
+
+
+class ReplayConfig(_Strict):
+    """Old examples streamed beside the new data at an exact ratio of every global batch."""
+
+    buffer: str | None = Field(None, description="The replay buffer (distrib-ft replay build): a folder or fsspec URL.")
+    version: int | None = Field(None, description="Buffer version to read; default the newest.")
+    ratio: float = Field(0.0, ge=0, lt=1, description=(
+        "Share of every global batch that is replayed: 0.25 with a global batch of 16 = 4 old sequences per "
+        "step. When ratio x global batch is not whole, the count per step alternates so the running ratio is exact."))
+    prefetch: int = Field(256, ge=1, description="Replay examples each worker reads and tokenizes ahead.")
+    generate: GenerateConfig | None = Field(None, description=(
+        "Generative replay: before training, the base model writes pseudo-examples into the buffer as a new "
+        "version with its own source (once; a resumed job reuses them)."))
+    update_after: bool = Field(False, description=(
+        "Carry forward: after the job, add a sample of data.train_files to the buffer as a new version."))
+    update_budget: int | None = Field(None, ge=1, description=(
+        "Records of the new data added by update_after; default 10% of data.train_files' records, at least 1."))
+
+
 LOSS_METRICS = ("nll",)
 SCORE_METRICS = ("exact_match", "contains", "regex", "multiple_choice")
 
@@ -183,6 +233,7 @@ class JobConfig(_Strict):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     ewc: EWCConfig = Field(default_factory=EWCConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
     source: str | None = Field(None, description="(set by the loader) the job file this came from.")
 
     @model_validator(mode="after")
@@ -209,6 +260,15 @@ class JobConfig(_Strict):
             raise ValueError("monitor.suites: names must be unique and not 'new_task'")
         if self.monitor.early_stopping_patience and not self.data.eval_files:
             raise ValueError("monitor.early_stopping_patience: needs data.eval_files (the new task's held-out set)")
+        r = self.replay
+        if (r.ratio > 0 or r.generate or r.update_after) and not r.buffer:
+            raise ValueError("replay.buffer: needed by replay.ratio > 0, replay.generate and replay.update_after "
+                             "(a folder or URL; `distrib-ft replay build` makes one)")
+        if r.generate and not (r.generate.prompts_files or r.generate.seed_files):
+            raise ValueError("replay.generate: give prompts_files (prompts to answer) or seed_files (self-instruct)")
+        if self.data.token_masking.mode != "off" and self.data.streaming:
+            raise ValueError("data.token_masking: needs map-style data (data.streaming=false): the base-model pass "
+                             "runs over the whole training set before training")
         if self.data.packing and self.data.format == "tokenized":
             raise ValueError("data.packing: not supported with data.format=tokenized (records are used as they are)")
         return self

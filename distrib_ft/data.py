@@ -191,13 +191,50 @@ def _check_args(files, fmt, tokenizer, max_seq_length, prompt_template) -> str:
         if not Path(path).exists():
             raise DataError(f"{path}: file not found")
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    template = ("chat" if has_template else "alpaca") if prompt_template == "auto" else prompt_template
+    template = resolve_template(tokenizer, prompt_template)
     if (fmt == "chat" or (fmt == "alpaca" and template == "chat")) and not has_template:
         raise DataError(f"{files[0]}: format {fmt!r} needs a chat template but the tokenizer has none "
                         "(use a chat model's tokenizer, or format=alpaca with prompt_template=alpaca)")
     if fmt in ("alpaca", "chat") and not getattr(tokenizer, "is_fast", False):
         raise DataError(f"{files[0]}: format {fmt!r} needs a fast tokenizer (character offsets for the loss mask)")
     return template
+
+
+def resolve_template(tokenizer, prompt_template: str) -> str:
+    """``auto`` -> ``chat`` when the tokenizer has a chat template, else ``alpaca``."""
+    if prompt_template != "auto":
+        return prompt_template
+    return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+
+
+def validate_record(record: dict, fmt: str, where: str, text_field: str = "text") -> None:
+    """Check a record's fields for ``fmt`` without a tokenizer; DataError naming ``where`` and the field."""
+    try:
+        if fmt == "alpaca":
+            _text(record, "instruction"), _text(record, "input", False), _text(record, "output")
+        elif fmt == "chat":
+            _messages(record)
+        elif fmt == "text":
+            _text(record, text_field)
+        elif fmt == "tokenized":
+            _token_ids(record, "input_ids", 2**31, allow_ignore=False)
+        else:
+            raise DataError(f"{where}: unknown data format {fmt!r} (one of {', '.join(FORMATS)})")
+    except _RecordError as e:
+        hint = f" ({_HINTS[fmt]})" if e.problem == "missing" else ""
+        raise DataError(f"{where}: field '{e.field_name}': {e.problem}{hint}") from None
+
+
+def encode_record(record: dict, fmt: str, where: str, *, tokenizer, max_seq_length: int, prompt_template: str,
+                  text_field: str = "text") -> dict:
+    """One record -> ``{"input_ids", "labels"}`` (truncated; possibly without targets), or DataError at ``where``."""
+    try:
+        ex = _encode(record, 0, fmt, tokenizer, max_seq_length, resolve_template(tokenizer, prompt_template),
+                     text_field)
+    except _RecordError as e:
+        hint = f" ({_HINTS[fmt]})" if e.problem == "missing" else ""
+        raise DataError(f"{where}: field '{e.field_name}': {e.problem}{hint}") from None
+    return {"input_ids": ex["input_ids"], "labels": ex["labels"]}
 
 
 def _load(path: str, streaming: bool = False):

@@ -18,18 +18,27 @@ from distrib_ft.data import build_dataset, collate
 from distrib_ft.monitor import Suite
 
 
-def token_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token NLL over target tokens (labels != -100) of a batch, and their count.
+def token_nll_rows(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the sum of next-token NLL over its target tokens (labels != -100), and their count.
 
     Args:
         batch: ``input_ids``, ``attention_mask``, ``labels``, each (B, T).
+
+    Returns:
+        ``(nll, targets)``, each of shape (B,).
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     shift_logits = logits[:, :-1, :].float()
     shift_labels = batch["labels"][:, 1:]
     nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                                            ignore_index=-100, reduction="sum")
-    return nll, int((shift_labels != -100).sum())
+                                            ignore_index=-100, reduction="none").view(shift_labels.shape)
+    return nll.sum(dim=1), (shift_labels != -100).sum(dim=1)
+
+
+def token_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLL over the target tokens of a batch, and their count."""
+    nll, targets = token_nll_rows(model, batch)
+    return nll.sum(), int(targets.sum())
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from distrib_ft import dist
 from distrib_ft.config import JobConfig, dump_config
 from distrib_ft.data import build_dataset, collate
 from distrib_ft.engine import build_engine, load_deepspeed_config, zero_stage
-from distrib_ft.evaluation import evaluate_nll, evaluate_suites, load_suites, token_nll_sum
+from distrib_ft.evaluation import evaluate_nll, evaluate_suites, load_suites, token_nll_rows
 from distrib_ft.metrics import MetricsLog, Progress
 from distrib_ft.monitor import Monitor, is_eval_step
 from distrib_ft.model import apply_method, count_parameters, load_model, load_tokenizer, merge_adapters
@@ -116,9 +116,10 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     dist.print0(f"train data: {'streamed from ' + str(len(d.train_files)) + ' file(s)' if d.streaming else train_stats.summary()}")
     if eval_stats is not None:
         dist.print0(f"eval data: {eval_stats.summary()}")
-    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
+    per_rank = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    global_batch, replay_ratio = per_rank * world, cfg.replay.ratio
     max_steps = batching.total_steps(t.max_steps, t.num_train_epochs, None if d.streaming else len(train_ds),
-                                     global_batch)
+                                     global_batch, replay_ratio)
     warmup = t.warmup_steps or math.ceil(t.warmup_ratio * max_steps)
 
     # Model, method, DeepSpeed engine; the defences against forgetting.
@@ -137,6 +138,8 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     if latest is not None:
         state = ckpt.load_checkpoint(engine, latest, exclude_frozen=is_peft)
         step, tokens_seen = state["step"], state["tokens_seen"]
+        for s in strategies:
+            s.load_state_dict(state.get("strategies", {}).get(s.name, {}))
         dist.print0(f"resumed from {latest} at step {step}")
     elif resume:
         dist.print0(f"no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
@@ -149,18 +152,19 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     if latest is not None and "monitor" in state:
         monitor.load_state_dict(state["monitor"])
     client_state = lambda: {"step": step, "tokens_seen": tokens_seen, "max_steps": max_steps,  # noqa: E731
-                            "monitor": monitor.state_dict()}
+                            "monitor": monitor.state_dict(), "strategies": {s.name: s.state_dict() for s in strategies}}
     for s in strategies:  # state (e.g. Fisher, anchors) of the job's start; persisted for resume
         s.on_task_start(engine.module, output_dir=out, resumed=latest is not None)
 
     steps_fn = batching.streaming_steps if d.streaming else batching.map_style_steps
-    step_batches = steps_fn(train_ds, start_step=step, micro_batch=t.per_device_train_batch_size,
-                            accum=t.gradient_accumulation_steps, rank=rank, world=world, seed=t.seed)
+    step_examples = steps_fn(train_ds, start_step=step, per_rank=per_rank, rank=rank, world=world, seed=t.seed,
+                             replay_ratio=replay_ratio)
     log = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main(), resume_step=step if latest else None,
                      report_to=t.report_to, run_name=out.name, params=_flat(cfg.model_dump(mode="json", by_alias=True)))
     progress = Progress(total=max_steps, initial=step, enabled=dist.is_main())
     pad_id = tokenizer.pad_token_id
-    new_window = lambda: {"nll": 0.0, "targets": 0, "tokens": 0, "penalty": 0.0, "time": time.time(), "steps": 0}  # noqa: E731
+    new_window = lambda: {"nll": 0.0, "targets": 0, "tokens": 0, "penalty": 0.0, "time": time.time(), "steps": 0,  # noqa: E731
+                          "replay_nll": 0.0, "replay_targets": 0, "replay_sequences": 0}
     window = new_window()
     grad_norm = stop_reason = None
     # DeepSpeed tracks the gradient norm in its ZeRO / bf16 optimizers only, not for plain fp32 ZeRO-0.
@@ -192,15 +196,24 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
 
     engine.train()
     while step < max_steps:
-        # One optimizer step over this rank's micro-batches.
-        micro = [_to(collate(mb, pad_id), device) for mb in next(step_batches)]
+        # One optimizer step over this rank's examples (new, then replayed old ones), in micro-batches.
+        examples = next(step_examples)
+        for s in strategies:
+            examples = s.mix(step, examples)
+        chunks = [examples[i:i + t.per_device_train_batch_size] for i in range(0, per_rank, t.per_device_train_batch_size)]
+        micro = [_to(collate(mb, pad_id), device) for mb in chunks]
+        is_replay = [torch.tensor([bool(e.get("replay")) for e in mb], device=device) for mb in chunks]
         local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         global_targets, global_tokens = dist.all_reduce_sum([local_targets, local_tokens])
         scale = world * t.gradient_accumulation_steps / max(global_targets, 1)
         step_nll = 0.0
         for i, b in enumerate(micro):
-            nll, _ = token_nll_sum(engine, b)
+            rows, row_targets = token_nll_rows(engine, b)
+            nll = rows.sum()
+            if replay_ratio:
+                window["replay_nll"] += float(rows.detach()[is_replay[i]].sum())
+                window["replay_targets"] += int(row_targets[is_replay[i]].sum())
             loss = nll * scale
             if i == len(micro) - 1:  # penalties once per step: DeepSpeed divides by accum, averages ranks
                 penalties = [p for p in (s.penalty(engine.module) for s in strategies) if p is not None]
@@ -219,9 +232,11 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
         window["targets"] += global_targets
         window["tokens"] += global_tokens
         window["steps"] += 1
+        window["replay_sequences"] += sum(batching.replay_counts(step - 1, replay_ratio, global_batch, world))
 
         if step % t.logging_steps == 0 or step == max_steps:
-            nll_sum = dist.all_reduce_sum([window["nll"]])[0]
+            nll_sum, replay_nll, replay_targets = dist.all_reduce_sum(
+                [window["nll"], window["replay_nll"], window["replay_targets"]])
             elapsed = time.time() - window["time"]
             if not own_grad_norm:
                 grad_norm = engine.get_global_grad_norm()
@@ -231,8 +246,14 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
                       "tokens_seen": tokens_seen}
             if strategies and cfg.ewc.lambda_ > 0:
                 record["ewc_penalty"] = window["penalty"] / window["steps"]
+            if replay_ratio:  # sequences: the whole global batches since the last line
+                record.update(loss_new=(nll_sum - replay_nll) / max(window["targets"] - replay_targets, 1),
+                              loss_replay=replay_nll / max(replay_targets, 1),
+                              new_sequences=window["steps"] * global_batch - window["replay_sequences"],
+                              replay_sequences=window["replay_sequences"])
             if not d.streaming:
-                record["epoch"] = step / batching.steps_per_epoch(len(train_ds), global_batch)
+                record["epoch"] = ((step * global_batch - batching.replay_before(step, replay_ratio, global_batch))
+                                   / (batching.steps_per_epoch(len(train_ds), global_batch) * global_batch))
             log.write(record)
             progress.update(window["steps"], record)
             window = new_window()
@@ -246,6 +267,8 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
             dist.print0(f"stopping at step {step}: {stop_reason}")
             break
     progress.close()
+    for s in strategies:
+        s.close()
 
     # The end: the checkpoint the monitor chooses becomes final/ (or rejected/, exit code 3), the report.
     if evaluating and monitor.steps[-1] != step:

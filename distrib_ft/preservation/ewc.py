@@ -27,6 +27,7 @@ import torch
 from distrib_ft import dist
 from distrib_ft.data import collate
 from distrib_ft.fisher import compute_fisher, load_fisher, merge_online, save_fisher
+from distrib_ft.preservation import Hooks
 
 STATE_FILE = "ewc_state.safetensors"
 FINAL_FILE = "fisher.safetensors"
@@ -45,7 +46,7 @@ def lora_delta(m: torch.nn.Module) -> torch.Tensor:
     return delta.T if getattr(m, "fan_in_fan_out", False) else delta
 
 
-class EWC:
+class EWC(Hooks):
     name = "ewc"
 
     def __init__(self, *, lam: float, estimator: str = "empirical", target: str = "trainable",
