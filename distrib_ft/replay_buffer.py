@@ -247,7 +247,8 @@ def _write_version(buffer: str, rows: list[dict], sources: list[dict], *, policy
         shards.append({"path": name, "records": len(part), "sha256": hashlib.sha256(data).hexdigest()})
     manifest = {"format_version": FORMAT_VERSION, "version": version, "parent": parent,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "policy": policy,
-                "budget": budget, "seed": seed, "records": len(rows), "sources": sources, "shards": shards}
+                "budget": budget, "seed": seed, "shard_size": shard_size, "records": len(rows), "sources": sources,
+                "shards": shards}
     text = (json.dumps(manifest, indent=2) + "\n").encode()
     _write_atomic(fs, _join(root, vdir, MANIFEST), text)
     _write_atomic(fs, _join(root, MANIFEST), text)  # the newest version, last: a crash leaves the old one
@@ -340,7 +341,7 @@ def update(buffer: str, files: list[str], *, fmt: str | None = None, budget: int
             s["added_in"] = (prev["version"] + 1) if prev else 1
     if not rows:
         raise DataError(f"{buffer}: the new version would hold no records (budget {budget})")
-    shard_size = shard_size or (prev["shards"][0]["records"] if prev and prev["shards"] else 1024)
+    shard_size = shard_size or (prev or {}).get("shard_size") or 1024
     return _write_version(buffer, rows, sources, policy=policy, budget=budget, seed=seed, shard_size=shard_size,
                           parent=prev["version"] if prev else None)
 

@@ -128,6 +128,14 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     dist.print0(f"{cfg.method.type}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); "
                 f"ZeRO-{zero_stage(ds_config)}, bf16={t.bf16}, {world} worker(s), global batch {global_batch}, "
                 f"{max_steps} steps")
+    masking = None  # Selective Token Masking: a base-model pass over the new data before any update (cached)
+    if d.token_masking.mode != "off":
+        from distrib_ft.preservation.token_masking import apply_token_masking
+
+        tm = d.token_masking
+        train_ds, masking = apply_token_masking(engine.module, train_ds, mode=tm.mode, threshold=tm.threshold,
+                                                batch_size=tm.batch_size, pad_token_id=tokenizer.pad_token_id,
+                                                output_dir=out, model_name=cfg.model.name_or_path, seed=t.seed)
     strategies = build_strategies(cfg, tokenizer)
     for s in strategies:
         s.check(zero_stage=zero_stage(ds_config), model=engine.module)
@@ -162,6 +170,8 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     log = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main(), resume_step=step if latest else None,
                      report_to=t.report_to, run_name=out.name, params=_flat(cfg.model_dump(mode="json", by_alias=True)))
     progress = Progress(total=max_steps, initial=step, enabled=dist.is_main())
+    if masking and step == 0:
+        log.write({"step": 0, "masked_fraction": masking["masked_fraction"], "masked_tokens": masking["masked_tokens"]})
     pad_id = tokenizer.pad_token_id
     new_window = lambda: {"nll": 0.0, "targets": 0, "tokens": 0, "penalty": 0.0, "time": time.time(), "steps": 0,  # noqa: E731
                           "replay_nll": 0.0, "replay_targets": 0, "replay_sequences": 0}
@@ -287,7 +297,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     summary = {"output_dir": str(out), "final": str(final), "steps": step, "tokens_seen": tokens_seen,
                "trainable_parameters": trainable, "total_parameters": total, "world_size": world,
                "train_data": train_stats.summary(),  # streaming: counts of rank 0's reads
-               "decision": decision, "exit_code": report["exit_code"], "chosen_step": chosen,
+               "token_masking": masking, "decision": decision, "exit_code": report["exit_code"], "chosen_step": chosen,
                "eval_loss_start": new_task.get("baseline"),
                "eval_loss": monitor.new_task_loss(chosen) if chosen is not None else None}
     log.close()

@@ -3,6 +3,10 @@
     distrib-ft train JOB.yaml [section.key=value ...] [--resume] [--address ADDR] [--launcher ray|local]
     distrib-ft fisher JOB.yaml [section.key=value ...] --out FILE.safetensors [--address ADDR] [--launcher ...]
     distrib-ft eval JOB.yaml [section.key=value ...] [--model PATH] [--out DIR] [--address ADDR] [--launcher ...]
+    distrib-ft replay build --out DIR [--format FMT] [--budget N] [--policy uniform|reservoir] [--quota NAME=N]
+                            [--weight NAME=W] [--shard-size N] [--seed N] FILE...
+    distrib-ft replay update DIR [--budget N] [--policy ...] [--quota NAME=N] [--weight NAME=W] FILE...
+    distrib-ft replay show DIR [--version N]
 
 Exit codes (stable; schedulers may rely on them):
     0  the job finished and final/ is within the forgetting budget
@@ -54,6 +58,29 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="where the report goes (default: OUTPUT_DIR/eval)")
     e.add_argument("--address", default=None, help="Ray cluster to run on; default: an embedded local Ray")
     e.add_argument("--launcher", choices=["ray", "local"], default="ray", help="local: in this process")
+    r = sub.add_parser("replay", help="build, update or show a replay buffer of old examples")
+    rsub = r.add_subparsers(dest="action", required=True)
+    rb = rsub.add_parser("build", help="make a buffer (version 1) from old data files")
+    rb.add_argument("--out", required=True, help="the buffer: a folder or an fsspec URL (s3://..., gs://...)")
+    ru = rsub.add_parser("update", help="add a sample of new data files as a new version (older ones stay)")
+    ru.add_argument("buffer", help="the buffer: a folder or an fsspec URL")
+    for q in (rb, ru):
+        q.add_argument("files", nargs="+", metavar="FILE", help="JSONL / Parquet files or saved datasets folders")
+        q.add_argument("--format", choices=["alpaca", "chat", "text", "tokenized"], default=None,
+                       help="data format of the files (default: inferred from the first record)")
+        q.add_argument("--budget", type=int, default=None, help="records in the buffer (default: all; update: "
+                       "the previous budget plus the new files' share)")
+        q.add_argument("--policy", choices=["uniform", "reservoir"], default="uniform",
+                       help="uniform: count, then read the sample (two passes); reservoir: one pass")
+        q.add_argument("--quota", action="append", default=[], metavar="NAME=N",
+                       help="exactly N records of source NAME (a file's name); repeatable")
+        q.add_argument("--weight", action="append", default=[], metavar="NAME=W",
+                       help="share of the budget by weight instead of by size; repeatable")
+        q.add_argument("--seed", type=int, default=0, help="sampling seed")
+    rb.add_argument("--shard-size", type=int, default=1024, help="records per Parquet shard")
+    rs = rsub.add_parser("show", help="print a version's manifest summary and the list of versions")
+    rs.add_argument("buffer", help="the buffer: a folder or an fsspec URL")
+    rs.add_argument("--version", type=int, default=None, help="default: the newest")
     return p
 
 
@@ -202,6 +229,52 @@ def cmd_eval(args) -> int:
     return report["exit_code"]
 
 
+def _pairs(items: list[str], flag: str, cast) -> dict:
+    out = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        try:
+            out[name] = cast(value)
+        except ValueError:
+            name = ""
+        if not sep or not name:
+            raise UsageError(f"{flag} {item!r}: expected NAME=VALUE, e.g. {flag} old.jsonl=100")
+    return out
+
+
+def _manifest_text(buffer: str, m: dict) -> str:
+    from distrib_ft.replay_buffer import list_versions
+
+    lines = [f"{buffer} version {m['version']}: {m['records']:,} records in {len(m['shards'])} shard(s) "
+             f"(policy {m['policy']}, budget {m['budget'] if m['budget'] is not None else 'all'})"]
+    for src in m["sources"]:
+        lines.append(f"  {src['name']:32} {src['format']:9} {src['selected']:>9,} of {src['records']:,} records "
+                     f"(sha256 {src['sha256'][:12]})")
+    lines.append(f"versions: {', '.join(map(str, list_versions(buffer)))}")
+    return "\n".join(lines)
+
+
+def cmd_replay(args) -> int:
+    from distrib_ft import replay_buffer as rb
+
+    def url(p: str) -> str:
+        return p if "://" in p else str(Path(p).expanduser().resolve())
+
+    if args.action == "show":
+        print(_manifest_text(url(args.buffer), rb.read_manifest(url(args.buffer), args.version)))
+        return EXIT_OK
+    kwargs = dict(fmt=args.format, budget=args.budget, policy=args.policy, seed=args.seed,
+                  quotas=_pairs(args.quota, "--quota", int), weights=_pairs(args.weight, "--weight", float))
+    files = [url(f) for f in args.files]
+    if args.action == "build":
+        m = rb.build(url(args.out), files, shard_size=args.shard_size, **kwargs)
+        print(_manifest_text(url(args.out), m))
+    else:
+        m = rb.update(url(args.buffer), files, **kwargs)
+        print(_manifest_text(url(args.buffer), m))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     from distrib_ft.config import ConfigError
     from distrib_ft.data import DataError
@@ -216,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*getattr(args, "overrides", []), *extra]
     input_errors = (UsageError, ConfigError, DataError, DeepSpeedConfigError, FileNotFoundError)
     try:
-        return {"train": cmd_train, "fisher": cmd_fisher, "eval": cmd_eval}[args.command](args)
+        return {"train": cmd_train, "fisher": cmd_fisher, "eval": cmd_eval, "replay": cmd_replay}[args.command](args)
     except input_errors as e:
         print(f"distrib-ft: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,121 @@
+"""Selective Token Masking (STM; Wu et al., NeurIPS 2025, arXiv 2501.14315).
+
+Before training, the base model scores every target token of the new data: a response token whose
+base-model perplexity ``exp(NLL)`` exceeds ``threshold`` (tau, 2.5 in the paper) is dropped from the
+loss (its label becomes -100). Those are the tokens the model finds most surprising, whose gradients
+pull it furthest from what it already knows. ``mode="random"`` masks the same number of target tokens
+chosen uniformly at random -- the control that says whether the choice of tokens matters or only
+the amount.
+
+The base-model pass is distributed (each rank scores every ``world``-th example, with as many forward
+passes as the others so that ZeRO-3 can gather parameters) and cached in
+``output_dir/token_masking/`` keyed by the model and the data's fingerprint, so a resumed job (whose
+model is no longer the base model) reuses the first pass. The masked fraction is printed, written to
+metrics.jsonl at step 0 and to summary.json: STM only helps where the base model is already partly
+competent, so always look at it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distrib_ft import dist
+from distrib_ft.data import IGNORE_INDEX, collate
+
+
+@torch.no_grad()
+def base_token_nll(model, dataset, *, batch_size: int, pad_token_id: int) -> list[np.ndarray]:
+    """Per example, the NLL of every label position (entry t scores label t given tokens < t; NaN where
+    label t is not a target, and at t = 0). Computed by all ranks together; every rank gets the whole list."""
+    rank, world = dist.rank(), dist.world_size()
+    mine = list(range(rank, len(dataset), world))
+    n_batches = math.ceil(math.ceil(len(dataset) / world) / batch_size)
+    was_training = model.training
+    model.eval()
+    out: dict[int, np.ndarray] = {}
+    for b in range(n_batches):
+        idx = mine[b * batch_size:(b + 1) * batch_size]
+        run = idx or mine[-1:] or [0]  # a rank with a shorter share repeats a batch: ZeRO-3 gathers together
+        batch = {k: v.to(dist.device()) for k, v in collate([dataset[i] for i in run], pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                                reduction="none")
+        nll = torch.where(labels == IGNORE_INDEX, torch.nan, nll).cpu().numpy()
+        for row, i in enumerate(idx):
+            n = len(dataset[i]["input_ids"])
+            out[i] = np.concatenate([[np.nan], nll[row, :n - 1]]).astype(np.float32)
+    model.train(was_training)
+    merged: dict[int, np.ndarray] = {}
+    for part in dist.all_gather_object(out):
+        merged.update(part)
+    return [merged[i] for i in range(len(dataset))]
+
+
+def choose_masks(nll: list[np.ndarray], *, mode: str, threshold: float, seed: int) -> list[np.ndarray]:
+    """Boolean masks (True = drop from the loss) over the target positions of each example.
+
+    ``stm``: targets with exp(NLL) > threshold. ``random``: as many targets as ``stm`` would mask,
+    drawn uniformly from all target positions (seeded)."""
+    above = [np.nan_to_num(x, nan=-np.inf) > math.log(threshold) for x in nll]
+    if mode == "stm":
+        return above
+    if mode != "random":
+        raise ValueError(f"data.token_masking.mode: {mode!r} is not stm or random")
+    targets = [np.flatnonzero(~np.isnan(x)) for x in nll]
+    flat = np.concatenate([np.stack([np.full(len(t), i), t], 1) for i, t in enumerate(targets)] or [np.zeros((0, 2))])
+    count = int(sum(a.sum() for a in above))
+    picked = flat[np.random.default_rng(seed).choice(len(flat), size=count, replace=False)].astype(int)
+    masks = [np.zeros(len(x), dtype=bool) for x in nll]
+    for i, t in picked:
+        masks[i][t] = True
+    return masks
+
+
+def apply_token_masking(model, dataset, *, mode: str, threshold: float, batch_size: int, pad_token_id: int,
+                        output_dir: Path, model_name: str, seed: int):
+    """The dataset with masked labels, and ``{"mode", "threshold", "masked_tokens", "target_tokens",
+    "masked_fraction"}``. Runs on every rank."""
+    key = hashlib.sha256(f"{model_name}|{dataset._fingerprint}".encode()).hexdigest()[:16]
+    cache = Path(output_dir) / "token_masking" / f"base_nll-{key}.npz"
+    cached = dist.all_reduce_sum([float(dist.is_main() and cache.exists())])[0] > 0
+    if cached:
+        nll = dist.broadcast_object(_load(cache) if dist.is_main() else None)
+        dist.print0(f"token masking: base-model NLL from {cache}")
+    else:
+        dist.print0(f"token masking: scoring {len(dataset):,} examples with the base model")
+        nll = base_token_nll(model, dataset, batch_size=batch_size, pad_token_id=pad_token_id)
+        if dist.is_main():
+            _save(cache, nll)
+    masks = choose_masks(nll, mode=mode, threshold=threshold, seed=seed)
+    labels = [np.where(m, IGNORE_INDEX, np.asarray(ex["labels"])).tolist()
+              for m, ex in zip(masks, dataset.select_columns(["labels"]))]
+    masked = dataset.remove_columns(["labels"]).add_column("labels", labels, new_fingerprint=f"{key}-{mode}-{threshold}")
+    targets = int(sum((~np.isnan(x)).sum() for x in nll))
+    count = int(sum(m.sum() for m in masks))
+    stats = {"mode": mode, "threshold": threshold, "masked_tokens": count, "target_tokens": targets,
+             "masked_fraction": count / max(targets, 1)}
+    dist.print0(f"token masking ({mode}, tau={threshold}): {count:,} of {targets:,} target tokens masked "
+                f"({stats['masked_fraction']:.1%})")
+    dist.barrier()
+    return masked, stats
+
+
+def _save(path: Path, nll: list[np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.npz")
+    np.savez(tmp, values=np.concatenate(nll) if nll else np.zeros(0, np.float32),
+             offsets=np.cumsum([0] + [len(x) for x in nll]))
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> list[np.ndarray]:
+    with np.load(path) as f:
+        values, offsets = f["values"], f["offsets"]
+    return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
