@@ -158,6 +158,7 @@ class GenerateConfig(_Strict):
         "their style, then answers them. Used when prompts_files is empty."))
     num_examples: int = Field(200, ge=1, description="Valid pseudo-examples to produce (more are drawn to replace rejected ones).")
     max_new_tokens: int = Field(128, ge=1, description="Longest response; a response cut here is rejected (length).")
+    keep_unfinished: bool = Field(False, description="Keep responses cut at max_new_tokens instead of rejecting them.")
     min_response_chars: int = Field(8, ge=1, description="Shorter responses are rejected (empty / too short).")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature; 0 = greedy.")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling.")
@@ -264,6 +265,8 @@ class JobConfig(_Strict):
         if (r.ratio > 0 or r.generate or r.update_after) and not r.buffer:
             raise ValueError("replay.buffer: needed by replay.ratio > 0, replay.generate and replay.update_after "
                              "(a folder or URL; `distrib-ft replay build` makes one)")
+        if r.generate and r.version is not None:
+            raise ValueError("replay.version: generative replay adds a new version; leave replay.version unset")
         if r.generate and not (r.generate.prompts_files or r.generate.seed_files):
             raise ValueError("replay.generate: give prompts_files (prompts to answer) or seed_files (self-instruct)")
         if self.data.token_masking.mode != "off" and self.data.streaming:

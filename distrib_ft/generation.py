@@ -128,20 +128,31 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device, synced: bool) -> list[str]:
-    """Greedy generations for a batch of prompts (left-padded), decoded up to the first eos."""
+    """Greedy generations for a batch of prompts, decoded up to the first eos."""
+    return [text for text, _ in generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, device=device,
+                                               synced=synced)]
+
+
+def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int, device, synced: bool,
+                   temperature: float = 0.0, top_p: float = 1.0) -> list[tuple[str, bool]]:
+    """``(text, finished)`` per prompt (left-padded batch): the generation decoded up to the first eos, and
+    whether an eos ended it (False: cut at max_new_tokens). ``temperature`` 0 = greedy, else sampling
+    with nucleus ``top_p`` from torch's global RNG. ``synced``: every rank calls together (ZeRO-3)."""
     eos = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     width = max(map(len, ids))
     input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], dtype=torch.long, device=device)
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long, device=device)
-    out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad_id, eos_token_id=eos, use_cache=True, synced_gpus=synced)
-    texts = []
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+        dict(do_sample=False)
+    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                         eos_token_id=eos, use_cache=True, synced_gpus=synced, **sampling)
+    results = []
     for row in out[:, width:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
-    return texts
+        cut = next((i for i, t in enumerate(row) if t in eos), None)
+        results.append((tokenizer.decode(row[:cut], skip_special_tokens=True), cut is not None))
+    return results
 
 
 def _choose(model, tokenizer, batch: list[dict], device) -> list[str]:

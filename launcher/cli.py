@@ -109,6 +109,22 @@ def _check_inputs(cfg) -> None:
             if not path.exists():
                 raise UsageError(f"{cfg.source}: monitor.suites[{i}].files[{j}]: {f} not found")
             su.files[j] = str(path)
+    r = cfg.replay
+    if r.generate:
+        for key in ("prompts_files", "seed_files"):
+            files = getattr(r.generate, key)
+            for i, f in enumerate(files):
+                path = resolve_path(f, cfg.source)
+                if not path.exists():
+                    raise UsageError(f"{cfg.source}: replay.generate.{key}[{i}]: {f} not found")
+                files[i] = str(path)
+    if r.buffer and "://" not in r.buffer:
+        found = resolve_path(r.buffer, cfg.source)
+        r.buffer = str(found if found.exists() else Path(r.buffer).expanduser().resolve())
+    if r.ratio > 0 and not r.generate:
+        from distrib_ft.replay_buffer import read_manifest
+
+        read_manifest(r.buffer, r.version)  # DataError (exit 2) when there is no such buffer or version
     if cfg.ewc.fisher_file:
         path = resolve_path(cfg.ewc.fisher_file, cfg.source)
         if not path.is_file():

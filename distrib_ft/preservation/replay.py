@@ -31,10 +31,10 @@ class Replay(Hooks):
 
     def __init__(self, buffer: str, *, ratio: float, per_rank: int, encode, version: int | None = None,
                  seed: int = 0, prefetch: int = 256, generate=None, tokenizer=None, update_files=(),
-                 update_budget: int | None = None):
+                 update_budget: int | None = None, model_name: str = ""):
         self.buffer, self.ratio, self.per_rank, self.encode, self.version = buffer, ratio, per_rank, encode, version
         self.seed, self.prefetch, self.generate, self.tokenizer = seed, prefetch, generate, tokenizer
-        self.update_files, self.update_budget = list(update_files), update_budget
+        self.update_files, self.update_budget, self.model_name = list(update_files), update_budget, model_name
         self.manifest: dict | None = None
         self.stream: rb.ReplayStream | None = None
         self.replayed = 0  # replay examples in the global batches trained so far
@@ -51,7 +51,7 @@ class Replay(Hooks):
         return cls(r.buffer, ratio=r.ratio, per_rank=t.per_device_train_batch_size * t.gradient_accumulation_steps,
                    encode=encode, version=r.version, seed=t.seed, prefetch=r.prefetch, generate=r.generate,
                    tokenizer=tokenizer, update_files=d.train_files if r.update_after else (),
-                   update_budget=r.update_budget)
+                   update_budget=r.update_budget, model_name=cfg.model.name_or_path)
 
     def load_state_dict(self, state: dict) -> None:
         self._resumed_state = state or None
@@ -60,7 +60,8 @@ class Replay(Hooks):
         if self.generate is not None:
             from distrib_ft.preservation.generative_replay import ensure_generated
 
-            ensure_generated(model, self.tokenizer, self.buffer, self.generate, seed=self.seed)
+            ensure_generated(model, self.tokenizer, self.buffer, self.generate, seed=self.seed,
+                             model_name=self.model_name)
         if self.ratio == 0:
             return
         self.manifest = rb.read_manifest(self.buffer, self.version)
