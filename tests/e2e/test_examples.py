@@ -8,6 +8,7 @@ import pytest
 
 from distrib_ft.config import load_config
 from launcher.cli import _check_inputs
+from launcher.cli import main as cli_main
 from tests.e2e.test_cli import cli
 from tests.jobs import ROOT, run_ranks
 
@@ -25,6 +26,17 @@ def test_example_runs_on_a_tiny_model(tmp_path, tiny_model_dir, job):
     cfg = load_config(job, [f"model.name_or_path={tiny_model_dir}", f"training.output_dir={tmp_path / 'out'}",
                             "training.max_steps=3", "training.eval_steps=2", "training.bf16=false",
                             "ewc.fisher_max_sequences=4"])
+    if cfg.replay.generate:  # the random tiny model never says eos: keep cut answers, few of them
+        cfg.replay.generate = cfg.replay.generate.model_copy(update=dict(
+            num_examples=4, max_new_tokens=8, keep_unfinished=True, min_response_chars=1))
+    if cfg.replay.buffer:
+        cfg.replay.buffer = str(tmp_path / "replay_buffer")
+        build = [line.split("distrib-ft ", 1)[1].split() for line in job.read_text().splitlines()
+                 if "distrib-ft replay build" in line]
+        if build:  # the example's own command, with the buffer in tmp_path
+            args = build[0]
+            args[args.index("--out") + 1] = cfg.replay.buffer
+            assert cli_main([a if not a.startswith("examples/") else str(ROOT / a) for a in args]) == 0
     _check_inputs(cfg)  # resolves the job's relative paths as the CLI does
     raw = cfg.model_dump(mode="json", by_alias=True)
     if cfg.training.save_steps:
