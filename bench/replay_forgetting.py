@@ -15,11 +15,12 @@ choice of tokens; the base is the same for every seed):
     sequences take their place in the global batch of 16, so a run with replay sees fewer NEW
     sequences (recorded: ``new_sequences``, ``replay_sequences`` from metrics.jsonl);
 (b) token masking on the NEW data, without replay: ``data.token_masking: {mode: stm | random,
-    threshold: tau}`` at tau 2.5 (the default), against R = 0 (no masking). When tau 2.5 masks
-    less than 5% or more than 95% of the target tokens here, both modes are also run at a tau that
-    masks about ``--target-fraction`` (22.5%): ``exp`` of the (1 - fraction) quantile of the base
-    model's per-token NLL on the NEW training data (the same base-model pass STM makes,
-    ``distrib_ft.preservation.token_masking.base_token_nll``), computed before step 2.
+    threshold: tau}`` at tau 2.5 (the default), against R = 0 (no masking). Here the base model
+    knows nothing of the NEW skill, so tau 2.5 masks almost every target token (95%); both modes are
+    therefore also run at a tau that masks about ``--target-fraction`` (22.5%) of them: ``exp`` of
+    the (1 - fraction) quantile of the base model's per-token NLL on the NEW training data (the
+    same base-model pass STM makes, ``distrib_ft.preservation.token_masking.base_token_nll``),
+    computed before step 2 (``token_masking_calibration`` in the JSON).
 
 Runs in ``--workers`` processes (OMP_NUM_THREADS=1 each). Reported: the median over seeds, with the
 per-seed values. Training on CPU with 1 thread is deterministic, so the seeds differ only by what
@@ -143,8 +144,9 @@ def run_workers(job_lists: list[list[dict]], files: dict, eval_model_dir: str, w
 
 # ------------------------------------------------------------------------------- tau calibration
 
-def base_nll_distribution(base_dir: str, new_train: str) -> list[float]:
-    """The base model's NLL of every target token of the NEW training data (the pass STM makes)."""
+def base_nll_distribution(base_dir: str, new_train: str) -> tuple[list[float], list[bool]]:
+    """The base model's NLL of every target token of the NEW training data (the pass STM makes), and
+    whether each is the answer's last target (``<|im_end|>``) rather than a letter."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
@@ -158,18 +160,24 @@ def base_nll_distribution(base_dir: str, new_train: str) -> list[float]:
     ds, _ = build_dataset([new_train], fmt="alpaca", tokenizer=tok, max_seq_length=64)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     nll = base_token_nll(model, ds, batch_size=64, pad_token_id=tok.pad_token_id)
-    flat = np.concatenate(nll)
-    return flat[~np.isnan(flat)].tolist()
+    values, is_end = [], []
+    for x in nll:
+        t = np.flatnonzero(~np.isnan(x))
+        values += x[t].tolist()
+        is_end += [i == len(t) - 1 for i in range(len(t))]
+    return values, is_end
 
 
-def calibrate(nll: list[float], tau: float, target_fraction: float) -> dict:
+def calibrate(nll: list[float], is_end: list[bool], tau: float, target_fraction: float) -> dict:
     import numpy as np
 
-    x = np.asarray(nll)
+    x, end = np.asarray(nll), np.asarray(is_end)
     q = float(np.quantile(x, 1 - target_fraction))
     tau_cal = float(f"{math.exp(q):.4g}")
-    frac = lambda t: float((x > math.log(t)).mean())  # noqa: E731
-    return {"target_tokens": len(x), "nll_quantiles": {str(p): float(np.quantile(x, p)) for p in
+    frac = lambda t, sel=slice(None): float((x[sel] > math.log(t)).mean())  # noqa: E731
+    return {"masked_by_token_kind": {f"tau {t:g}": {"letters": frac(t, ~end), "<|im_end|>": frac(t, end)}
+                                     for t in (tau, tau_cal)},
+            "target_tokens": len(x), "nll_quantiles": {str(p): float(np.quantile(x, p)) for p in
                                                        (0.05, 0.1, 0.25, 0.5, 0.75, 0.775, 0.8, 0.9, 0.95)},
             "fraction_masked_at_default_tau": frac(tau), "default_tau": tau,
             "target_fraction": target_fraction, "calibrated_tau": tau_cal,
@@ -245,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratios", type=float, nargs="+", default=DEFAULT_RATIOS, help="replay.ratio values (0 = plain FT)")
     p.add_argument("--tau", type=float, default=DEFAULT_TAU, help="data.token_masking.threshold (2.5)")
     p.add_argument("--target-fraction", type=float, default=0.225,
-                   help="when --tau masks <5%% or >95%% of the new data's target tokens, also run the tau that masks this share")
-    p.add_argument("--always-calibrated", action="store_true", help="run the calibrated tau whatever --tau masks")
+                   help="also run the tau that masks this share of the new data's target tokens under the base model (0.225)")
+    p.add_argument("--no-calibrated-tau", action="store_true", help="run --tau only")
     p.add_argument("--base-steps", type=int, default=ef.BASE["steps"])
     p.add_argument("--base-lr", type=float, default=ef.BASE["lr"])
     p.add_argument("--new-steps", type=int, default=ef.NEW["steps"])
@@ -294,11 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest = rb.build(buffer, [files["old_train"]], budget=None, shard_size=256, seed=0)
     log(f"replay buffer: {manifest['records']} records in {len(manifest['shards'])} shards")
 
-    # How much tau masks on the NEW data under the base model; a calibrated tau if it is all or nothing.
-    calib = calibrate(base_nll_distribution(base_dir, files["new_train"]), args.tau, args.target_fraction)
-    taus = [args.tau]
-    if args.always_calibrated or not 0.05 <= calib["fraction_masked_at_default_tau"] <= 0.95:
-        taus.append(calib["calibrated_tau"])
+    # How much tau masks on the NEW data under the base model, and the tau that masks --target-fraction.
+    calib = calibrate(*base_nll_distribution(base_dir, files["new_train"]), args.tau, args.target_fraction)
+    taus = [args.tau] + ([] if args.no_calibrated_tau else [calib["calibrated_tau"]])
     log(f"token masking: tau {args.tau} masks {calib['fraction_masked_at_default_tau']:.1%} of "
         f"{calib['target_tokens']} target tokens; tau {calib['calibrated_tau']:g} masks "
         f"{calib['fraction_masked_at_calibrated_tau']:.1%}; running tau {taus}")

@@ -29,6 +29,7 @@ import json
 import os
 import random
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
@@ -53,7 +54,7 @@ def _fs(url: str):
     try:
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs installed
-        raise DataError(f"{url}: {e} (install the fsspec backend for this URL, e.g. pip install s3fs)") from None
+        raise DataError(f"{url}: {e} (each URL scheme needs its fsspec backend: s3fs, gcsfs, adlfs, ...)") from None
 
 
 def _join(base: str, *parts: str) -> str:
@@ -426,6 +427,7 @@ class ReplayStream:
             check_shard(shard)
         self.size = sum(len(r) for _, r in self.parts)
         self.seed, self.rank, self.encode = seed, rank, encode
+        self.waited = 0.0  # seconds the training loop spent waiting in take()
         self._queue: Queue = Queue(maxsize=max(prefetch, 1))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(start,), daemon=True, name="replay-prefetch")
@@ -462,13 +464,14 @@ class ReplayStream:
             self._queue.put(e)
 
     def take(self, n: int) -> list[dict]:
-        """The next ``n`` examples (blocks only when the prefetch has not kept up)."""
-        out = []
+        """The next ``n`` examples (blocks only when the prefetch has not kept up; ``waited`` adds up the time)."""
+        out, start = [], time.perf_counter()
         for _ in range(n):
             item = self._queue.get()
             if isinstance(item, BaseException):
                 raise item
             out.append(item)
+        self.waited += time.perf_counter() - start
         return out
 
     def close(self) -> None:

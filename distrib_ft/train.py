@@ -261,6 +261,8 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
                               loss_replay=replay_nll / max(replay_targets, 1),
                               new_sequences=window["steps"] * global_batch - window["replay_sequences"],
                               replay_sequences=window["replay_sequences"])
+            for s in strategies:
+                record.update(s.metrics())
             if not d.streaming:
                 record["epoch"] = ((step * global_batch - batching.replay_before(step, replay_ratio, global_batch))
                                    / (batching.steps_per_epoch(len(train_ds), global_batch) * global_batch))

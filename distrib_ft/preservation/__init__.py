@@ -10,6 +10,7 @@ The training loop calls a strategy through these hooks only, in this order:
 - ``mix(step, examples)``: this rank's examples of an optimizer step -> the examples to train on
   (replay adds old ones, marked ``"replay": True``);
 - ``penalty(model)``: an extra loss term for this optimizer step, or None;
+- ``metrics()``: values for the next metrics.jsonl line, accumulated since the previous call (this rank's);
 - ``state_dict()``: what a checkpoint must hold for an exact resume (small, JSON-able);
 - ``close()``: the loop is over: release threads and files;
 - ``on_task_end(model, final_dir=..., train_examples=...)``: compute what the next round needs and write it
@@ -41,6 +42,8 @@ class Strategy(Protocol):
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None: ...
 
+    def metrics(self) -> dict: ...
+
     def state_dict(self) -> dict: ...
 
     def close(self) -> None: ...
@@ -67,6 +70,9 @@ class Hooks:
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
         return None
+
+    def metrics(self) -> dict:
+        return {}
 
     def state_dict(self) -> dict:
         return {}

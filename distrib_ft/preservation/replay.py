@@ -72,6 +72,12 @@ class Replay(Hooks):
             raise ValueError(f"replay.version: the checkpoint was trained on version {saved.get('version')} of "
                              f"{self.buffer}, this run reads version {self.version}; set replay.version: "
                              f"{saved.get('version')} to resume exactly")
+        sizes = [sum(len(range(part, sh["records"], parts)) for sh, part, parts in
+                     rb.assign_shards(self.manifest["shards"], k, dist.world_size())) for k in range(dist.world_size())]
+        if max(sizes) > 1.25 * min(sizes):
+            dist.print0(f"replay: warning: the workers hold unequal parts of the buffer ({min(sizes)}..{max(sizes)} "
+                        "records), so records in smaller parts are replayed more often; rebuild with a --shard-size "
+                        "that gives a multiple of the worker count in shards")
         sources = ", ".join(f"{s['name']} {s['selected']:,}" for s in self.manifest["sources"])
         dist.print0(f"replay: {self.ratio:.1%} of every global batch from {self.buffer} version {self.version} "
                     f"({self.manifest['records']:,} records in {len(self.manifest['shards'])} shard(s): {sources})")
@@ -90,6 +96,14 @@ class Replay(Hooks):
                                           start=rank_replay_before(step, self.ratio, gb, rank, world))
         self.replayed = replay_before(step + 1, self.ratio, gb)
         return examples + self.stream.take(replay_counts(step, self.ratio, gb, world)[rank])
+
+    def metrics(self) -> dict:
+        """``replay_wait_seconds``: time rank 0's loop waited for replay examples since the last line (0 =
+        the prefetch kept up)."""
+        if self.stream is None:
+            return {}
+        waited, self.stream.waited = self.stream.waited, 0.0
+        return {"replay_wait_seconds": waited}
 
     def state_dict(self) -> dict:
         return {"buffer": self.buffer, "version": self.version, "replayed": self.replayed}

@@ -76,6 +76,8 @@ def test_buffer_on_an_fsspec_url(tmp_path):
     assert len(_rows("memory://replay-test/buf", m)) == 12
     m2 = rb.update("memory://replay-test/buf", [str(a)])
     assert m2["version"] == 2 and [s["name"] for s in m2["sources"]] == ["a.jsonl", "a.jsonl#2"]
+    with pytest.raises(DataError, match="nosuch://b: .*fsspec backend"):
+        rb.read_manifest("nosuch://b")
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5, 8])

@@ -1,0 +1,138 @@
+"""What replay costs per training step: the same job with ``replay.ratio`` 0 and > 0, paired.
+
+Both arms train the same model with the same global batch on data of one distribution: the new data
+and the replay buffer are two samples of ``throughput.write_alpaca`` (seeds 0 and 1), so a replayed
+sequence is as long as a new one on average and any difference in time per sequence is the replay
+machinery: reading Parquet shards, JSON-decoding and tokenizing records on the fly in the prefetch
+thread, mixing, and the per-row loss split. The new data is tokenized once before training in both arms
+(as any job does); the replay arm tokenizes its old examples during training.
+
+Each arm runs ``train()`` in a fresh process (world of one, ZeRO-2, fp32, LoRA r16), arms alternating,
+``--pairs`` times. Per step: wall seconds (metrics.jsonl tokens / tokens_per_second) and CPU seconds of
+the process (all its threads, so the prefetch thread's work counts), each divided by the sequences in
+the step. Reported: medians over steps after ``--warmup`` of each run, then the median over runs, and
+the ratio replay / plain; also rank 0's ``replay_wait_seconds`` (time the loop waited on replay).
+
+Usage::
+
+    python bench/replay_cost.py --model smollm2 --pairs 3 --steps 15      # ~8 min on 2 cores
+    python bench/replay_cost.py --model tiny --pairs 3 --steps 40         # worst case: ~20 ms steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+from throughput import train_and_measure, versions, write_alpaca  # noqa: E402
+
+DEFAULT_OUT = ROOT / "bench" / "results" / "replay_cost.json"
+
+
+def job(spec: dict) -> dict:
+    return {
+        "model": {"name_or_path": spec["model_dir"]},
+        "method": {"type": "lora", "r": 16, "lora_alpha": 32},
+        "data": {"train_files": [spec["new"]], "format": "alpaca", "max_seq_length": 256},
+        "training": {"output_dir": spec["out"], "max_steps": spec["steps"], "per_device_train_batch_size": spec["batch"],
+                     "learning_rate": 1e-4, "warmup_ratio": 0.0, "logging_steps": 1, "bf16": False, "seed": 0},
+        "distributed": {"num_workers": 1, "deepspeed": str(ROOT / "ds_configs" / "zero2.json")},
+        "replay": {"buffer": spec["buffer"], "ratio": spec["ratio"]} if spec["ratio"] else {},
+    }
+
+
+def worker(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    res = train_and_measure(job(spec), Path(spec["out"]))
+    per_seq = spec["batch"]
+    steps = []
+    for tps, n, cps, rec in zip(res["tokens_per_second"], res["tokens"], res["tokens_per_cpu_second"], res["records"]):
+        steps.append({"wall_per_seq": n / tps / per_seq, "cpu_per_seq": None if cps is None else n / cps / per_seq,
+                      "tokens": n, "wait": rec.get("replay_wait_seconds"), "replay": rec.get("replay_sequences")})
+    Path(spec["result"]).write_text(json.dumps({"steps": steps, "wall_s": res["wall_s"]}))
+
+
+def run_arm(spec: dict, work: Path, tag: str) -> dict:
+    d = work / tag
+    d.mkdir()
+    spec = {**spec, "out": str(d / "out"), "result": str(d / "result.json")}
+    (d / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false",
+           "DS_ACCELERATOR": "cpu", "DISTRIB_FT_PROGRESS": "log", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run([sys.executable, __file__, "--worker", str(d / "spec.json")], env=env, cwd=ROOT,
+                       capture_output=True, text=True)
+    if p.returncode:
+        sys.stderr.write(p.stderr[-6000:])
+        raise SystemExit(f"{tag} failed")
+    return json.loads((d / "result.json").read_text())
+
+
+def summarize(result: dict, warmup: int) -> dict:
+    steps = result["steps"][warmup:]
+    med = lambda key: statistics.median(s[key] for s in steps if s[key] is not None)  # noqa: E731
+    return {"wall_per_seq": med("wall_per_seq"), "cpu_per_seq": med("cpu_per_seq"),
+            "tokens_per_step": med("tokens"),
+            "wait_s_per_step": statistics.median(s["wait"] or 0.0 for s in steps)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--threads", type=int, default=1, help="OMP threads (2 on 2 busy cores oversubscribes)")
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(args.worker)
+        return 0
+    from distrib_ft import replay_buffer as rb
+
+    work = Path(tempfile.mkdtemp(prefix="dft-replay-cost-"))
+    if args.model == "smollm2":
+        from distrib_ft.assets import smollm2_path
+
+        model_dir = str(smollm2_path())
+    else:
+        from distrib_ft.tiny import build_tiny_model
+
+        model_dir = str(build_tiny_model(work / "model"))
+    new = write_alpaca(work / "new.jsonl", 2000, seed=0)
+    rb.build(str(work / "buffer"), [str(write_alpaca(work / "old.jsonl", 2000, seed=1))], shard_size=256)
+    spec = {"model_dir": model_dir, "new": str(new), "buffer": str(work / "buffer"), "steps": args.steps,
+            "batch": args.batch, "threads": args.threads}
+    runs = {"plain": [], "replay": []}
+    t0 = time.time()
+    for i in range(args.pairs):
+        for arm, ratio in (("plain", 0.0), ("replay", args.ratio)) if i % 2 == 0 else (("replay", args.ratio), ("plain", 0.0)):
+            res = run_arm({**spec, "ratio": ratio}, work, f"{arm}-{i}")
+            runs[arm].append(summarize(res, args.warmup))
+            print(f"pair {i} {arm}: {runs[arm][-1]}", flush=True)
+    med = {arm: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for arm, rs in runs.items()}
+    ratios = {k: med["replay"][k] / med["plain"][k] for k in ("wall_per_seq", "cpu_per_seq", "tokens_per_step")}
+    record = {"command": "python bench/replay_cost.py " + " ".join(argv or sys.argv[1:]), "settings": vars(args),
+              "versions": versions(), "runs": runs, "median": med, "replay_over_plain": ratios,
+              "elapsed_s": time.time() - t0}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({"median": med, "replay_over_plain": ratios}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
