@@ -129,3 +129,19 @@ def test_stream_order_is_a_function_of_the_position(tmp_path):
     later = rb.ReplayStream(buf, m, rank=0, world=1, seed=1, encode=enc, start=13)
     assert [e["text"] for e in later.take(12)] == seq[13:25]
     later.close()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_each_rank_streams_its_own_records_and_together_all(tmp_path, world):
+    buf = str(tmp_path / "buf")
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": f"r{i}"}) + "\n" for i in range(11)))
+    m = rb.build(buf, [str(src)], shard_size=5)  # 3 shards of 5, 5, 1
+    enc = lambda rec, fmt, where: {"text": rec["text"]}  # noqa: E731
+    parts = []
+    for rank in range(world):
+        stream = rb.ReplayStream(buf, m, rank=rank, world=world, seed=0, encode=enc)
+        parts.append([e["text"] for e in stream.take(stream.size)])
+        stream.close()
+    flat = [t for p in parts for t in p]
+    assert sorted(flat) == sorted(f"r{i}" for i in range(11)) and len(set(flat)) == 11
