@@ -71,7 +71,7 @@ class EWC(Hooks):
             ds, _ = dist.main_first(lambda: build_dataset(
                 e.fisher_files, fmt=e.fisher_format or d.format, tokenizer=tokenizer, max_seq_length=d.max_seq_length,
                 prompt_template=d.prompt_template, text_field=d.text_field))
-            return [ds[i] for i in range(min(len(ds), e.fisher_max_sequences))]
+            return [ds[i] for i in _sample(len(ds), e.fisher_max_sequences, cfg.training.seed)]
 
         return cls(lam=e.lambda_, estimator=e.estimator, target=e.target, fisher_file=e.fisher_file,
                    fisher_examples=examples if e.fisher_files else None, batch_size=e.fisher_batch_size,
@@ -169,9 +169,7 @@ class EWC(Hooks):
         """With update_after: F of the data just learned, merged online, with new anchors, into final/."""
         if not self.update_after:
             return []
-        g = torch.Generator().manual_seed(self.seed)
-        n = len(train_examples)
-        pick = torch.randperm(n, generator=g)[:self.max_sequences].tolist()
+        pick = _sample(len(train_examples), self.max_sequences, self.seed)
         dist.print0(f"ewc: computing the Fisher of the data just learned ({len(pick)} sequences) for the next round")
         new, info = self.compute(model, [train_examples[i] for i in pick])
         fisher = merge_online({k: v.cpu() for k, v in self.fisher.items()}, new, self.gamma) if self.fisher else new
@@ -182,3 +180,11 @@ class EWC(Hooks):
             save_fisher(out, fisher, {**info, "gamma": self.gamma, "rounds": rounds}, anchors)
         dist.barrier()
         return [out]
+
+
+def _sample(n: int, k: int, seed: int) -> list[int]:
+    """``k`` of ``n`` example indices drawn uniformly (seeded), in order; all when ``k >= n``. A file sorted
+    by topic must not give a Fisher of its first topics only."""
+    if k >= n:
+        return list(range(n))
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
