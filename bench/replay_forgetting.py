@@ -28,7 +28,7 @@ they seed.
 
 Usage::
 
-    python bench/replay_forgetting.py --seeds 0 1 2 3 4
+    python bench/replay_forgetting.py --seeds 0 1 2 3 4   # 40 runs, ~8 min on 2 busy cores
     python bench/replay_forgetting.py --table-from bench/results/replay_forgetting.json
 """
 
@@ -247,6 +247,18 @@ def build_tables(record: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------- the driver
 
+def git_state() -> dict:
+    """The commit and whether the code the runs import (distrib_ft/, bench/ewc_forgetting.py) differs from it."""
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "HEAD"),
+            "uncommitted_changes": git("status", "--porcelain", "--", "distrib_ft", "bench/ewc_forgetting.py",
+                                       "bench/throughput.py").splitlines()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training.seed of the step-2 runs (0 1 2)")
@@ -282,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="distrib-ft-replay-forget-")
     work = Path(tmp.name)
     t_start = time.time()
+    git_start = git_state()
     log = lambda msg: print(f"[{time.time() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     init_dir = str(build_tiny_model(work / "init", seed=0, **ef.MODEL))
     files = ef.make_tasks(work, load_tokenizer(init_dir), args.train_records, args.eval_records)
@@ -332,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                            "replay_buffer": {"records": manifest["records"], "shards": len(manifest["shards"]),
                                              "source": "old_train.jsonl (all records)", "shard_size": 256, "seed": 0},
                            "method": "full fine-tuning, DeepSpeed ZeRO-0, fp32, AdamW (no weight decay)",
-                           "eval_file_during_training": "old_eval (eval_curve = old-skill NLL every 100 steps)"},
-              "versions": ef.versions(), "base": base, "token_masking_calibration": calib,
+                           "eval_file_during_training": "old_eval (eval_curve = old-skill NLL at steps 0, 5, 10, 25, 50 and every 100)"},
+              "versions": ef.versions(), "git": {"start": git_start, "end": git_state()}, "base": base, "token_masking_calibration": calib,
               "total_s": time.time() - t_start, "loadavg_at_end": os.getloadavg(), "runs": runs}
     record.update(build_tables(record))
     print(record["replay_table"] + "\n\n" + record["masking_table"])
