@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -149,3 +150,15 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def share_batches(n: int, batch_size: int):
+    """This rank's share of ``n`` items (every ``world``-th) in batches: yields ``(idx, run)``. Every rank
+    yields the same number of batches, because under ZeRO-3 each forward gathers parameters from all
+    ranks; a rank whose share has run out gets ``idx=[]`` and ``run`` = a repeat of its last item, to
+    compute and discard."""
+    r, world = rank(), world_size()
+    mine = list(range(r, n, world))
+    for b in range(math.ceil(math.ceil(n / world) / batch_size)):
+        idx = mine[b * batch_size:(b + 1) * batch_size]
+        yield idx, idx or mine[-1:] or [0]

@@ -44,17 +44,12 @@ def token_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def evaluate_nll(model, dataset, *, batch_size: int, pad_token_id: int) -> dict[str, float]:
     """Token-weighted mean NLL over ``dataset`` (all ranks together)."""
-    rank, world = dist.rank(), dist.world_size()
-    mine = list(range(rank, len(dataset), world))
-    n_batches = math.ceil(math.ceil(len(dataset) / world) / batch_size)
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
-    for b in range(n_batches):
-        idx = mine[b * batch_size:(b + 1) * batch_size]
+    for idx, run in dist.share_batches(len(dataset), batch_size):
         weight = 1.0 if idx else 0.0
-        idx = idx or mine[-1:] or [0]
-        batch = {k: v.to(dist.device()) for k, v in collate([dataset[i] for i in idx], pad_token_id).items()}
+        batch = {k: v.to(dist.device()) for k, v in collate([dataset[i] for i in run], pad_token_id).items()}
         nll, n = token_nll_sum(model, batch)
         total_nll += weight * nll.item()
         total_tokens += int(weight) * n

@@ -21,7 +21,6 @@ so a rank that is done keeps stepping until all are), and the (correct, count) s
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -87,17 +86,14 @@ def score_generations(model, tokenizer, examples: list[dict], *, metric: str, ma
         for i, e in enumerate(examples):
             if not e.get("choices") or e["reference"] not in e["choices"] or not all(e["choices"]):
                 raise ValueError(f"example {i}: multiple_choice needs non-empty choices that include the reference")
-    rank, world = dist.rank(), dist.world_size()
+    world = dist.world_size()
     device = device or dist.device()
-    mine = list(range(rank, len(examples), world))
-    n_batches = math.ceil(math.ceil(len(examples) / world) / batch_size)
     was_training = model.training
     model.eval()
     correct, count, samples = 0, 0, []
     try:
-        for b in range(n_batches):
-            idx = mine[b * batch_size:(b + 1) * batch_size]
-            batch = [examples[i] for i in (idx or mine[-1:] or [0])]  # no share left: a zero-weight repeat
+        for idx, run in dist.share_batches(len(examples), batch_size):
+            batch = [examples[i] for i in run]  # no share left: a repeat, not counted
             if metric == "multiple_choice":
                 outputs = _choose(model, tokenizer, batch, device)
             else:

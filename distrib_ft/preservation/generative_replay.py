@@ -170,19 +170,14 @@ def _record(conv: list[dict], response: str) -> dict:
 
 def _generate_all(model, tokenizer, convs: list[list[dict]], gen) -> list[tuple[str, bool]]:
     """Generations for every conversation: each rank every world-th, in equal numbers of batches; gathered."""
-    rank, world = dist.rank(), dist.world_size()
     prompts = [_user_prompt(tokenizer, c[0]["content"], "") if len(c) == 1 else _render(tokenizer, c) for c in convs]
-    mine = list(range(rank, len(prompts), world))
-    n_batches = math.ceil(math.ceil(len(prompts) / world) / gen.batch_size)
     out: dict[int, tuple[str, bool]] = {}
     was_training = model.training
     model.eval()
     try:
-        for b in range(n_batches):
-            idx = mine[b * gen.batch_size:(b + 1) * gen.batch_size]
-            run = idx or mine[-1:] or [0]
+        for idx, run in dist.share_batches(len(prompts), gen.batch_size):
             texts = generate_batch(model, tokenizer, [prompts[i] for i in run], max_new_tokens=gen.max_new_tokens,
-                                   device=dist.device(), synced=world > 1, temperature=gen.temperature,
+                                   device=dist.device(), synced=dist.world_size() > 1, temperature=gen.temperature,
                                    top_p=gen.top_p)
             out.update(zip(idx, texts))
     finally:

@@ -33,15 +33,10 @@ from distrib_ft.data import IGNORE_INDEX, collate
 def base_token_nll(model, dataset, *, batch_size: int, pad_token_id: int) -> list[np.ndarray]:
     """Per example, the NLL of every label position (entry t scores label t given tokens < t; NaN where
     label t is not a target, and at t = 0). Computed by all ranks together; every rank gets the whole list."""
-    rank, world = dist.rank(), dist.world_size()
-    mine = list(range(rank, len(dataset), world))
-    n_batches = math.ceil(math.ceil(len(dataset) / world) / batch_size)
     was_training = model.training
     model.eval()
     out: dict[int, np.ndarray] = {}
-    for b in range(n_batches):
-        idx = mine[b * batch_size:(b + 1) * batch_size]
-        run = idx or mine[-1:] or [0]  # a rank with a shorter share repeats a batch: ZeRO-3 gathers together
+    for idx, run in dist.share_batches(len(dataset), batch_size):
         batch = {k: v.to(dist.device()) for k, v in collate([dataset[i] for i in run], pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
