@@ -1,9 +1,10 @@
 """What replay costs per training step: the same job with ``replay.ratio`` 0 and > 0, paired.
 
-Both arms train the same model with the same global batch on data of one distribution: the new data
-and the replay buffer are two samples of ``throughput.write_alpaca`` (seeds 0 and 1), so a replayed
-sequence is as long as a new one on average and any difference in time per sequence is the replay
-machinery: reading Parquet shards, JSON-decoding and tokenizing records on the fly in the prefetch
+Both arms train the same model with the same global batch on alpaca records that all tokenize to the
+same length (``write_fixed``; the new data and the buffer are two samples of it), so no arm pads more
+than the other -- with ``throughput.write_alpaca``'s varied lengths the replay arm's batches happened to
+hold 3.7% more padded tokens, which alone exceeded the effect measured -- and any difference in time
+per sequence is the replay machinery: reading Parquet shards, JSON-decoding and tokenizing records on the fly in the prefetch
 thread, mixing, and the per-row loss split. The new data is tokenized once before training in both arms
 (as any job does); the replay arm tokenizes its old examples during training.
 
@@ -11,7 +12,9 @@ Each arm runs ``train()`` in a fresh process (world of one, ZeRO-2, fp32, LoRA r
 ``--pairs`` times. Per step: wall seconds (metrics.jsonl tokens / tokens_per_second) and CPU seconds of
 the process (all its threads, so the prefetch thread's work counts), each divided by the sequences in
 the step. Reported: medians over steps after ``--warmup`` of each run, then the median over runs, and
-the ratio replay / plain; also rank 0's ``replay_wait_seconds`` (time the loop waited on replay).
+the ratio replay / plain; also rank 0's ``replay_wait_seconds`` (time the loop waited on replay). On a
+shared 2-core machine the paired ratio carries a few percent of noise, so the replay machinery is also
+timed alone: CPU milliseconds per replayed example (read, decode, tokenize, queue) in one process.
 
 Usage::
 
@@ -34,9 +37,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
-from throughput import train_and_measure, versions, write_alpaca  # noqa: E402
+from throughput import train_and_measure, versions  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "replay_cost.json"
+
+
+def write_fixed(path: Path, n: int, seed: int) -> Path:
+    """Alpaca records that all tokenize to the same length (136 tokens with SmolLM2's ChatML template:
+    single-letter words are single tokens), so that no arm pads more than the other."""
+    import random
+    import string
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            ch = rng.choice(string.ascii_lowercase)
+            f.write(json.dumps({"instruction": f"write the letter {ch} 96 times", "input": "",
+                                "output": " ".join([ch] * 96)}) + "\n")
+    return path
 
 
 def job(spec: dict) -> dict:
@@ -85,6 +103,27 @@ def summarize(result: dict, warmup: int) -> dict:
             "wait_s_per_step": statistics.median(s["wait"] or 0.0 for s in steps)}
 
 
+def machinery_cost(buffer: str, model_dir: str, n: int = 1000, trials: int = 3) -> list[float]:
+    """CPU milliseconds per replayed example spent by the replay machinery alone (Parquet read, JSON decode,
+    tokenization with the model's tokenizer and template, the prefetch queue), measured in this process."""
+    from distrib_ft import replay_buffer as rb
+    from distrib_ft.data import encode_record
+    from distrib_ft.model import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    manifest = rb.read_manifest(buffer)
+    out = []
+    for trial in range(trials):
+        t0 = time.process_time()
+        stream = rb.ReplayStream(buffer, manifest, rank=0, world=1, seed=trial, prefetch=256,
+                                 encode=lambda r, f, w: encode_record(r, f, w, tokenizer=tok, max_seq_length=256,
+                                                                      prompt_template="auto"))
+        stream.take(n)
+        stream.close()
+        out.append(1000 * (time.process_time() - t0) / n)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
@@ -111,10 +150,12 @@ def main(argv=None) -> int:
         from distrib_ft.tiny import build_tiny_model
 
         model_dir = str(build_tiny_model(work / "model"))
-    new = write_alpaca(work / "new.jsonl", 2000, seed=0)
-    rb.build(str(work / "buffer"), [str(write_alpaca(work / "old.jsonl", 2000, seed=1))], shard_size=256)
+    new = write_fixed(work / "new.jsonl", 2000, seed=0)
+    rb.build(str(work / "buffer"), [str(write_fixed(work / "old.jsonl", 2000, seed=1))], shard_size=256)
     spec = {"model_dir": model_dir, "new": str(new), "buffer": str(work / "buffer"), "steps": args.steps,
             "batch": args.batch, "threads": args.threads}
+    machinery = machinery_cost(spec["buffer"], model_dir)
+    print(f"replay machinery: {[round(x, 3) for x in machinery]} CPU ms per replayed example", flush=True)
     runs = {"plain": [], "replay": []}
     t0 = time.time()
     for i in range(args.pairs):
@@ -126,6 +167,7 @@ def main(argv=None) -> int:
     ratios = {k: med["replay"][k] / med["plain"][k] for k in ("wall_per_seq", "cpu_per_seq", "tokens_per_step")}
     record = {"command": "python bench/replay_cost.py " + " ".join(argv or sys.argv[1:]), "settings": vars(args),
               "versions": versions(), "runs": runs, "median": med, "replay_over_plain": ratios,
+              "machinery_cpu_ms_per_replayed_example": machinery,
               "elapsed_s": time.time() - t0}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
