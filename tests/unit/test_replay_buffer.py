@@ -145,3 +145,18 @@ def test_each_rank_streams_its_own_records_and_together_all(tmp_path, world):
         stream.close()
     flat = [t for p in parts for t in p]
     assert sorted(flat) == sorted(f"r{i}" for i in range(11)) and len(set(flat)) == 11
+
+
+def test_parquet_and_saved_dataset_sources_with_an_explicit_format(tmp_path):
+    from datasets import Dataset
+
+    recs = [{"body": f"text {i}"} for i in range(6)]
+    pq.write_table(rb.pa.Table.from_pylist(recs), str(tmp_path / "old.parquet"))
+    with pytest.raises(DataError, match="cannot tell the data format"):
+        rb.build(str(tmp_path / "b0"), [str(tmp_path / "old.parquet")])
+    recs_text = [{"text": r["body"]} for r in recs]
+    pq.write_table(rb.pa.Table.from_pylist(recs_text), str(tmp_path / "t.parquet"))
+    Dataset.from_list(recs_text).save_to_disk(str(tmp_path / "saved_text"))
+    m = rb.build(str(tmp_path / "b1"), [str(tmp_path / "t.parquet"), str(tmp_path / "saved_text")], fmt="text")
+    assert {s["name"]: (s["format"], s["selected"]) for s in m["sources"]} == {"t.parquet": ("text", 6),
+                                                                               "saved_text": ("text", 6)}
