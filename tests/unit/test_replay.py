@@ -67,3 +67,11 @@ def test_update_after_carries_the_buffer_forward(tmp_path, tiny_model_dir):
     m = rb.read_manifest(str(tmp_path / "buffer"))
     assert m["version"] == 2 and {s["name"]: s["selected"] for s in m["sources"]} == {"old.jsonl": 30, "train.jsonl": 7}
     assert rb.read_manifest(str(tmp_path / "buffer"), 1)["records"] == 30
+
+
+def test_replay_beside_streamed_new_data(tmp_path, tiny_model_dir):
+    raw = replay_job(tmp_path, tiny_model_dir, ratio=0.5, max_steps=3)
+    set_in(raw, "data.streaming", True)
+    train(config_from_dict(raw))
+    lines = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert [(r["new_sequences"], r["replay_sequences"]) for r in lines] == [(2, 2)] * 3
