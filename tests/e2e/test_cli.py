@@ -15,8 +15,18 @@ from tests.jobs import ROOT, job_dict, set_in
 CLI = [sys.executable, "-m", "launcher.cli"]
 
 
+# An in-process job earlier in the same pytest process (a world of one) leaves these set, and its
+# rendezvous port stays taken: a child must not inherit them.
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env(**extra) -> dict:
+    """os.environ without the launcher variables, plus ``extra``."""
+    return {**{k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}, **extra}
+
+
 def cli(*args, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = clean_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
@@ -143,7 +153,7 @@ def test_fisher_command_through_ray(tmp_path, tiny_model_dir):
 
 def test_same_loop_under_torchrun(tmp_path, tiny_model_dir):
     raw = job_dict(tmp_path, tiny_model_dir, max_steps=2, per_device_train_batch_size=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = clean_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                         "--master-port", str(__import__("distrib_ft.dist", fromlist=["x"]).free_port()),
                         "-m", "launcher.cli", "train", str(write_job(tmp_path, raw)), "--launcher", "local"],

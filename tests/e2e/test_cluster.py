@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from distrib_ft.dist import free_port
-from tests.e2e.test_cli import cli, live_ray_processes, write_job
+from tests.e2e.test_cli import clean_env, cli, live_ray_processes, write_job
 from tests.jobs import ROOT, job_dict, set_in
 
 BIN = Path(sys.executable).parent
@@ -25,7 +25,7 @@ def ray_head(monkeypatch):
     # Ray 2.60 turns token auth on by default; a client of this throwaway head was refused here with
     # the default token, so the head and its clients in this test run without it.
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = clean_env(RAY_USAGE_STATS_ENABLED="0")
     subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
                     "--dashboard-host=127.0.0.1", "--num-cpus=3", f"--temp-dir={temp_dir}",
                     f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
@@ -56,7 +56,7 @@ def test_job_on_an_existing_cluster(tmp_path, tiny_model_dir, ray_head):
     assert (tmp_path / "out" / "final" / "adapter_model.safetensors").exists()
 
     # The Jobs API: the driver runs on the head and connects with --address auto.
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = clean_env(PYTHONPATH=str(ROOT))
     r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--",
                         sys.executable, "-m", "launcher.cli", "train", str(job), "--address", "auto",
                         f"training.output_dir={tmp_path / 'out2'}"],
