@@ -31,7 +31,8 @@ from distrib_ft.engine import build_engine, load_deepspeed_config, zero_stage
 from distrib_ft.evaluation import evaluate_nll, evaluate_suites, load_suites, token_nll_rows
 from distrib_ft.metrics import MetricsLog, Progress
 from distrib_ft.monitor import Monitor, is_eval_step
-from distrib_ft.model import apply_method, count_parameters, load_model, load_tokenizer, merge_adapters
+from distrib_ft.model import (apply_method, count_parameters, load_model, load_tokenizer, merge_adapters,
+                             resolve_offline_model)
 from distrib_ft.preservation import build_strategies
 
 
@@ -59,7 +60,10 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 def start_worker(cfg: JobConfig) -> None:
-    """This process's environment and process group (in-process, torchrun or Ray)."""
+    """This process's environment and process group (in-process, torchrun or Ray); ``offline:`` model names
+    resolved to their cached folder (the CLI has done it already when it launched the workers)."""
+    if cfg.model.name_or_path.startswith("offline:"):
+        cfg.model.name_or_path = str(resolve_offline_model(cfg.model.name_or_path))
     dist.apply_env(dist.worker_env(threads=cfg.distributed.cpus_per_worker, use_gpu=torch.cuda.is_available()))
     dist.init(cfg.distributed.backend)
     set_seed(cfg.training.seed)
@@ -203,6 +207,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
 
     if evaluating and step == 0:  # the baselines, before any update
         run_eval(0)
+        window = new_window()
 
     engine.train()
     while step < max_steps:
@@ -270,11 +275,13 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
             progress.update(window["steps"], record)
             window = new_window()
 
+        paused = time.time()  # evaluations and checkpoints do not count in the next line's tokens_per_second
         if evaluating and is_eval_step(step, eval_at=mc.eval_at, eval_steps=t.eval_steps, max_steps=max_steps):
             run_eval(step)
             stop_reason = monitor.should_stop()
         if t.save_steps and (step % t.save_steps == 0 or step == max_steps or stop_reason):
             save(step)
+        window["time"] += time.time() - paused
         if stop_reason:
             dist.print0(f"stopping at step {step}: {stop_reason}")
             break
