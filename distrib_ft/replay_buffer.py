@@ -197,7 +197,8 @@ def _pick(url: str, fmt: str, population: int, k: int, rng: random.Random, reser
     return [_checked(where, rec, fmt) for i, (where, rec) in enumerate(iter_records(url)) if i in chosen]
 
 
-def _source_name(url: str, taken: set[str]) -> str:
+def source_name(url: str, taken: set[str]) -> str:
+    """A source's name in the manifest: the file name, made unique with ``#2``, ``#3``, ..."""
     name = PurePosixPath(url.rstrip("/")).name
     base, i = name, 1
     while name in taken:
@@ -272,7 +273,7 @@ def _new_sources(files: list[str], fmt: str | None, policy: str, budget: int | N
         if f is None:
             raise DataError(f"{first[0]}: cannot tell the data format from the fields {sorted(first[1])}; "
                             f"pass --format ({', '.join(FORMATS)})")
-        name = _source_name(url, taken)
+        name = source_name(url, taken)
         taken.add(name)
         population, reservoir = _sample_source(url, f, policy, budget, rng)
         out.append({"name": name, "uri": url, "format": f, "sha256": file_sha256(url), "records": population,

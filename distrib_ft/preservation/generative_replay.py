@@ -39,14 +39,14 @@ SELF_INSTRUCT = ("Here are some tasks for an assistant:\n\n{examples}\n\nWrite o
                  "in the same style. Reply with the task only.")
 
 
-def source_name(gen, model_name: str) -> str:
+def generated_source_name(gen, model_name: str) -> str:
     key = json.dumps({"settings": gen.model_dump(mode="json"), "model": model_name}, sort_keys=True)
     return "generated-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def ensure_generated(model, tokenizer, buffer: str, gen, *, seed: int, model_name: str = "") -> None:
     """Generate the pseudo-examples into ``buffer`` unless it already holds them. Collective."""
-    name = source_name(gen, model_name)
+    name = generated_source_name(gen, model_name)
     have = False
     if dist.is_main() and rb.list_versions(buffer):
         have = any(s["name"] == name for s in rb.read_manifest(buffer)["sources"])

@@ -123,7 +123,8 @@ class Replay(Hooks):
             quotas = _even_quotas(names, budget, prev)
             m = rb.update(self.buffer, self.update_files, quotas=quotas, budget=sum(quotas.values()),
                           seed=self.seed, create=prev is None)
-            dist.print0(f"replay: added {budget:,} records of the new data to {self.buffer} -> version {m['version']}")
+            added = sum(src["selected"] for src in m["sources"] if src.get("added_in") == m["version"])
+            dist.print0(f"replay: added {added:,} records of the new data to {self.buffer} -> version {m['version']}")
         dist.barrier()
         return []
 
@@ -135,7 +136,7 @@ def _even_quotas(names: list[str], budget: int, prev: dict | None) -> dict[str, 
     quotas = {s["name"]: s["selected"] for s in prev["sources"]} if prev else {}
     keys = []
     for n in names:
-        key = rb._source_name(n, taken)
+        key = rb.source_name(n, taken)
         taken.add(key)
         keys.append(key)
     for i, key in enumerate(keys):
