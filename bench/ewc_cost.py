@@ -2,7 +2,7 @@
 
 (a) ``--parts fisher``: Fisher pass vs training forward+backward, same N sequences, same model, same
     collate (``distrib_ft.data.collate``), one process, ``OMP_NUM_THREADS`` set by this script:
-    - ``train``: the loop's forward+backward (``distrib_ft.train.token_nll_sum`` over micro-batches of
+    - ``train``: the loop's forward+backward (``distrib_ft.evaluation.token_nll_sum`` over micro-batches of
       8, loss scaled as the loop scales it, ``loss.backward()``), no optimizer; one
       ``torch.optim.AdamW`` step per micro-batch is timed separately (``Fisher / (fwd+bwd + AdamW)``);
     - ``train_b1``: the same one sequence at a time (the floor for a per-sequence estimator);
@@ -71,7 +71,8 @@ def worker_fisher(spec: dict) -> dict:
     from distrib_ft.fisher import compute_fisher
     from distrib_ft.model import apply_method, load_model, load_tokenizer
     from distrib_ft.preservation.ewc import EWC, lora_layers
-    from distrib_ft.train import set_seed, token_nll_sum
+    from distrib_ft.evaluation import token_nll_sum
+    from distrib_ft.train import set_seed
 
     set_seed(0)
     tok = load_tokenizer(spec["model_dir"])
