@@ -296,7 +296,9 @@ def build_table(record: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------- the driver
 
-def run_workers(job_lists: list[list[dict]], files: dict, eval_model_dir: str, work: Path, tag: str) -> list[dict]:
+def run_workers(job_lists: list[list[dict]], files: dict, eval_model_dir: str, work: Path, tag: str,
+                script: str = __file__) -> list[dict]:
+    """Run each list of jobs in a worker process (``script --worker SPEC``, by default this file's worker)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "DS_ACCELERATOR": "cpu", "DISTRIB_FT_PROGRESS": "log", "PYTHONWARNINGS": "ignore"}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -309,7 +311,7 @@ def run_workers(job_lists: list[list[dict]], files: dict, eval_model_dir: str, w
                 "result": str(work / f"{tag}-worker{i}.json")}
         (work / f"{tag}-worker{i}.spec.json").write_text(json.dumps(spec))
         log = open(work / f"{tag}-worker{i}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, __file__, "--worker", str(work / f"{tag}-worker{i}.spec.json")],
+        procs.append((subprocess.Popen([sys.executable, script, "--worker", str(work / f"{tag}-worker{i}.spec.json")],
                                        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), spec, log))
     results = []
     for p, spec, log in procs:

@@ -117,31 +117,6 @@ def worker_main(spec_path: str) -> None:
               f"new EM {r['new']['em']:.2f} NLL {r['new']['nll']:.3f}", file=sys.stderr, flush=True)
 
 
-def run_workers(job_lists: list[list[dict]], files: dict, eval_model_dir: str, work: Path, tag: str) -> list[dict]:
-    """``ewc_forgetting.run_workers`` with this file's worker (that one re-executes ewc_forgetting.py)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "DS_ACCELERATOR": "cpu", "DISTRIB_FT_PROGRESS": "log", "PYTHONWARNINGS": "ignore"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    procs = []
-    for i, jobs in enumerate(j for j in job_lists if j):
-        spec = {"jobs": jobs, "files": files, "eval_model_dir": eval_model_dir,
-                "result": str(work / f"{tag}-worker{i}.json")}
-        (work / f"{tag}-worker{i}.spec.json").write_text(json.dumps(spec))
-        log = open(work / f"{tag}-worker{i}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, __file__, "--worker", str(work / f"{tag}-worker{i}.spec.json")],
-                                       env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), spec, log))
-    results = []
-    for p, spec, log in procs:
-        rc = p.wait()
-        log.close()
-        if rc != 0:
-            sys.stderr.write(Path(log.name).read_text()[-6000:])
-            raise SystemExit(f"worker failed ({rc}): {log.name}")
-        results += json.loads(Path(spec["result"]).read_text())
-    return results
-
-
 # ------------------------------------------------------------------------------- tau calibration
 
 def base_nll_distribution(base_dir: str, new_train: str) -> tuple[list[float], list[bool]]:
@@ -334,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append({**common, "name": name, "group": group, "seed": seed, "ratio": ratio, "mask": mask,
                          "tau": tau, "out": str(work / "runs" / name), "greedy_sample": 20 if seed == args.seeds[0] else 0})
     log(f"step 2: {len(jobs)} runs in {args.workers} processes")
-    runs = run_workers([jobs[i::args.workers] for i in range(args.workers)], files, base_dir, work, "sweep")
+    runs = ef.run_workers([jobs[i::args.workers] for i in range(args.workers)], files, base_dir, work, "sweep",
+                          script=__file__)  # this file's worker: it runs the replay / masking jobs
     log("step 2 done")
 
     record = {"command": "python bench/replay_forgetting.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -162,3 +162,11 @@ def share_batches(n: int, batch_size: int):
     for b in range(math.ceil(math.ceil(n / world) / batch_size)):
         idx = mine[b * batch_size:(b + 1) * batch_size]
         yield idx, idx or mine[-1:] or [0]
+
+
+def gather_shares(local: dict, n: int) -> list:
+    """Every rank's ``{index: result}`` for its share of ``n`` items, merged in index order on every rank."""
+    merged: dict = {}
+    for part in all_gather_object(local):
+        merged.update(part)
+    return [merged[i] for i in range(n)]

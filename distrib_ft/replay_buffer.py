@@ -361,33 +361,37 @@ def shards_of(buffer: str, manifest: dict) -> list[dict]:
 def read_shard(shard: dict, rows: list[int] | None = None) -> pa.Table:
     """One shard's table (optionally only ``rows``), checked against the manifest: a missing, unreadable
     or wrong-sized shard is an error naming it, never a silent skip."""
-    check_shard(shard)
-    fs, path = _fs(shard["url"])
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
+    table = _open_shard(shard, lambda f: pq.read_table(f))
     if table.schema.names[:4] != _SCHEMA.names:
         raise DataError(f"{shard['url']}: replay shard has columns {table.schema.names}, expected "
                         f"{_SCHEMA.names}; {_DAMAGED}")
     return table if rows is None else table.take(rows)
 
 
+def check_shard(shard: dict) -> None:
+    """Raise DataError naming the shard when it is missing, not Parquet, or not the manifest's size (reads
+    the Parquet footer only)."""
+    _open_shard(shard, lambda f: pq.ParquetFile(f).metadata)
+
+
 _DAMAGED = "the buffer is damaged: rebuild it, or set replay.version to an intact version"
 
 
-def check_shard(shard: dict) -> None:
-    """Raise DataError naming the shard when it is missing, not Parquet, or not the manifest's size."""
+def _open_shard(shard: dict, read):
+    """``read(file)`` of an existing, readable shard whose row count (``.num_rows``) is the manifest's."""
     fs, path = _fs(shard["url"])
     if not fs.exists(path):
         raise DataError(f"{shard['url']}: replay shard listed in the manifest is missing; {_DAMAGED}")
     try:
         with fs.open(path, "rb") as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
+            out = read(f)
     except Exception as e:
         raise DataError(f"{shard['url']}: replay shard is not a readable Parquet file ({type(e).__name__}: {e}); "
                         f"{_DAMAGED}") from None
-    if rows != shard["records"]:
-        raise DataError(f"{shard['url']}: replay shard has {rows} rows, the manifest says {shard['records']}; "
+    if out.num_rows != shard["records"]:
+        raise DataError(f"{shard['url']}: replay shard has {out.num_rows} rows, the manifest says {shard['records']}; "
                         f"{_DAMAGED}")
+    return out
 
 
 def assign_shards(shards: list[dict], rank: int, world: int) -> list[tuple[dict, int, int]]:

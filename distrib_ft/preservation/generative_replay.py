@@ -182,7 +182,4 @@ def _generate_all(model, tokenizer, convs: list[list[dict]], gen) -> list[tuple[
             out.update(zip(idx, texts))
     finally:
         model.train(was_training)
-    merged: dict[int, tuple[str, bool]] = {}
-    for part in dist.all_gather_object(out):
-        merged.update(part)
-    return [merged[i] for i in range(len(prompts))]
+    return dist.gather_shares(out, len(prompts))

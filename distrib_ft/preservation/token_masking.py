@@ -47,10 +47,7 @@ def base_token_nll(model, dataset, *, batch_size: int, pad_token_id: int) -> lis
             n = len(dataset[i]["input_ids"])
             out[i] = np.concatenate([[np.nan], nll[row, :n - 1]]).astype(np.float32)
     model.train(was_training)
-    merged: dict[int, np.ndarray] = {}
-    for part in dist.all_gather_object(out):
-        merged.update(part)
-    return [merged[i] for i in range(len(dataset))]
+    return dist.gather_shares(out, len(dataset))
 
 
 def choose_masks(nll: list[np.ndarray], *, mode: str, threshold: float, seed: int) -> list[np.ndarray]:
