@@ -1,12 +1,12 @@
 """What EWC costs: the Fisher pass vs a training pass, and the penalty's share of a training step.
 
 (a) ``--parts fisher``: Fisher pass vs training forward+backward, same N sequences, same model, same
-    collate (``distrib_ft.data.collate``), one process, ``OMP_NUM_THREADS`` set by this script:
-    - ``train``: the loop's forward+backward (``distrib_ft.evaluation.token_nll_sum`` over micro-batches of
+    collate (``distrib_ft.data.formats.collate``), one process, ``OMP_NUM_THREADS`` set by this script:
+    - ``train``: the loop's forward+backward (``distrib_ft.monitor.evaluation.token_nll_sum`` over micro-batches of
       8, loss scaled as the loop scales it, ``loss.backward()``), no optimizer; one
       ``torch.optim.AdamW`` step per micro-batch is timed separately (``Fisher / (fwd+bwd + AdamW)``);
     - ``train_b1``: the same one sequence at a time (the floor for a per-sequence estimator);
-    - ``fisher``: ``distrib_ft.fisher.compute_fisher`` with each estimator (empirical: one backward per
+    - ``fisher``: ``distrib_ft.preservation.fisher.compute_fisher`` with each estimator (empirical: one backward per
       sequence; sampled and batched: one per micro-batch of 8) over the parameters that EWC reads:
       LoRA ``target=trainable`` (the adapter), LoRA ``target=lora_merged`` (the dense weights the adapters
       update) and full fine-tuning (every parameter).
@@ -17,7 +17,7 @@
 ``--parts attribution``: where the extra time goes, part by part (see ``worker_attribution``).
 
 (b) ``--parts penalty`` (always on the tiny model):
-    - ``train()`` runs: a LoRA job (distrib_ft.train.train, DeepSpeed ZeRO-0, fp32, micro-batch 8)
+    - ``train()`` runs: a LoRA job (distrib_ft.runtime.loop.train, DeepSpeed ZeRO-0, fp32, micro-batch 8)
       without EWC (``no-ewc``), with EWC target=trainable / lora_merged (lambda 1), each a fresh
       subprocess, interleaved; per run the median tokens/s over the steps after the first ``--warmup``;
       ratio of the medians over runs. Also tokens per CPU-second;
@@ -67,12 +67,12 @@ def worker_fisher(spec: dict) -> dict:
     import torch
     from datasets import load_from_disk
 
-    from distrib_ft.data import collate
-    from distrib_ft.fisher import compute_fisher
+    from distrib_ft.data.formats import collate
+    from distrib_ft.preservation.fisher import compute_fisher
     from distrib_ft.model import apply_method, load_model, load_tokenizer
     from distrib_ft.preservation.ewc import EWC, lora_layers
-    from distrib_ft.evaluation import token_nll_sum
-    from distrib_ft.train import set_seed
+    from distrib_ft.monitor.evaluation import token_nll_sum
+    from distrib_ft.runtime.loop import set_seed
 
     set_seed(0)
     tok = load_tokenizer(spec["model_dir"])
@@ -210,7 +210,7 @@ def worker_attribution(spec: dict) -> dict:
     """Where the extra time of a Fisher pass and of the penalty goes, per part, on this model's sizes
     (median of 5 timings each; tensors of the model's shapes filled with random numbers):
 
-    - ``sample_labels``: ``distrib_ft.fisher._sample_labels`` on one micro-batch's logits (8 x T x vocab,
+    - ``sample_labels``: ``distrib_ft.preservation.fisher._sample_labels`` on one micro-batch's logits (8 x T x vocab,
       T = the longest of the first 8 sequences): softmax and one multinomial draw at *every* position;
       ``sample_targets_only``: the same draws at the target positions only (what the estimator needs);
     - ``accumulate_pow_add``: ``acc.add_(g.float().pow(2))`` over every parameter (what compute_fisher does
@@ -221,7 +221,7 @@ def worker_attribution(spec: dict) -> dict:
     import torch
     from datasets import load_from_disk
 
-    from distrib_ft.fisher import _sample_labels
+    from distrib_ft.preservation.fisher import _sample_labels
     from distrib_ft.model import load_model
     from distrib_ft.preservation.ewc import EWC
 
@@ -313,7 +313,7 @@ def run_worker(spec: dict, run_dir: Path) -> dict:
 
 
 def prepare(work: Path, model: str, args) -> dict:
-    from distrib_ft.data import build_dataset
+    from distrib_ft.data.formats import build_dataset
     from distrib_ft.model import load_tokenizer
 
     if model == "tiny":

@@ -1,7 +1,7 @@
 """A small forgetting experiment: does EWC keep an old skill while a new one is learned, per estimator?
 
 1. A tiny Llama built from a config (``distrib_ft.tiny``; hidden 64, 2 layers) is trained from scratch on
-   the OLD skill with ``distrib_ft.train.train`` (full fine-tuning, ZeRO-0, fp32) until it is good;
+   the OLD skill with ``distrib_ft.runtime.loop.train`` (full fine-tuning, ZeRO-0, fp32) until it is good;
    its ``final/`` folder is the base of step 2.
 2. From that base, full fine-tuning on the NEW skill, with a learning rate that makes it forget the
    old one, for every estimator (empirical, sampled, batched) and lambda over several decades
@@ -103,7 +103,7 @@ def make_tasks(work: Path, tok, n_train: int, n_eval: int, seed: int = 0) -> dic
 # ------------------------------------------------------------------------------------------- eval
 
 def load_eval_sets(model_dir: str, files: dict) -> dict:
-    from distrib_ft.data import build_dataset
+    from distrib_ft.data.formats import build_dataset
     from distrib_ft.model import load_tokenizer
 
     tok = load_tokenizer(model_dir)
@@ -119,7 +119,7 @@ def evaluate_model(model_dir: str, eval_sets: dict, greedy_sample: int = 0) -> d
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distrib_ft.data import collate
+    from distrib_ft.data.formats import collate
     from distrib_ft.model import load_tokenizer
 
     tok = load_tokenizer(model_dir)
@@ -203,9 +203,9 @@ def job_dict(model_dir: str, train_file: str, eval_file: str, out: Path, steps: 
 
 def run_job(job: dict, files: dict, eval_sets: dict) -> dict:
     from distrib_ft.config import config_from_dict
-    from distrib_ft.fisher import load_fisher
-    from distrib_ft.metrics import read_metrics
-    from distrib_ft.train import train
+    from distrib_ft.preservation.fisher import load_fisher
+    from distrib_ft.runtime.metrics import read_metrics
+    from distrib_ft.runtime.loop import train
 
     out = Path(job["out"])
     if out.exists():

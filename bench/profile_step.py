@@ -50,7 +50,7 @@ PARTS = {
         ("  of which ZeRO-2 optimizer step (norm, clip, AdamW, copies)", ["zero/stage_1_and_2.py", "(step)"]),
         ("  of which AdamW.step", ["torch/optim/adamw.py", "(step)"], ["torch/optim/adam.py", "(step)"]),
         ("  of which zero_grad", ["deepspeed/runtime/engine.py", "(zero_grad)"]),
-        ("all_reduce_sum (token counts, world of one: no-op)", ["distrib_ft/dist.py", "(all_reduce_sum)"]),
+        ("all_reduce_sum (token counts, world of one: no-op)", ["distrib_ft/runtime/dist.py", "(all_reduce_sum)"]),
         ("get_global_grad_norm / get_lr", ["deepspeed/runtime/engine.py", "(get_global_grad_norm)"],
          ["deepspeed/runtime/engine.py", "(get_lr)"]),
     ],
@@ -106,7 +106,7 @@ def child(spec_path: str) -> None:
             state["t1"], state["c1"] = time.perf_counter(), time.process_time()
 
     if spec["side"] == "ours":
-        from distrib_ft import metrics as metrics_mod
+        from distrib_ft.runtime import metrics as metrics_mod
 
         write = metrics_mod.MetricsLog.write
 

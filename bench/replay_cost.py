@@ -106,8 +106,8 @@ def summarize(result: dict, warmup: int) -> dict:
 def machinery_cost(buffer: str, model_dir: str, n: int = 1000, trials: int = 3) -> list[float]:
     """CPU milliseconds per replayed example spent by the replay machinery alone (Parquet read, JSON decode,
     tokenization with the model's tokenizer and template, the prefetch queue), measured in this process."""
-    from distrib_ft import replay_buffer as rb
-    from distrib_ft.data import encode_record
+    from distrib_ft.data import replay_buffer as rb
+    from distrib_ft.data.formats import encode_record
     from distrib_ft.model import load_tokenizer
 
     tok = load_tokenizer(model_dir)
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args.worker)
         return 0
-    from distrib_ft import replay_buffer as rb
+    from distrib_ft.data import replay_buffer as rb
 
     work = Path(tempfile.mkdtemp(prefix="dft-replay-cost-"))
     if args.model == "smollm2":

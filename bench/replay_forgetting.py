@@ -11,7 +11,7 @@ Step 2 runs, per seed (``training.seed``: the data order, the replay order and t
 choice of tokens; the base is the same for every seed):
 
 (a) replay: ``replay: {buffer: B, ratio: R}`` for R in 0, 0.01, 0.05, 0.25, where B is built once
-    with ``distrib_ft.replay_buffer.build`` from the OLD skill's whole training file. The replayed
+    with ``distrib_ft.data.replay_buffer.build`` from the OLD skill's whole training file. The replayed
     sequences take their place in the global batch of 16, so a run with replay sees fewer NEW
     sequences (recorded: ``new_sequences``, ``replay_sequences`` from metrics.jsonl);
 (b) token masking on the NEW data, without replay: ``data.token_masking: {mode: stm | random,
@@ -65,8 +65,8 @@ def run_job(job: dict, files: dict, eval_sets: dict) -> dict:
     """One step-2 run: ewc_forgetting's job dict plus the replay / token_masking sections; evaluated
     from final/ like ewc_forgetting."""
     from distrib_ft.config import config_from_dict
-    from distrib_ft.metrics import read_metrics
-    from distrib_ft.train import train
+    from distrib_ft.runtime.metrics import read_metrics
+    from distrib_ft.runtime.loop import train
 
     out = Path(job["out"])
     if out.exists():
@@ -126,7 +126,7 @@ def base_nll_distribution(base_dir: str, new_train: str) -> tuple[list[float], l
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distrib_ft.data import build_dataset
+    from distrib_ft.data.formats import build_dataset
     from distrib_ft.model import load_tokenizer
     from distrib_ft.preservation.token_masking import base_token_nll
 
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         print(t["replay_table"] + "\n\n" + t["masking_table"])
         return 0
 
-    from distrib_ft import replay_buffer as rb
+    from distrib_ft.data import replay_buffer as rb
     from distrib_ft.model import load_tokenizer
     from distrib_ft.tiny import build_tiny_model
 

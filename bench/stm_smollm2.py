@@ -90,8 +90,8 @@ def worker_main(spec_path: str) -> None:
 
     torch.set_num_threads(1)
     from distrib_ft.config import config_from_dict
-    from distrib_ft.metrics import read_metrics
-    from distrib_ft.train import train
+    from distrib_ft.runtime.metrics import read_metrics
+    from distrib_ft.runtime.loop import train
 
     out = Path(spec["out"])
     raw = job_dict(out, spec["mode"], spec["seed"], spec["steps"], spec["tau"])
@@ -196,7 +196,7 @@ def base_competence(npz: Path, tau: float) -> dict:
            "mean_nll": float(nll.mean()), "ppl_quantiles": {str(q): float(np.quantile(ppl, q)) for q in qs}}
     # which tokens are above tau: rebuild the training data (same tokenizer and rendering as train())
     try:
-        from distrib_ft.data import build_dataset
+        from distrib_ft.data.formats import build_dataset
         from distrib_ft.assets import smollm2_path
         from distrib_ft.model import load_tokenizer
 

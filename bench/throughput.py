@@ -3,10 +3,10 @@
 One run of this script:
 
 1. builds a small Llama from a config (``distrib_ft.tiny.build_tiny_model``) and an alpaca JSONL with
-   varied outputs in a temporary folder, and tokenizes it ONCE with ``distrib_ft.data.build_dataset``
+   varied outputs in a temporary folder, and tokenizes it ONCE with ``distrib_ft.data.formats.build_dataset``
    (saved as a ``datasets`` folder that both sides read: ours as ``format: tokenized``);
 2. runs each configuration in a fresh subprocess, ``--repeats`` times, interleaved (A B C A B C ...):
-   - ``ours-zero0`` / ``ours-zero2``: ``distrib_ft.train.train`` (a world of one, DeepSpeed ZeRO-0 /
+   - ``ours-zero0`` / ``ours-zero2``: ``distrib_ft.runtime.loop.train`` (a world of one, DeepSpeed ZeRO-0 /
      ZeRO-2 from ``ds_configs/``); tokens/s per step read from its ``metrics.jsonl``;
    - ``hf``: ``transformers.Trainer`` on ``peft.get_peft_model``; tokens/s per step from a
      ``TrainerCallback`` (token counts from the batches' ``attention_mask`` via a wrapped collator);
@@ -14,7 +14,7 @@ One run of this script:
    median over runs, and prints a markdown table with the ratio ours / HF; raw results go to ``--out``.
 
 Both sides see the same examples in the same order (HF reads them through a sequential sampler in
-the order ``distrib_ft.batches`` gives ours), the same LoRA initialisation (same seed), and the same
+the order ``distrib_ft.data.batches`` gives ours), the same LoRA initialisation (same seed), and the same
 settings: LoRA r=16, alpha=32, dropout 0 on q/k/v/o/gate/up/down; torch AdamW (lr 2e-4, no weight
 decay, non-fused), constant LR, no warmup, micro-batch 8, no accumulation, fp32 (bf16 off),
 max_grad_norm 1.0, logging every step, no eval, no checkpoints; one process; OMP_NUM_THREADS set
@@ -95,7 +95,7 @@ def write_alpaca(path: Path, n: int, seed: int = 0) -> Path:
 
 def prepare(work: Path, args) -> dict:
     """Model, JSONL, tokenized dataset (once); returns the paths and data stats."""
-    from distrib_ft.data import build_dataset
+    from distrib_ft.data.formats import build_dataset
     from distrib_ft.model import load_tokenizer
     from distrib_ft.tiny import build_tiny_model
 
@@ -118,10 +118,10 @@ def train_and_measure(raw: dict, out: Path) -> dict:
     """Run ``train`` in this process and measure each logged step: wall-clock tokens/s (from
     metrics.jsonl) and tokens per CPU-second of this process, which other processes on a shared machine
     disturb far less than wall time. Returns per-step lists plus the metrics.jsonl records."""
-    from distrib_ft import metrics as metrics_mod
+    from distrib_ft.runtime import metrics as metrics_mod
     from distrib_ft.config import config_from_dict
-    from distrib_ft.metrics import read_metrics
-    from distrib_ft.train import train
+    from distrib_ft.runtime.metrics import read_metrics
+    from distrib_ft.runtime.loop import train
 
     marks: list[float] = []
     write = metrics_mod.MetricsLog.write
@@ -173,10 +173,10 @@ def worker_hf(spec: dict) -> dict:
     from datasets import load_from_disk
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from distrib_ft.batches import global_batch_indices
-    from distrib_ft.data import collate
+    from distrib_ft.data.batches import global_batch_indices
+    from distrib_ft.data.formats import collate
     from distrib_ft.model import apply_method, load_model, load_tokenizer
-    from distrib_ft.train import set_seed
+    from distrib_ft.runtime.loop import set_seed
 
     s = spec["settings"]
     t0 = time.time()
@@ -186,7 +186,7 @@ def worker_hf(spec: dict) -> dict:
     model = load_model(spec["model_dir"], dtype="float32")
     model = apply_method(model, "lora", r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
                          target_modules=TARGETS)
-    # The same examples in the same order as ours (distrib_ft.batches), read sequentially.
+    # The same examples in the same order as ours (distrib_ft.data.batches), read sequentially.
     ds = load_from_disk(spec["data_dir"])
     gb = s["micro_batch"] * s["grad_accum"]
     order = [i for step in range(spec["steps"]) for i in global_batch_indices(step, len(ds), gb, s["seed"])]

@@ -117,7 +117,7 @@ class DistributedConfig(_Strict):
 
 
 class EWCConfig(_Strict):
-    """Elastic Weight Consolidation: lambda/2 * sum_i F_i (theta_i - theta*_i)^2 (see distrib_ft/fisher.py)."""
+    """Elastic Weight Consolidation: lambda/2 * sum_i F_i (theta_i - theta*_i)^2 (see distrib_ft/preservation/fisher.py)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_BUDGET = 3  # = distrib_ft.monitor.EXIT_BUDGET
+EXIT_BUDGET = 3  # = distrib_ft.monitor.budget.EXIT_BUDGET
 
 
 class UsageError(Exception):
@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 def _check_inputs(cfg) -> None:
     """Fail on the driver, before any worker starts, for what can be checked here."""
     from distrib_ft.config import resolve_path
-    from distrib_ft.engine import load_deepspeed_config
+    from distrib_ft.runtime.engine import load_deepspeed_config
 
     t = cfg.training
     load_deepspeed_config(cfg.distributed.deepspeed, micro_batch_size=t.per_device_train_batch_size,
@@ -122,7 +122,7 @@ def _check_inputs(cfg) -> None:
         found = resolve_path(r.buffer, cfg.source)
         r.buffer = str(found if found.exists() else Path(r.buffer).expanduser().resolve())
     if r.ratio > 0 and not r.generate:
-        from distrib_ft.replay_buffer import read_manifest
+        from distrib_ft.data.replay_buffer import read_manifest
 
         read_manifest(r.buffer, r.version)  # DataError (exit 2) when there is no such buffer or version
     if cfg.ewc.fisher_file:
@@ -160,7 +160,7 @@ def cmd_train(args) -> int:
         raise UsageError(f"{cfg.source}: training.output_dir: {out} already holds a finished run (final/); "
                          "use --resume, or another output_dir")
     if args.launcher == "local":
-        from distrib_ft.train import train
+        from distrib_ft.runtime.loop import train
 
         train(cfg, resume=args.resume)
     else:
@@ -208,13 +208,13 @@ def cmd_fisher(args) -> int:
     _check_inputs(cfg)
     out = str(Path(args.out).expanduser().resolve())
     if args.launcher == "local":
-        from distrib_ft.train import fisher_job
+        from distrib_ft.runtime.loop import fisher_job
 
         fisher_job(cfg, out)
     else:
         from launcher.ray_job import run_on_ray
 
-        run_on_ray(cfg, address=args.address, entry="distrib_ft.train:fisher_job", kwargs={"out": out})
+        run_on_ray(cfg, address=args.address, entry="distrib_ft.runtime.loop:fisher_job", kwargs={"out": out})
     print(f"Fisher written to {out}")
     return EXIT_OK
 
@@ -232,13 +232,13 @@ def cmd_eval(args) -> int:
             raise UsageError(f"--model: {model} holds neither a peft adapter nor a Hugging Face model")
     out = str(Path(args.out).expanduser().resolve()) if args.out else str(out_dir / "eval")
     if args.launcher == "local":
-        from distrib_ft.evaluation import eval_job
+        from distrib_ft.monitor.evaluation import eval_job
 
         eval_job(cfg, model, out)
     else:
         from launcher.ray_job import run_on_ray
 
-        run_on_ray(cfg, address=args.address, entry="distrib_ft.evaluation:eval_job",
+        run_on_ray(cfg, address=args.address, entry="distrib_ft.monitor.evaluation:eval_job",
                    kwargs={"model_path": model, "out": out})
     report = json.loads((Path(out) / "report.json").read_text())
     print(f"Decision: {report['decision']}; report: {Path(out) / 'report.md'}")
@@ -259,7 +259,7 @@ def _pairs(items: list[str], flag: str, cast) -> dict:
 
 
 def _manifest_text(buffer: str, m: dict) -> str:
-    from distrib_ft.replay_buffer import list_versions
+    from distrib_ft.data.replay_buffer import list_versions
 
     lines = [f"{buffer} version {m['version']}: {m['records']:,} records in {len(m['shards'])} shard(s) "
              f"(policy {m['policy']}, budget {m['budget'] if m['budget'] is not None else 'all'})"]
@@ -271,7 +271,7 @@ def _manifest_text(buffer: str, m: dict) -> str:
 
 
 def cmd_replay(args) -> int:
-    from distrib_ft import replay_buffer as rb
+    from distrib_ft.data import replay_buffer as rb
 
     def url(p: str) -> str:
         return p if "://" in p else str(Path(p).expanduser().resolve())
@@ -293,8 +293,8 @@ def cmd_replay(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from distrib_ft.config import ConfigError
-    from distrib_ft.data import DataError
-    from distrib_ft.engine import DeepSpeedConfigError
+    from distrib_ft.data.formats import DataError
+    from distrib_ft.runtime.engine import DeepSpeedConfigError
 
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may also come after the options

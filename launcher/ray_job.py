@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from distrib_ft import dist
+from distrib_ft.runtime import dist
 from distrib_ft.config import JobConfig
 
 
@@ -53,7 +53,7 @@ def ray_session(address: str | None, num_cpus: int) -> Iterator[bool]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_on_ray(cfg: JobConfig, *, address: str | None = None, entry: str = "distrib_ft.train:train",
+def run_on_ray(cfg: JobConfig, *, address: str | None = None, entry: str = "distrib_ft.runtime.loop:train",
                kwargs: dict | None = None) -> None:
     """Run ``entry(cfg, **kwargs)`` on ``distributed.num_workers`` Ray Train workers.
 

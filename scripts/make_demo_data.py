@@ -174,7 +174,7 @@ def _trim(text: str) -> str:
 
 
 def general_qa(max_new_tokens: int, cache_dir: str | None) -> list[dict]:
-    """The base model's own greedy answers to GENERAL_PROMPTS, rendered as ``distrib_ft.data`` does."""
+    """The base model's own greedy answers to GENERAL_PROMPTS, rendered as ``distrib_ft.data.formats`` does."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -185,7 +185,7 @@ def general_qa(max_new_tokens: int, cache_dir: str | None) -> list[dict]:
     out, start = [], time.perf_counter()
     for i, p in enumerate(GENERAL_PROMPTS):
         instruction, inp = (p, "") if isinstance(p, str) else p
-        user = instruction + ("\n\n" + inp if inp else "")  # distrib_ft.data's chat rendering of alpaca
+        user = instruction + ("\n\n" + inp if inp else "")  # distrib_ft.data.formats's chat rendering of alpaca
         enc = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
         with torch.no_grad():

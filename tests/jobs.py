@@ -77,10 +77,10 @@ def _rank_main(rank: int, world: int, port: int, raw: dict, result_dir: str, ent
         raise
 
 
-def run_ranks(raw: dict, world: int, tmp_path: Path, timeout: float = 300, entry: str = "distrib_ft.train:train",
+def run_ranks(raw: dict, world: int, tmp_path: Path, timeout: float = 300, entry: str = "distrib_ft.runtime.loop:train",
               **kwargs) -> list[dict]:
     """Run ``entry(cfg, **kwargs)`` on ``world`` real processes (gloo); return each rank's result."""
-    from distrib_ft.dist import free_port
+    from distrib_ft.runtime.dist import free_port
 
     result_dir = tmp_path / f"results-{os.getpid()}-{random.randrange(1 << 30)}"
     result_dir.mkdir()

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from distrib_ft import dist
-from distrib_ft.data import collate
-from distrib_ft.fisher import compute_fisher, load_fisher, merge_online, save_fisher
+from distrib_ft.runtime import dist
+from distrib_ft.data.formats import collate
+from distrib_ft.preservation.fisher import compute_fisher, load_fisher, merge_online, save_fisher
 from distrib_ft.preservation import Hooks
 
 STATE_FILE = "ewc_state.safetensors"
@@ -66,7 +66,7 @@ class EWC(Hooks):
         e, d = cfg.ewc, cfg.data
 
         def examples() -> list[dict]:
-            from distrib_ft.data import build_dataset
+            from distrib_ft.data.formats import build_dataset
 
             ds, _ = dist.main_first(lambda: build_dataset(
                 e.fisher_files, fmt=e.fisher_format or d.format, tokenizer=tokenizer, max_seq_length=d.max_seq_length,
@@ -108,7 +108,7 @@ class EWC(Hooks):
         """theta* for target=trainable: the fp32 values of the trained parameters (collective)."""
         if self.target != "trainable":
             return {}
-        from distrib_ft.checkpoint import gather_full_state_dict
+        from distrib_ft.runtime.checkpoint import gather_full_state_dict
 
         return gather_full_state_dict(model, trainable_only=True)
 

@@ -27,11 +27,11 @@ import re
 
 import torch
 
-from distrib_ft import dist
-from distrib_ft import replay_buffer as rb
-from distrib_ft.data import DataError, validate_record
-from distrib_ft.generation import _render, _user_prompt, generate_batch, normalize
-from distrib_ft.metrics import Progress
+from distrib_ft.runtime import dist
+from distrib_ft.data import replay_buffer as rb
+from distrib_ft.data.formats import DataError, validate_record
+from distrib_ft.monitor.generation import _render, _user_prompt, generate_batch, normalize
+from distrib_ft.runtime.metrics import Progress
 
 REFUSAL = re.compile(r"^\W*(i'?m sorry|i am sorry|sorry,|i apologi[sz]e|i cannot|i can'?t|i can not|i am unable|"
                      r"i'?m unable|i'?m not able|i am not able|as an ai\b|as a language model)", re.IGNORECASE)

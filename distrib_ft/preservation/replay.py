@@ -1,6 +1,6 @@
-"""Replay: old examples from a versioned buffer (distrib_ft/replay_buffer.py) mixed into every global batch.
+"""Replay: old examples from a versioned buffer (distrib_ft/data/replay_buffer.py) mixed into every global batch.
 
-At step ``s`` the global batch holds exactly ``r_s`` replay sequences (distrib_ft/batches.py: the
+At step ``s`` the global batch holds exactly ``r_s`` replay sequences (distrib_ft/data/batches.py: the
 running ratio is exact), dealt to the ranks in turn; each rank streams them from its own shards of
 the buffer, tokenized on the fly with the job's tokenizer and template and prefetched in a background
 thread. The replay position -- how many replay examples the job has trained on -- is a function of
@@ -19,10 +19,10 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from distrib_ft import dist
-from distrib_ft import replay_buffer as rb
-from distrib_ft.batches import rank_replay_before, replay_before, replay_counts
-from distrib_ft.data import encode_record
+from distrib_ft.runtime import dist
+from distrib_ft.data import replay_buffer as rb
+from distrib_ft.data.batches import rank_replay_before, replay_before, replay_counts
+from distrib_ft.data.formats import encode_record
 from distrib_ft.preservation import Hooks
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distrib_ft import dist
-from distrib_ft.data import IGNORE_INDEX, collate
+from distrib_ft.runtime import dist
+from distrib_ft.data.formats import IGNORE_INDEX, collate
 
 
 @torch.no_grad()

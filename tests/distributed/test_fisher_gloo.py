@@ -7,7 +7,7 @@ parameters collectively in every forward).
 import pytest
 import torch
 
-from distrib_ft.fisher import load_fisher
+from distrib_ft.preservation.fisher import load_fisher
 from tests.jobs import job_dict, run_ranks, set_in, toy_alpaca
 
 WORLD_SIZE = 2
@@ -23,7 +23,7 @@ def test_two_rank_fisher_equals_one_rank_fisher(tmp_path, tiny_model_dir, zero, 
         set_in(raw, "method.type", method)
         set_in(raw, "ewc.fisher_files", [str(fisher_data)])
         files[world] = d / "fisher.safetensors"
-        run_ranks(raw, world, d, entry="distrib_ft.train:fisher_job", out=str(files[world]))
+        run_ranks(raw, world, d, entry="distrib_ft.runtime.loop:fisher_job", out=str(files[world]))
     f1, a1, i1 = load_fisher(files[1])
     f2, a2, i2 = load_fisher(files[WORLD_SIZE])
     assert i1["sequences"] == i2["sequences"] == 7 and i1["target_tokens"] == i2["target_tokens"]

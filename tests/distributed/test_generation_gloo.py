@@ -42,7 +42,7 @@ def _early_stop_token(model, tokenizer, prompts) -> int:
 
 def _cases(model, tokenizer):
     """(name, examples, kwargs) with some right and some wrong answers, from 1-process generations."""
-    from distrib_ft.generation import score_generations
+    from distrib_ft.monitor.generation import score_generations
 
     base = [{"prompt": p, "reference": "", "choices": c} for p, c in zip(_prompts(tokenizer), CHOICES)]
     gens = [s["generation"] for s in score_generations(model, tokenizer, base, metric="exact_match",
@@ -59,13 +59,13 @@ def _rank_main(rank: int, port: int, model_dir: str, eos: list[int], cases: list
                        "DS_ACCELERATOR": "cpu"})
     result = {}
     try:
-        from distrib_ft import dist
+        from distrib_ft.runtime import dist
 
         dist.apply_env(dist.worker_env(threads=1, use_gpu=False))  # before DeepSpeed: its private JIT-op cache
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from distrib_ft.engine import build_engine, load_deepspeed_config
-        from distrib_ft.generation import score_generations
+        from distrib_ft.runtime.engine import build_engine, load_deepspeed_config
+        from distrib_ft.monitor.generation import score_generations
         from distrib_ft.model import load_model
 
         dist.init("gloo")
@@ -95,8 +95,8 @@ def _rank_main(rank: int, port: int, model_dir: str, eos: list[int], cases: list
 def test_two_ranks_score_like_one(tmp_path, tiny_model_dir, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from distrib_ft.dist import free_port
-    from distrib_ft.generation import score_generations
+    from distrib_ft.runtime.dist import free_port
+    from distrib_ft.monitor.generation import score_generations
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     eos = [tiny_tokenizer.eos_token_id, _early_stop_token(model, tiny_tokenizer, _prompts(tiny_tokenizer))]

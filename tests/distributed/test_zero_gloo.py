@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distrib_ft.metrics import read_metrics
+from distrib_ft.runtime.metrics import read_metrics
 from tests.jobs import job_dict, run_ranks, set_in
 
 WORLD_SIZE = 2

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distrib_ft.metrics import read_metrics
+from distrib_ft.runtime.metrics import read_metrics
 from tests.jobs import ROOT, job_dict, set_in
 
 CLI = [sys.executable, "-m", "launcher.cli"]
@@ -126,7 +126,7 @@ def test_local_launcher_runs_in_process(tmp_path, tiny_model_dir):
 
 
 def test_fisher_command_through_ray(tmp_path, tiny_model_dir):
-    from distrib_ft.fisher import load_fisher
+    from distrib_ft.preservation.fisher import load_fisher
     from tests.jobs import toy_alpaca
 
     raw = job_dict(tmp_path, tiny_model_dir)
@@ -155,7 +155,7 @@ def test_same_loop_under_torchrun(tmp_path, tiny_model_dir):
     raw = job_dict(tmp_path, tiny_model_dir, max_steps=2, per_device_train_batch_size=2)
     env = clean_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-port", str(__import__("distrib_ft.dist", fromlist=["x"]).free_port()),
+                        "--master-port", str(__import__("distrib_ft.runtime.dist", fromlist=["x"]).free_port()),
                         "-m", "launcher.cli", "train", str(write_job(tmp_path, raw)), "--launcher", "local"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]

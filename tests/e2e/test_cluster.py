@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from distrib_ft.dist import free_port
+from distrib_ft.runtime.dist import free_port
 from tests.e2e.test_cli import clean_env, cli, live_ray_processes, write_job
 from tests.jobs import ROOT, job_dict, set_in
 

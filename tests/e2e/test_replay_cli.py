@@ -2,7 +2,7 @@
 
 import json
 
-from distrib_ft.metrics import read_metrics
+from distrib_ft.runtime.metrics import read_metrics
 from tests.e2e.test_cli import cli, write_job
 from tests.jobs import job_dict, set_in, toy_join
 

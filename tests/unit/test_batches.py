@@ -2,7 +2,7 @@
 
 import pytest
 
-from distrib_ft.batches import (deal, global_batch_indices, map_style_steps, rank_replay_before, replay_before,
+from distrib_ft.data.batches import (deal, global_batch_indices, map_style_steps, rank_replay_before, replay_before,
                                 replay_counts, total_steps)
 
 

@@ -1,4 +1,4 @@
-"""distrib_ft.data: formats, loss masks, errors that name file/line/field, truncation, packing, collate."""
+"""distrib_ft.data.formats: formats, loss masks, errors that name file/line/field, truncation, packing, collate."""
 
 import copy
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset, IterableDataset
 
-from distrib_ft.data import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, DataError, DataStats,
+from distrib_ft.data.formats import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, DataError, DataStats,
                              build_dataset, collate)
 
 ALPACA = [{"instruction": "convert 12 km to m", "input": "", "output": "12 km = 12000 m"},

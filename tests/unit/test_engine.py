@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distrib_ft.engine import DeepSpeedConfigError, load_deepspeed_config, lr_factor
+from distrib_ft.runtime.engine import DeepSpeedConfigError, load_deepspeed_config, lr_factor
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = dict(micro_batch_size=4, gradient_accumulation_steps=2, world_size=2, max_grad_norm=1.0, bf16=True,

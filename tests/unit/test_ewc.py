@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from distrib_ft.config import ConfigError, config_from_dict
-from distrib_ft.fisher import load_fisher
-from distrib_ft.metrics import read_metrics
+from distrib_ft.preservation.fisher import load_fisher
+from distrib_ft.runtime.metrics import read_metrics
 from distrib_ft.preservation.ewc import EWC, lora_delta, lora_layers
-from distrib_ft.train import train
+from distrib_ft.runtime.loop import train
 from tests.jobs import job_dict, set_in, toy_alpaca
 
 

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from distrib_ft.data import collate
-from distrib_ft.fisher import compute_fisher, load_fisher, merge_online, save_fisher
+from distrib_ft.data.formats import collate
+from distrib_ft.preservation.fisher import compute_fisher, load_fisher, merge_online, save_fisher
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from distrib_ft.data import DataError
-from distrib_ft.generation import examples_from_records, is_correct, normalize, score_generations
+from distrib_ft.data.formats import DataError
+from distrib_ft.monitor.generation import examples_from_records, is_correct, normalize, score_generations
 
 NEW = 8  # max_new_tokens: short keeps the tests fast
 CONTENTS = ["hello", "convert 3 km to m", "the quick brown fox jumps over the lazy dog, then", "a", "question 7"]

@@ -1,6 +1,6 @@
 """The monitor's arithmetic: baselines, budgets, breaches, stop / rollback decisions, early stopping."""
 
-from distrib_ft.monitor import EXIT_BUDGET, Monitor, Suite, is_eval_step
+from distrib_ft.monitor.budget import EXIT_BUDGET, Monitor, Suite, is_eval_step
 
 
 def mon(policy="report", patience=0):

@@ -5,8 +5,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from distrib_ft import replay_buffer as rb
-from distrib_ft.data import DataError
+from distrib_ft.data import replay_buffer as rb
+from distrib_ft.data.formats import DataError
 from tests.jobs import toy_alpaca, toy_join
 
 

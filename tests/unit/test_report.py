@@ -5,7 +5,7 @@ import json
 import matplotlib.image as mpimg
 import pytest
 
-from distrib_ft.report import budget_limit, gem_metrics, render_markdown, write_report
+from distrib_ft.monitor.report import budget_limit, gem_metrics, render_markdown, write_report
 
 
 def _report(decision="rolled_back", chosen=20, exit_code=0) -> dict:

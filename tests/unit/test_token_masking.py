@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distrib_ft.config import config_from_dict
-from distrib_ft.data import IGNORE_INDEX, build_dataset
-from distrib_ft.metrics import read_metrics
+from distrib_ft.data.formats import IGNORE_INDEX, build_dataset
+from distrib_ft.runtime.metrics import read_metrics
 from distrib_ft.preservation.token_masking import apply_token_masking
-from distrib_ft.train import train
+from distrib_ft.runtime.loop import train
 from tests.jobs import job_dict, set_in, toy_alpaca
 
 

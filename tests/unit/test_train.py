@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from distrib_ft.config import config_from_dict
-from distrib_ft.metrics import read_metrics
-from distrib_ft.train import train
+from distrib_ft.runtime.metrics import read_metrics
+from distrib_ft.runtime.loop import train
 from tests.jobs import job_dict, set_in
 
 

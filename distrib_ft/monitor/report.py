@@ -29,7 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from distrib_ft.checkpoint import atomic_write_text  # noqa: E402
+from distrib_ft.runtime.checkpoint import atomic_write_text  # noqa: E402
 
 _DECISIONS = {
     "accepted": "**Accepted**{code}: final/ is step {step}; every retention suite within budget",

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from distrib_ft import dist
-from distrib_ft.data import build_dataset, collate
-from distrib_ft.monitor import Suite
+from distrib_ft.runtime import dist
+from distrib_ft.data.formats import build_dataset, collate
+from distrib_ft.monitor.budget import Suite
 
 
 def token_nll_rows(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +82,7 @@ def load_suites(suite_configs, tokenizer, *, max_seq_length: int, prompt_templat
                                                                 prompt_template=prompt_template))
             data = ds.select(range(min(len(ds), sc.max_examples)))
         else:
-            from distrib_ft.generation import examples_from_records
+            from distrib_ft.monitor.generation import examples_from_records
 
             data = examples_from_records(sc.files, sc.format, tokenizer, sc.max_examples)
         out.append(SuiteData(suite, data, sc.max_new_tokens, sc.pattern))
@@ -97,7 +97,7 @@ def evaluate_suites(model, tokenizer, suites: list[SuiteData], *, batch_size: in
             values[sd.suite.name] = evaluate_nll(model, sd.data, batch_size=batch_size,
                                                  pad_token_id=tokenizer.pad_token_id)["eval_loss"]
         else:
-            from distrib_ft.generation import score_generations
+            from distrib_ft.monitor.generation import score_generations
 
             values[sd.suite.name] = score_generations(model, tokenizer, sd.data, metric=sd.suite.metric,
                                                       max_new_tokens=sd.max_new_tokens, batch_size=batch_size,
@@ -116,8 +116,8 @@ def eval_job(cfg, model_path: str | None, out: str) -> dict:
     from pathlib import Path
 
     from distrib_ft.model import load_model, load_tokenizer
-    from distrib_ft.monitor import Monitor
-    from distrib_ft.train import start_worker
+    from distrib_ft.monitor.budget import Monitor
+    from distrib_ft.runtime.loop import start_worker
 
     start_worker(cfg)
     d, mc, t = cfg.data, cfg.monitor, cfg.training
@@ -153,7 +153,7 @@ def eval_job(cfg, model_path: str | None, out: str) -> dict:
     report = monitor.report(chosen, decision, notes=[f"step 0 = {cfg.model.name_or_path}",
                                                       f"step 1 = {model_path}" if model_path else "base model only"])
     if dist.is_main():
-        from distrib_ft.report import write_report
+        from distrib_ft.monitor.report import write_report
 
         write_report(report, out)
     dist.barrier()

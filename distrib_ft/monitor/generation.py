@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from distrib_ft import dist
-from distrib_ft.data import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, DataError, _load, _messages, _record_error,
+from distrib_ft.runtime import dist
+from distrib_ft.data.formats import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, DataError, _load, _messages, _record_error,
                              _RecordError, _text)
 
 METRICS = ("exact_match", "contains", "regex", "multiple_choice")

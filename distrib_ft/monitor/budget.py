@@ -141,7 +141,7 @@ class Monitor:
         return (final_step, "accepted") if final_step in ok else (None, "rejected")
 
     def report(self, chosen: int | None, decision: str, notes: list[str] | None = None) -> dict:
-        """The report dict (the schema distrib_ft.report writes)."""
+        """The report dict (the schema distrib_ft.monitor.report writes)."""
         suites = {n: {"metric": s.metric, "kind": s.kind,
                       "budget": {"max_relative_increase": s.max_relative_increase, "max_absolute_drop": s.max_absolute_drop},
                       "baseline": s.baseline, "evaluations": s.evaluations} for n, s in self.suites.items()}

@@ -39,7 +39,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distrib_ft.data import FORMATS, DataError, validate_record
+from distrib_ft.data.formats import FORMATS, DataError, validate_record
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -34,8 +34,8 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 
-from distrib_ft import dist
-from distrib_ft.metrics import Progress
+from distrib_ft.runtime import dist
+from distrib_ft.runtime.metrics import Progress
 
 ESTIMATORS = ("empirical", "sampled", "batched")
 

@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distrib_ft import batches as batching
-from distrib_ft import checkpoint as ckpt
-from distrib_ft import dist
+from distrib_ft.data import batches as batching
+from distrib_ft.runtime import checkpoint as ckpt
+from distrib_ft.runtime import dist
 from distrib_ft.config import JobConfig, dump_config
-from distrib_ft.data import build_dataset, collate
-from distrib_ft.engine import build_engine, load_deepspeed_config, zero_stage
-from distrib_ft.evaluation import evaluate_nll, evaluate_suites, load_suites, token_nll_rows
-from distrib_ft.metrics import MetricsLog, Progress
-from distrib_ft.monitor import Monitor, is_eval_step
+from distrib_ft.data.formats import build_dataset, collate
+from distrib_ft.runtime.engine import build_engine, load_deepspeed_config, zero_stage
+from distrib_ft.monitor.evaluation import evaluate_nll, evaluate_suites, load_suites, token_nll_rows
+from distrib_ft.runtime.metrics import MetricsLog, Progress
+from distrib_ft.monitor.budget import Monitor, is_eval_step
 from distrib_ft.model import (apply_method, count_parameters, load_model, load_tokenizer, merge_adapters,
                              resolve_offline_model)
 from distrib_ft.preservation import build_strategies
@@ -155,7 +155,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
         dist.print0(f"resumed from {latest} at step {step}")
     elif resume:
         dist.print0(f"no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
-    # The forgetting monitor (distrib_ft/monitor.py): the new task and the retention suites from step 0,
+    # The forgetting monitor (distrib_ft/monitor/budget.py): the new task and the retention suites from step 0,
     # their budget, and which checkpoint becomes final/.
     mc = cfg.monitor
     suites = load_suites(mc.suites, tokenizer, max_seq_length=d.max_seq_length, prompt_template=d.prompt_template)
@@ -312,7 +312,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     log.close()
     if dist.is_main():
         if evaluating:
-            from distrib_ft.report import write_report
+            from distrib_ft.monitor.report import write_report
 
             write_report(report, out)
         ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -323,7 +323,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
 def fisher_job(cfg: JobConfig, out: str) -> dict:
     """``distrib-ft fisher``: the Fisher of the job's model and method on ``ewc.fisher_files``, written to
     ``out`` (safetensors) with the anchors (target=trainable). Runs on every rank; rank 0 writes."""
-    from distrib_ft.fisher import save_fisher
+    from distrib_ft.preservation.fisher import save_fisher
     from distrib_ft.preservation.ewc import EWC
 
     start_worker(cfg)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distrib_ft import dist
+from distrib_ft.runtime import dist
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -28,7 +28,7 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            from distrib_ft.checkpoint import atomic_write_text
+            from distrib_ft.runtime.checkpoint import atomic_write_text
 
             kept = [ln for ln in self.path.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
