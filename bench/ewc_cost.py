@@ -39,15 +39,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from throughput import TARGETS, train_and_measure, versions, write_alpaca  # noqa: E402  (same model settings and data)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from harness import ROOT, median as med  # noqa: E402
+from throughput import TARGETS, write_alpaca  # noqa: E402  (same model settings and data)
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "ewc_cost.json"
 ESTIMATORS = ("empirical", "sampled", "batched")
@@ -175,16 +175,13 @@ def worker_fisher(spec: dict) -> dict:
 def worker_train(spec: dict) -> dict:
     """(b): one train() job; per-step tokens/s and tokens per CPU-second from its metrics."""
     out = Path(spec["work"]) / "out"
-    raw = {
-        "model": {"name_or_path": spec["model_dir"], "dtype": "float32"},
-        "method": {"type": "lora", **LORA},
-        "data": {"train_files": [spec["data_dir"]], "format": "tokenized", "max_seq_length": 128},
-        "training": {"output_dir": str(out), "max_steps": spec["steps"], "per_device_train_batch_size": MICRO,
-                     "learning_rate": 2e-4, "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "bf16": False,
-                     "logging_steps": 1, "save_steps": 0, "eval_steps": 0, "seed": 0},
-        "distributed": {"num_workers": 1, "cpus_per_worker": spec["threads"], "backend": "gloo",
-                        "deepspeed": str(ROOT / "ds_configs" / "zero0.json")},
-    }
+    raw = harness.job_dict(
+        spec["model_dir"], {"type": "lora", **LORA},
+        {"train_files": [spec["data_dir"]], "format": "tokenized", "max_seq_length": 128},
+        {"output_dir": str(out), "max_steps": spec["steps"], "per_device_train_batch_size": MICRO,
+         "learning_rate": 2e-4, "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "bf16": False,
+         "logging_steps": 1, "save_steps": 0, "eval_steps": 0, "seed": 0},
+        zero=0, threads=spec["threads"], dtype="float32")
     if spec["config"] != "no-ewc":
         raw["ewc"] = {"lambda": 1.0, "target": spec["config"].split("-", 1)[1], "estimator": "sampled",
                       "fisher_files": [spec["data_dir"]], "fisher_max_sequences": 16}
@@ -201,7 +198,7 @@ def worker_train(spec: dict) -> dict:
             return penalty(self, model) if calls[0] % 2 == 1 else None
 
         EWC.penalty = every_other
-    m = train_and_measure(raw, out)
+    m = harness.train_and_measure(raw, out)
     return {"tokens_per_second": m["tokens_per_second"], "tokens_per_cpu_second": m["tokens_per_cpu_second"],
             "loss": m["loss"], "ewc_penalty": [r.get("ewc_penalty") for r in m["records"]], "wall_s": m["wall_s"]}
 
@@ -280,36 +277,16 @@ def worker_attribution(spec: dict) -> dict:
 
 
 def worker_main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    if spec["threads"] != int(os.environ.get("OMP_NUM_THREADS", "0")):
-        raise SystemExit("OMP_NUM_THREADS must be set by the parent")
-    import torch
-
-    torch.set_num_threads(spec["threads"])
+    spec = harness.read_spec(spec_path)
     result = {"fisher": worker_fisher, "train": worker_train, "attribution": worker_attribution}[spec["kind"]](spec)
-    Path(spec["result"]).write_text(json.dumps(result))
+    harness.write_result(spec, result)
 
 
 # ---------------------------------------------------------------------------------------- the driver
 
 def run_worker(spec: dict, run_dir: Path) -> dict:
-    run_dir.mkdir(parents=True)
-    spec = {**spec, "work": str(run_dir), "result": str(run_dir / "result.json")}
-    (run_dir / "spec.json").write_text(json.dumps(spec))
-    t = str(spec["threads"])
-    env = {**os.environ, "OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, "TOKENIZERS_PARALLELISM": "false",
-           "DS_ACCELERATOR": "cpu", "DISTRIB_FT_PROGRESS": "log", "PYTHONWARNINGS": "ignore"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(run_dir / "spec.json")], env=env, cwd=ROOT,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"worker {run_dir.name} failed with exit code {proc.returncode}")
-    res = json.loads((run_dir / "result.json").read_text())
-    res["process_s"] = time.time() - t0
-    return res
+    """One worker (``spec["kind"]``) in a fresh process with ``spec["threads"]``; its result and ``process_s``."""
+    return harness.run_worker(__file__, spec, run_dir, threads=spec["threads"], time_key="process_s")
 
 
 def prepare(work: Path, model: str, args) -> dict:
@@ -333,11 +310,6 @@ def prepare(work: Path, model: str, args) -> dict:
     data_dir = work / f"tokenized-{model}"
     ds.save_to_disk(str(data_dir))
     return {"model_dir": model_dir, "data_dir": str(data_dir), "description": desc, "data_summary": stats.summary()}
-
-
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     prep = {m: prepare(work, m, args) for m in models}
     for m, pr in prep.items():
         print(f"{m}: {pr['description']}; data: {pr['data_summary']}", file=sys.stderr)
-    log = lambda msg: print(f"[{time.time() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log = harness.progress_log(t_start)
 
     fisher_runs, train_runs, rid = [], [], 0
     if "fisher" in args.parts:
@@ -523,12 +495,12 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"command": "python bench/ewc_cost.py " + " ".join(sys.argv[1:]),
+    record = {"command": harness.command(__file__),
               "settings": {"threads": args.threads, "repeats": args.repeats, "micro_batch": MICRO, "lora": LORA,
                            "models": {m: {k: v for k, v in pr.items() if k != "data_dir"} for m, pr in prep.items()},
                            "sequences": {"tiny": args.sequences, "smollm2": args.smollm2_sequences},
                            "train_steps": args.steps, "warmup_steps_excluded": args.warmup},
-              "versions": versions(), "loadavg_at_end": os.getloadavg(), "total_s": time.time() - t_start,
+              "versions": harness.versions(), "loadavg_at_end": os.getloadavg(), "total_s": time.time() - t_start,
               "summary": summary, "table_markdown": table, "fisher_runs": fisher_runs,
               "train_runs": [{k: ([round(x, 3) if isinstance(x, float) else x for x in v] if isinstance(v, list) else v)
                               for k, v in r.items()} for r in train_runs]}

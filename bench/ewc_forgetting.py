@@ -43,15 +43,14 @@ import random
 import shutil
 import statistics
 import string
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from throughput import versions  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from harness import ROOT  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "ewc_forgetting.json"
 ESTIMATORS = ("empirical", "sampled", "batched")
@@ -188,24 +187,20 @@ def greedy_check(model, tok, eval_sets: dict, n: int) -> dict:
 
 def job_dict(model_dir: str, train_file: str, eval_file: str, out: Path, steps: int, lr: float, batch: int,
              scheduler: str, seed: int, warmup_ratio: float = 0.0, eval_steps: int = 0) -> dict:
-    return {
-        "model": {"name_or_path": model_dir, "dtype": "float32"},
-        "method": {"type": "full"},
-        "data": {"train_files": [train_file], "eval_files": [eval_file], "max_seq_length": 64},
-        "training": {"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": batch,
-                     "learning_rate": lr, "lr_scheduler_type": scheduler, "warmup_ratio": warmup_ratio,
-                     "weight_decay": 0.0, "bf16": False, "logging_steps": 25, "save_steps": 0,
-                     "eval_steps": eval_steps, "seed": seed},
-        "distributed": {"num_workers": 1, "cpus_per_worker": 1, "backend": "gloo",
-                        "deepspeed": str(ROOT / "ds_configs" / "zero0.json")},
-    }
+    """The job of one run of this setting: full fine-tuning, ZeRO-0, fp32, one thread; evaluated on ``eval_file``."""
+    return harness.job_dict(
+        model_dir, {"type": "full"},
+        {"train_files": [train_file], "eval_files": [eval_file], "max_seq_length": 64},
+        {"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": batch,
+         "learning_rate": lr, "lr_scheduler_type": scheduler, "warmup_ratio": warmup_ratio,
+         "weight_decay": 0.0, "bf16": False, "logging_steps": 25, "save_steps": 0,
+         "eval_steps": eval_steps, "seed": seed},
+        zero=0, threads=1, dtype="float32")
 
 
 def run_job(job: dict, files: dict, eval_sets: dict) -> dict:
-    from distrib_ft.config import config_from_dict
     from distrib_ft.preservation.fisher import load_fisher
     from distrib_ft.runtime.metrics import read_metrics
-    from distrib_ft.runtime.loop import train
 
     out = Path(job["out"])
     if out.exists():
@@ -215,9 +210,8 @@ def run_job(job: dict, files: dict, eval_sets: dict) -> dict:
     if job.get("lambda") is not None:
         raw["ewc"] = {"lambda": job["lambda"], "estimator": job["estimator"], "fisher_files": [files["old_train"]],
                       "fisher_max_sequences": job["fisher_max_sequences"]}
-    t0 = time.time()
-    summary = train(config_from_dict(raw))
-    res = {**{k: job.get(k) for k in ("name", "estimator", "lambda", "seed", "steps")}, "train_s": time.time() - t0,
+    summary, train_s = harness.train_job(raw)
+    res = {**{k: job.get(k) for k in ("name", "estimator", "lambda", "seed", "steps")}, "train_s": train_s,
            "eval_loss_start": summary.get("eval_loss_start"), "eval_loss_end": summary.get("eval_loss")}
     metrics = read_metrics(out / "metrics.jsonl")
     res["eval_curve"] = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]  # on eval_file
@@ -231,28 +225,35 @@ def run_job(job: dict, files: dict, eval_sets: dict) -> dict:
         allf = torch.cat(flat)
         res["fisher"] = {"trace": float(allf.sum()), "max": float(allf.max()), "median": float(allf.median()),
                          "sequences": info.get("sequences"), "target_tokens": info.get("target_tokens")}
-    res.update(evaluate_model(str(out / "final"), eval_sets, greedy_sample=job.get("greedy_sample", 0)))
-    if not job.get("keep"):
+    res.update(evaluate_and_clean(out, eval_sets, job.get("greedy_sample", 0), keep=job.get("keep", False)))
+    return res
+
+
+def evaluate_and_clean(out: Path, eval_sets: dict, greedy_sample: int, keep: bool = False) -> dict:
+    """Evaluate a run's saved ``final/`` model (:func:`evaluate_model`), then, unless ``keep``, delete its
+    checkpoints and weights (a sweep would fill the disk)."""
+    res = evaluate_model(str(out / "final"), eval_sets, greedy_sample=greedy_sample)
+    if not keep:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         for f in (out / "final").glob("*.safetensors"):
             f.unlink()
     return res
 
 
-def worker_main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    if os.environ.get("OMP_NUM_THREADS") != "1":
-        raise SystemExit("OMP_NUM_THREADS must be 1 (set by the parent)")
-    import torch
+def _done(r: dict) -> str:
+    return f": old EM {r['old']['em']:.2f}, new EM {r['new']['em']:.2f}"
 
-    torch.set_num_threads(1)
+
+def worker_main(spec_path: str, run=run_job, done=_done) -> None:
+    """A worker of :func:`run_workers`: its jobs one after the other, ``run(job, files, eval_sets)`` each; the
+    results so far are written after every job, and ``done {name}`` + ``done(result)`` printed to the log."""
+    spec = harness.read_spec(spec_path)
     eval_sets = load_eval_sets(spec["eval_model_dir"], spec["files"])
     results = []
     for job in spec["jobs"]:
-        results.append(run_job(job, spec["files"], eval_sets))
-        Path(spec["result"]).write_text(json.dumps(results))
-        print(f"done {job['name']}: old EM {results[-1]['old']['em']:.2f}, new EM {results[-1]['new']['em']:.2f}",
-              file=sys.stderr, flush=True)
+        results.append(run(job, spec["files"], eval_sets))
+        harness.write_result(spec, results)
+        print(f"done {job['name']}{done(results[-1])}", file=sys.stderr, flush=True)
 
 
 def build_table(record: dict) -> dict:
@@ -278,13 +279,11 @@ def build_table(record: dict) -> dict:
             agg["lambda_x_trace"] = statistics.mean(lam * r["fisher"]["trace"] for r in rs)
             agg["fisher_trace"] = statistics.mean(r["fisher"]["trace"] for r in rs)
         summary[f"{e}/{fmt_lam(lam)}" + ("" if steps == new_steps else f"/{steps}steps")] = agg
-        em_spread = "" if len(rs) == 1 else " (" + "/".join(f"{r['old']['em']:.2f}" for r in rs) + ")"
-        new_spread = "" if len(rs) == 1 else " (" + "/".join(f"{r['new']['em']:.2f}" for r in rs) + ")"
         lt = "-" if e == "plain" else f"{agg['lambda_x_trace']:.3g}"
         label = e if e != "plain" else ("none (plain FT)" if steps == new_steps else f"none, stopped at step {steps}")
-        rows.append(f"| {label} | {fmt_lam(lam)} | {lt} | {agg['old_nll']:.3f} | "
-                    f"{agg['old_nll_ratio']:.0f} | {agg['old_em']:.2f}{em_spread} | {agg['new_nll']:.3f} | "
-                    f"{agg['new_em']:.2f}{new_spread} |")
+        rows.append(f"| {label} | {fmt_lam(lam)} | {lt} | {agg['old_nll']:.3f} | {agg['old_nll_ratio']:.0f} | "
+                    f"{harness.with_spread(agg['old_em'], [r['old']['em'] for r in rs], '.2f')} | "
+                    f"{agg['new_nll']:.3f} | {harness.with_spread(agg['new_em'], [r['new']['em'] for r in rs], '.2f')} |")
     head = (f"| EWC estimator | lambda | lambda x trace(F) | old NLL | old NLL / base | old EM | new NLL | new EM |\n"
             f"|---|---|---|---|---|---|---|---|\n"
             f"| (base, before step 2) | - | - | {b_old['nll']:.3f} | 1 | {b_old['em']:.2f} | "
@@ -298,30 +297,23 @@ def build_table(record: dict) -> dict:
 
 def run_workers(job_lists: list[list[dict]], files: dict, eval_model_dir: str, work: Path, tag: str,
                 script: str = __file__) -> list[dict]:
-    """Run each list of jobs in a worker process (``script --worker SPEC``, by default this file's worker)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "DS_ACCELERATOR": "cpu", "DISTRIB_FT_PROGRESS": "log", "PYTHONWARNINGS": "ignore"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    procs = []
-    for i, jobs in enumerate(job_lists):
-        if not jobs:
-            continue
-        spec = {"jobs": jobs, "files": files, "eval_model_dir": eval_model_dir,
-                "result": str(work / f"{tag}-worker{i}.json")}
-        (work / f"{tag}-worker{i}.spec.json").write_text(json.dumps(spec))
-        log = open(work / f"{tag}-worker{i}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, script, "--worker", str(work / f"{tag}-worker{i}.spec.json")],
-                                       env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), spec, log))
-    results = []
-    for p, spec, log in procs:
-        rc = p.wait()
-        log.close()
-        if rc != 0:
-            sys.stderr.write(Path(log.name).read_text()[-6000:])
-            raise SystemExit(f"worker failed ({rc}): {log.name}")
-        results += json.loads(Path(spec["result"]).read_text())
-    return results
+    """Run each list of jobs in a worker process (``script --worker SPEC``, by default this file's worker),
+    all at once with one OMP thread each; returns the results of all jobs, list after list."""
+    specs = [(work / f"{tag}-worker{i}", {"jobs": jobs, "files": files, "eval_model_dir": eval_model_dir})
+             for i, jobs in enumerate(job_lists) if jobs]
+    return [r for results in harness.run_parallel(script, specs, threads=1) for r in results]
+
+
+def train_base(work: Path, files: dict, init_dir: str, steps: int, lr: float, log, script: str = __file__) -> dict:
+    """Step 1: the base learns the OLD skill from ``init_dir`` (in ``work/base``; its model: ``base/final``)."""
+    base_job = {"name": "base", "model_dir": init_dir, "train_file": files["old_train"], "eval_file": files["old_eval"],
+                "out": str(work / "base"), "steps": steps, "lr": lr, "batch": BASE["batch"],
+                "scheduler": BASE["scheduler"], "warmup_ratio": BASE["warmup_ratio"], "seed": 0, "keep": True,
+                "eval_steps": max(steps // 6, 1), "greedy_sample": 20}
+    base = run_workers([[base_job]], files, init_dir, work, "base", script=script)[0]
+    log(f"base: old NLL {base['old']['nll']:.4f} EM {base['old']['em']:.3f}; new NLL {base['new']['nll']:.4f} "
+        f"EM {base['new']['em']:.3f}; {base['train_s']:.0f}s")
+    return base
 
 
 def fmt_lam(x) -> str:
@@ -363,28 +355,22 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="distrib-ft-ewc-forget-")
     work = Path(tmp.name)
     t_start = time.time()
-    log = lambda msg: print(f"[{time.time() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log = harness.progress_log(t_start)
     init_dir = str(build_tiny_model(work / "init", seed=0, **MODEL))
     files = make_tasks(work, load_tokenizer(init_dir), args.train_records, args.eval_records)
     log(f"alphabet {files['alphabet']!r}; model {MODEL}")
 
     # Step 1: the base learns the OLD skill.
-    base_job = {"name": "base", "model_dir": init_dir, "train_file": files["old_train"], "eval_file": files["old_eval"],
-                "out": str(work / "base"), "steps": args.base_steps, "lr": args.base_lr, "batch": BASE["batch"],
-                "scheduler": BASE["scheduler"], "warmup_ratio": BASE["warmup_ratio"], "seed": 0, "keep": True,
-                "eval_steps": max(args.base_steps // 6, 1), "greedy_sample": 20}
-    base = run_workers([[base_job]], files, init_dir, work, "base")[0]
+    base = train_base(work, files, init_dir, args.base_steps, args.base_lr, log)
     base_dir = str(work / "base" / "final")
-    log(f"base: old NLL {base['old']['nll']:.4f} EM {base['old']['em']:.3f}; new NLL {base['new']['nll']:.4f} "
-        f"EM {base['new']['em']:.3f}; {base['train_s']:.0f}s")
-    record = {"command": "python bench/ewc_forgetting.py " + " ".join(sys.argv[1:]),
+    record = {"command": harness.command(__file__),
               "settings": {"model": MODEL, "base": {**BASE, "steps": args.base_steps, "lr": args.base_lr},
                            "new": {**NEW, "steps": args.new_steps, "lr": args.new_lr},
                            "train_records": args.train_records, "eval_records": args.eval_records,
                            "fisher_max_sequences": args.fisher_max_sequences, "alphabet": files["alphabet"],
                            "method": "full fine-tuning, DeepSpeed ZeRO-0, fp32, AdamW (no weight decay)",
                            "seeds": args.seeds, "lambdas": args.lambdas, "plain_steps": args.plain_steps, "estimators": args.estimators},
-              "versions": versions(), "base": base}
+              "versions": harness.versions(), "base": base}
     if args.base_only:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1) + "\n")
@@ -415,9 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     log(f"raw results: {args.out}")
-    if args.keep:
-        tmp._finalizer.detach()
-        print(f"kept {work}", file=sys.stderr)
+    harness.close_workdir(tmp, args.keep)
     return 0
 
 

@@ -22,15 +22,14 @@ import argparse
 import cProfile
 import io
 import json
-import os
 import pstats
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 import throughput as tp  # noqa: E402
 
 # (label, substrings of "file:line(function)" whose cumulative time counts; first match wins per entry)
@@ -91,7 +90,7 @@ def cumulative(stats: pstats.Stats, patterns: list[list[str]]) -> float:
 
 
 def child(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
+    spec = harness.read_spec(spec_path)
     prof = cProfile.Profile()
     state = {"count": 0, "t0": None, "c0": None, "t1": None, "c1": None}
     warmup, steps = spec["warmup"], spec["steps"]
@@ -133,9 +132,9 @@ def child(spec_path: str) -> None:
     prof.dump_stats(spec["prof"])
     n = steps - warmup
     tokens = sum(result["tokens"][warmup:steps])
-    Path(spec["result"]).write_text(json.dumps({
+    harness.write_result(spec, {
         "steps": n, "tokens": tokens, "wall_s": state["t1"] - state["t0"], "cpu_s": state["c1"] - state["c0"],
-        "final_loss": result["loss"][-1]}))
+        "final_loss": result["loss"][-1]})
 
 
 def report(side: str, label: str, prof_path: str, res: dict, top: int) -> dict:
@@ -189,23 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = {}
         for config in args.sides:
             run_dir = work / config
-            run_dir.mkdir()
-            side = "hf" if config == "hf" else "ours"
             prof_path = (args.out.parent / f"{args.out.stem}-{config}.prof") if args.out else run_dir / "p.prof"
-            spec = {"side": side, "zero": int(config[-1]) if side == "ours" else None, "threads": args.threads,
-                    "steps": args.steps, "warmup": args.warmup, "settings": tp.SETTINGS, "work": str(run_dir),
-                    "result": str(run_dir / "result.json"), "prof": str(prof_path),
-                    "model_dir": prep["model_dir"], "data_dir": prep["data_dir"]}
-            (run_dir / "spec.json").write_text(json.dumps(spec))
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-                   "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu", "DISTRIB_FT_PROGRESS": "log",
-                   "PYTHONWARNINGS": "ignore"}
-            proc = subprocess.run([sys.executable, __file__, "--child", str(run_dir / "spec.json")], env=env,
-                                  capture_output=True, text=True, cwd=tp.ROOT)
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                raise SystemExit(f"{config} failed")
-            res = json.loads((run_dir / "result.json").read_text())
+            spec = {**tp.worker_spec(config, args.steps, prep), "warmup": args.warmup, "prof": str(prof_path)}
+            res = harness.run_worker(__file__, spec, run_dir, threads=args.threads, flag="--child")
+            side = spec["side"]
             summary[config] = report(side, f"{config} (OMP threads {args.threads})", str(prof_path), res, args.top)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)

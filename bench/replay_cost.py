@@ -26,18 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from harness import ROOT  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
-from throughput import train_and_measure, versions  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "replay_cost.json"
 
@@ -58,46 +57,33 @@ def write_fixed(path: Path, n: int, seed: int) -> Path:
 
 
 def job(spec: dict) -> dict:
-    return {
-        "model": {"name_or_path": spec["model_dir"]},
-        "method": {"type": "lora", "r": 16, "lora_alpha": 32},
-        "data": {"train_files": [spec["new"]], "format": "alpaca", "max_seq_length": 256},
-        "training": {"output_dir": spec["out"], "max_steps": spec["steps"], "per_device_train_batch_size": spec["batch"],
-                     "learning_rate": 1e-4, "warmup_ratio": 0.0, "logging_steps": 1, "bf16": False, "seed": 0},
-        "distributed": {"num_workers": 1, "deepspeed": str(ROOT / "ds_configs" / "zero2.json")},
-        "replay": {"buffer": spec["buffer"], "ratio": spec["ratio"]} if spec["ratio"] else {},
-    }
+    return harness.job_dict(
+        spec["model_dir"], {"type": "lora", "r": 16, "lora_alpha": 32},
+        {"train_files": [spec["new"]], "format": "alpaca", "max_seq_length": 256},
+        {"output_dir": spec["out"], "max_steps": spec["steps"], "per_device_train_batch_size": spec["batch"],
+         "learning_rate": 1e-4, "warmup_ratio": 0.0, "logging_steps": 1, "bf16": False, "seed": 0},
+        zero=2, replay={"buffer": spec["buffer"], "ratio": spec["ratio"]} if spec["ratio"] else {})
 
 
 def worker(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    res = train_and_measure(job(spec), Path(spec["out"]))
+    spec = harness.read_spec(spec_path)
+    res = harness.train_and_measure(job(spec), Path(spec["out"]))
     per_seq = spec["batch"]
     steps = []
     for tps, n, cps, rec in zip(res["tokens_per_second"], res["tokens"], res["tokens_per_cpu_second"], res["records"]):
         steps.append({"wall_per_seq": n / tps / per_seq, "cpu_per_seq": None if cps is None else n / cps / per_seq,
                       "tokens": n, "wait": rec.get("replay_wait_seconds"), "replay": rec.get("replay_sequences")})
-    Path(spec["result"]).write_text(json.dumps({"steps": steps, "wall_s": res["wall_s"]}))
+    harness.write_result(spec, {"steps": steps, "wall_s": res["wall_s"]})
 
 
 def run_arm(spec: dict, work: Path, tag: str) -> dict:
     d = work / tag
-    d.mkdir()
-    spec = {**spec, "out": str(d / "out"), "result": str(d / "result.json")}
-    (d / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false",
-           "DS_ACCELERATOR": "cpu", "DISTRIB_FT_PROGRESS": "log", "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run([sys.executable, __file__, "--worker", str(d / "spec.json")], env=env, cwd=ROOT,
-                       capture_output=True, text=True)
-    if p.returncode:
-        sys.stderr.write(p.stderr[-6000:])
-        raise SystemExit(f"{tag} failed")
-    return json.loads((d / "result.json").read_text())
+    return harness.run_worker(__file__, {**spec, "out": str(d / "out")}, d, threads=spec["threads"])
 
 
 def summarize(result: dict, warmup: int) -> dict:
     steps = result["steps"][warmup:]
-    med = lambda key: statistics.median(s[key] for s in steps if s[key] is not None)  # noqa: E731
+    med = lambda key: harness.median(s[key] for s in steps)  # noqa: E731
     return {"wall_per_seq": med("wall_per_seq"), "cpu_per_seq": med("cpu_per_seq"),
             "tokens_per_step": med("tokens"),
             "wait_s_per_step": statistics.median(s["wait"] or 0.0 for s in steps)}
@@ -165,8 +151,8 @@ def main(argv=None) -> int:
             print(f"pair {i} {arm}: {runs[arm][-1]}", flush=True)
     med = {arm: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for arm, rs in runs.items()}
     ratios = {k: med["replay"][k] / med["plain"][k] for k in ("wall_per_seq", "cpu_per_seq", "tokens_per_step")}
-    record = {"command": "python bench/replay_cost.py " + " ".join(argv or sys.argv[1:]), "settings": vars(args),
-              "versions": versions(), "runs": runs, "median": med, "replay_over_plain": ratios,
+    record = {"command": harness.command(__file__, argv), "settings": vars(args),
+              "versions": harness.versions(), "runs": runs, "median": med, "replay_over_plain": ratios,
               "machinery_cpu_ms_per_replayed_example": machinery,
               "elapsed_s": time.time() - t0}
     out = Path(args.out)

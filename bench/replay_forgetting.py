@@ -34,25 +34,26 @@ Usage::
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-for _k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_k] = "1"  # this process too (the base-model pass for the tau calibration)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+harness.limit_own_threads(1)  # this process too (the base-model pass for the tau calibration)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 import ewc_forgetting as ef  # noqa: E402
+from harness import ROOT  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "replay_forgetting.json"
 DEFAULT_RATIOS = [0.0, 0.01, 0.05, 0.25]
@@ -64,9 +65,7 @@ DEFAULT_TAU = 2.5
 def run_job(job: dict, files: dict, eval_sets: dict) -> dict:
     """One step-2 run: ewc_forgetting's job dict plus the replay / token_masking sections; evaluated
     from final/ like ewc_forgetting."""
-    from distrib_ft.config import config_from_dict
     from distrib_ft.runtime.metrics import read_metrics
-    from distrib_ft.runtime.loop import train
 
     out = Path(job["out"])
     if out.exists():
@@ -77,10 +76,9 @@ def run_job(job: dict, files: dict, eval_sets: dict) -> dict:
         raw["replay"] = {"buffer": job["buffer"], "ratio": job["ratio"]}
     if job["mask"] != "off":
         raw["data"]["token_masking"] = {"mode": job["mask"], "threshold": job["tau"]}
-    t0 = time.time()
-    summary = train(config_from_dict(raw))
+    summary, train_s = harness.train_job(raw)
     res = {k: job[k] for k in ("name", "group", "seed", "steps", "ratio", "mask", "tau")}
-    res.update(train_s=time.time() - t0, token_masking=summary.get("token_masking"), config=raw)
+    res.update(train_s=train_s, token_masking=summary.get("token_masking"), config=raw)
     metrics = read_metrics(out / "metrics.jsonl")
     lines = [r for r in metrics if "loss" in r]
     res["eval_curve"] = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]  # old-skill NLL
@@ -93,28 +91,17 @@ def run_job(job: dict, files: dict, eval_sets: dict) -> dict:
         res["replay_sequences"], res["new_sequences"] = 0, summary["steps"] * g
     # the documented count: floor((s+1) r G) - floor(s r G) per step, i.e. floor(steps r G) in all
     res["replay_sequences_expected"] = math.floor(summary["steps"] * g * job["ratio"] + 1e-9)
-    res.update(ef.evaluate_model(str(out / "final"), eval_sets, greedy_sample=job.get("greedy_sample", 0)))
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    for f in (out / "final").glob("*.safetensors"):
-        f.unlink()
+    res.update(ef.evaluate_and_clean(out, eval_sets, job.get("greedy_sample", 0)))
     return res
 
 
-def worker_main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    if os.environ.get("OMP_NUM_THREADS") != "1":
-        raise SystemExit("OMP_NUM_THREADS must be 1 (set by the parent)")
-    import torch
+def _done(r: dict) -> str:
+    return (f" ({r['train_s']:.0f}s): old EM {r['old']['em']:.2f} NLL {r['old']['nll']:.3f}, "
+            f"new EM {r['new']['em']:.2f} NLL {r['new']['nll']:.3f}")
 
-    torch.set_num_threads(1)
-    eval_sets = ef.load_eval_sets(spec["eval_model_dir"], spec["files"])
-    results = []
-    for job in spec["jobs"]:
-        results.append(run_job(job, spec["files"], eval_sets))
-        Path(spec["result"]).write_text(json.dumps(results))
-        r = results[-1]
-        print(f"done {job['name']} ({r['train_s']:.0f}s): old EM {r['old']['em']:.2f} NLL {r['old']['nll']:.3f}, "
-              f"new EM {r['new']['em']:.2f} NLL {r['new']['nll']:.3f}", file=sys.stderr, flush=True)
+
+def worker_main(spec_path: str) -> None:
+    ef.worker_main(spec_path, run=run_job, done=_done)
 
 
 # ------------------------------------------------------------------------------- tau calibration
@@ -183,9 +170,7 @@ def build_tables(record: dict) -> dict:
         return out
 
     def cell(a, key, fmt):
-        v = a[key]
-        spread = "" if len(v["per_seed"]) == 1 else " (" + "/".join(format(x, fmt) for x in v["per_seed"]) + ")"
-        return format(v["median"], fmt) + spread
+        return harness.with_spread(a[key]["median"], a[key]["per_seed"], fmt)
 
     b_old, b_new = base["old"], base["new"]
     rows = ["| replay ratio | replay / new sequences (total) | old NLL | old EM | new NLL | new EM |",
@@ -223,7 +208,8 @@ def build_tables(record: dict) -> dict:
 # ---------------------------------------------------------------------------------------- the driver
 
 def git_state() -> dict:
-    """The commit and whether the code the runs import (distrib_ft/, bench/ewc_forgetting.py) differs from it."""
+    """The commit and whether the code the runs import (distrib_ft/, bench/ewc_forgetting.py, bench/harness.py)
+    differs from it."""
     def git(*a: str) -> str:
         try:
             return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
@@ -231,7 +217,7 @@ def git_state() -> dict:
             return ""
     return {"commit": git("rev-parse", "HEAD"),
             "uncommitted_changes": git("status", "--porcelain", "--", "distrib_ft", "bench/ewc_forgetting.py",
-                                       "bench/throughput.py").splitlines()}
+                                       "bench/harness.py").splitlines()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,20 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tmp.name)
     t_start = time.time()
     git_start = git_state()
-    log = lambda msg: print(f"[{time.time() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log = harness.progress_log(t_start)
     init_dir = str(build_tiny_model(work / "init", seed=0, **ef.MODEL))
     files = ef.make_tasks(work, load_tokenizer(init_dir), args.train_records, args.eval_records)
     log(f"alphabet {files['alphabet']!r}; model {ef.MODEL}")
 
     # Step 1: the base learns the OLD skill (exactly ewc_forgetting's step 1).
-    base_job = {"name": "base", "model_dir": init_dir, "train_file": files["old_train"], "eval_file": files["old_eval"],
-                "out": str(work / "base"), "steps": args.base_steps, "lr": args.base_lr, "batch": ef.BASE["batch"],
-                "scheduler": ef.BASE["scheduler"], "warmup_ratio": ef.BASE["warmup_ratio"], "seed": 0, "keep": True,
-                "eval_steps": max(args.base_steps // 6, 1), "greedy_sample": 20}
-    base = ef.run_workers([[base_job]], files, init_dir, work, "base")[0]
+    base = ef.train_base(work, files, init_dir, args.base_steps, args.base_lr, log)
     base_dir = str(work / "base" / "final")
-    log(f"base: old NLL {base['old']['nll']:.4f} EM {base['old']['em']:.3f}; new NLL {base['new']['nll']:.4f} "
-        f"EM {base['new']['em']:.3f}; {base['train_s']:.0f}s")
 
     # The replay buffer: the OLD skill's whole training file.
     buffer = str(work / "replay_buffer")
@@ -313,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                           script=__file__)  # this file's worker: it runs the replay / masking jobs
     log("step 2 done")
 
-    record = {"command": "python bench/replay_forgetting.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    record = {"command": harness.command(__file__, argv),
               "settings": {"model": ef.MODEL, "base": {**ef.BASE, "steps": args.base_steps, "lr": args.base_lr},
                            "new": {**ef.NEW, "steps": args.new_steps, "lr": args.new_lr},
                            "train_records": args.train_records, "eval_records": args.eval_records,
@@ -322,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "source": "old_train.jsonl (all records)", "shard_size": 256, "seed": 0},
                            "method": "full fine-tuning, DeepSpeed ZeRO-0, fp32, AdamW (no weight decay)",
                            "eval_file_during_training": "old_eval (eval_curve = old-skill NLL at steps 0, 5, 10, 25, 50 and every 100)"},
-              "versions": ef.versions(), "git": {"start": git_start, "end": git_state()}, "base": base, "token_masking_calibration": calib,
+              "versions": harness.versions(), "git": {"start": git_start, "end": git_state()}, "base": base, "token_masking_calibration": calib,
               "total_s": time.time() - t_start, "loadavg_at_end": os.getloadavg(), "runs": runs}
     record.update(build_tables(record))
     print(record["replay_table"] + "\n\n" + record["masking_table"])
@@ -332,9 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     log(f"raw results: {args.out}")
-    if args.keep:
-        tmp._finalizer.detach()
-        print(f"kept {work}", file=sys.stderr)
+    harness.close_workdir(tmp, args.keep)
     return 0
 
 

@@ -34,23 +34,23 @@ Usage (from the repository root)::
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-for _k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_k] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+harness.limit_own_threads(1)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT, median as med  # noqa: E402
+
 DATA = ROOT / "examples" / "data"
 DEFAULT_OUT = ROOT / "bench" / "results" / "stm_smollm2.json"
 ARMS = ["off", "stm", "random"]
@@ -61,20 +61,18 @@ def job_dict(out: Path, mode: str, seed: int, steps: int, tau: float) -> dict:
     # train() does not resolve ``offline:SmolLM2-135M-Instruct`` (only launcher/cli.py does): the local folder
     from distrib_ft.assets import smollm2_path
 
-    raw = {
-        "model": {"name_or_path": str(smollm2_path())},
-        "method": {"type": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
-        "data": {"train_files": [str(DATA / "units_train.jsonl")], "eval_files": [str(DATA / "units_eval.jsonl")],
-                 "format": "alpaca", "max_seq_length": 128},
-        "training": {"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": 8,
-                     "gradient_accumulation_steps": 1, "learning_rate": 5e-4, "lr_scheduler_type": "cosine",
-                     "warmup_ratio": 0.1, "bf16": False, "logging_steps": 5, "eval_steps": 0, "save_steps": 0,
-                     "seed": seed},
-        "distributed": {"num_workers": 1, "deepspeed": str(ROOT / "ds_configs" / "zero2.json")},
-        "monitor": {"suites": [{"name": "general_qa", "files": [str(DATA / "general_qa.jsonl")], "format": "alpaca",
-                                "metric": "nll"}],
-                    "eval_at": [0, 10, 20], "policy": "report"},
-    }
+    raw = harness.job_dict(
+        smollm2_path(), {"type": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
+        {"train_files": [str(DATA / "units_train.jsonl")], "eval_files": [str(DATA / "units_eval.jsonl")],
+         "format": "alpaca", "max_seq_length": 128},
+        {"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": 8,
+         "gradient_accumulation_steps": 1, "learning_rate": 5e-4, "lr_scheduler_type": "cosine",
+         "warmup_ratio": 0.1, "bf16": False, "logging_steps": 5, "eval_steps": 0, "save_steps": 0,
+         "seed": seed},
+        zero=2,
+        monitor={"suites": [{"name": "general_qa", "files": [str(DATA / "general_qa.jsonl")], "format": "alpaca",
+                             "metric": "nll"}],
+                 "eval_at": [0, 10, 20], "policy": "report"})
     if mode != "off":
         raw["data"]["token_masking"] = {"mode": mode, "threshold": tau}
     return raw
@@ -83,21 +81,12 @@ def job_dict(out: Path, mode: str, seed: int, steps: int, tau: float) -> dict:
 # ------------------------------------------------------------------------------------ one run (child)
 
 def worker_main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    if os.environ.get("OMP_NUM_THREADS") != "1":
-        raise SystemExit("OMP_NUM_THREADS must be 1 (set by the parent)")
-    import torch
-
-    torch.set_num_threads(1)
-    from distrib_ft.config import config_from_dict
+    spec = harness.read_spec(spec_path)
     from distrib_ft.runtime.metrics import read_metrics
-    from distrib_ft.runtime.loop import train
 
     out = Path(spec["out"])
     raw = job_dict(out, spec["mode"], spec["seed"], spec["steps"], spec["tau"])
-    t0 = time.time()
-    summary = train(config_from_dict(raw))
-    train_s = time.time() - t0
+    summary, train_s = harness.train_job(raw)
     metrics = read_metrics(out / "metrics.jsonl")
     evals = [r for r in metrics if "eval_loss" in r]
     res = {"mode": spec["mode"], "seed": spec["seed"], "steps": summary["steps"], "train_s": train_s,
@@ -113,21 +102,17 @@ def worker_main(spec_path: str) -> None:
     res.update(qa_start=first["retention/general_qa"], qa_end=last["retention/general_qa"],
                eval_start=first["eval_loss"], eval_end=last["eval_loss"], end_step=last["step"])
     res["qa_rel_change"] = res["qa_end"] / res["qa_start"] - 1
-    Path(spec["result"]).write_text(json.dumps(res, indent=1))
+    harness.write_result(spec, res, indent=1)
     shutil.rmtree(out / "final", ignore_errors=True)  # the adapter is not needed
 
 
 # ------------------------------------------------------------------------------------ scheduling
 
 def run_all(seeds: list[int], steps: int, tau: float, parallel: int, work: Path, shared: Path) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "DS_ACCELERATOR": "cpu", "DISTRIB_FT_PROGRESS": "log", "PYTHONWARNINGS": "ignore"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
     # stm of the first seed first: it makes the base-model pass that every later masking run reuses
     pending = [(m, s) for s in seeds for m in ARMS]
     pending.sort(key=lambda j: (j != ("stm", seeds[0]), j[1], ARMS.index(j[0])))
-    running: dict = {}
+    running: dict[str, harness.Worker] = {}
     results = []
 
     def cache_ready() -> bool:
@@ -140,35 +125,27 @@ def run_all(seeds: list[int], steps: int, tau: float, parallel: int, work: Path,
             (out / "token_masking").mkdir(parents=True, exist_ok=True)
             for f in shared.glob("base_nll-*.npz"):
                 shutil.copy(f, out / "token_masking" / f.name)
-        spec = {"out": str(out), "mode": mode, "seed": seed, "steps": steps, "tau": tau,
-                "result": str(work / f"{tag}.json")}
-        (work / f"{tag}.spec.json").write_text(json.dumps(spec))
-        log = open(work / f"{tag}.log", "w")
-        p = subprocess.Popen([sys.executable, __file__, "--worker", str(work / f"{tag}.spec.json")],
-                             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        running[tag] = (p, log, spec, time.time())
+        spec = {"out": str(out), "mode": mode, "seed": seed, "steps": steps, "tau": tau}
+        running[tag] = harness.start_worker(__file__, spec, work / tag, threads=1)
         print(f"[{time.strftime('%H:%M:%S')}] start {tag}", flush=True)
 
     while pending or running:
         while pending and len(running) < parallel:
-            masking_running = any(sp["mode"] != "off" for _, _, sp, _ in running.values())
+            masking_running = any(w.spec["mode"] != "off" for w in running.values())
             pick = next((j for j in pending if j[0] == "off" or cache_ready() or not masking_running), None)
             if pick is None:
                 break
             pending.remove(pick)
             launch(*pick)
         time.sleep(2)
-        for tag, (p, log, spec, t0) in list(running.items()):
-            if p.poll() is None:
+        for tag, w in list(running.items()):
+            if w.running():
                 continue
-            log.close()
             del running[tag]
-            if p.returncode != 0:
-                sys.stderr.write(Path(log.name).read_text()[-6000:])
-                raise SystemExit(f"{tag} failed ({p.returncode}): {log.name}")
-            res = json.loads(Path(spec["result"]).read_text())
-            res["wall_s"] = time.time() - t0
-            text = Path(log.name).read_text()
+            res = w.finish()
+            res["wall_s"] = time.time() - w.started
+            spec = w.spec
+            text = w.log_path.read_text()
             res["base_pass_cached"] = "base-model NLL from" in text if spec["mode"] != "off" else None
             results.append(res)
             if spec["mode"] != "off" and not cache_ready():
@@ -239,10 +216,6 @@ def base_competence(npz: Path, tau: float) -> dict:
 
 # ------------------------------------------------------------------------------------ tables
 
-def med(xs):
-    return statistics.median(xs)
-
-
 def table(doc: dict) -> str:
     runs = doc["runs"]
     seeds = doc["settings"]["seeds"]
@@ -255,14 +228,13 @@ def table(doc: dict) -> str:
 
         def cell(key, fmt):
             vals = [r[key] for r in rs]
-            per = "/".join(fmt.format(v) for v in vals)
-            return f"{fmt.format(med(vals))} ({per})" if len(vals) > 1 else fmt.format(vals[0])
+            return harness.with_spread(med(vals), vals, fmt)
 
         name = {"off": "off (plain LoRA)", "stm": f"stm (tau {doc['settings']['tau']})",
                 "random": "random (control)"}[arm]
-        lines.append(f"| {name} | {cell('masked_fraction', '{:.1%}')} | {cell('qa_start', '{:.4f}')} | "
-                     f"{cell('qa_end', '{:.4f}')} | {cell('qa_rel_change', '{:+.1%}')} | "
-                     f"{cell('eval_start', '{:.4f}')} | {cell('eval_end', '{:.4f}')} |")
+        lines.append(f"| {name} | {cell('masked_fraction', '.1%')} | {cell('qa_start', '.4f')} | "
+                     f"{cell('qa_end', '.4f')} | {cell('qa_rel_change', '+.1%')} | "
+                     f"{cell('eval_start', '.4f')} | {cell('eval_end', '.4f')} |")
     lines.append("")
     lines.append(f"Median over seeds {', '.join(map(str, seeds))}; per-seed values in brackets (seed order "
                  f"{'/'.join(map(str, seeds))}). End = step {runs[0]['end_step']}.")
@@ -279,19 +251,6 @@ def competence_text(c: dict) -> str:
             f"{k} {v['above_tau']}/{v['targets']} ({v['fraction_above']:.0%})" for k, v in c["by_kind"].items()) + "."
         s += f" Examples with at least one token above tau: {c['examples_with_any_above_tau']:.0%}."
     return s
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for p in ("torch", "transformers", "peft", "deepspeed", "datasets", "numpy"):
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            out[p] = None
-    out["python"] = sys.version.split()[0]
-    return out
 
 
 def main() -> None:
@@ -321,7 +280,7 @@ def main() -> None:
     results = run_all(a.seeds, a.steps, a.tau, a.parallel, work, shared)
     npz = next(shared.glob("base_nll-*.npz"))
     comp = base_competence(npz, a.tau)
-    doc = {"command": "python bench/stm_smollm2.py " + " ".join(sys.argv[1:]),
+    doc = {"command": harness.command(__file__),
            "settings": {"seeds": a.seeds, "steps": a.steps, "tau": a.tau, "parallel": a.parallel,
                         "model": "offline:SmolLM2-135M-Instruct", "method": "LoRA r16 alpha 32, all projections",
                         "lr": 5e-4, "scheduler": "cosine, warmup 10%", "per_device_train_batch_size": 8,
@@ -329,7 +288,8 @@ def main() -> None:
                         "eval_at": [0, 10, 20, "end"], "threads_per_run": 1,
                         "train": "examples/data/units_train.jsonl", "eval": "examples/data/units_eval.jsonl",
                         "retention": "examples/data/general_qa.jsonl (nll)"},
-           "versions": versions(), "total_wall_s": time.time() - t0,
+           "versions": harness.versions(("torch", "transformers", "peft", "deepspeed", "datasets", "numpy"),
+                                        machine=False), "total_wall_s": time.time() - t0,
            "base_competence": comp,
            "runs": sorted(results, key=lambda r: (ARMS.index(r["mode"]), r["seed"]))}
     a.out.parent.mkdir(parents=True, exist_ok=True)

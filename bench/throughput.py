@@ -41,16 +41,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from harness import ROOT  # noqa: E402
+
 DEFAULT_OUT = ROOT / "bench" / "results" / "throughput.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETTINGS = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=2e-4, lr_scheduler_type="constant",
@@ -114,57 +115,22 @@ def prepare(work: Path, args) -> dict:
 # ------------------------------------------------------------------------------------------ workers
 
 
-def train_and_measure(raw: dict, out: Path) -> dict:
-    """Run ``train`` in this process and measure each logged step: wall-clock tokens/s (from
-    metrics.jsonl) and tokens per CPU-second of this process, which other processes on a shared machine
-    disturb far less than wall time. Returns per-step lists plus the metrics.jsonl records."""
-    from distrib_ft.runtime import metrics as metrics_mod
-    from distrib_ft.config import config_from_dict
-    from distrib_ft.runtime.metrics import read_metrics
-    from distrib_ft.runtime.loop import train
-
-    marks: list[float] = []
-    write = metrics_mod.MetricsLog.write
-
-    def write_and_mark(self, record):
-        if "tokens_per_second" in record:
-            marks.append(time.process_time())
-        return write(self, record)
-
-    metrics_mod.MetricsLog.write = write_and_mark
-    t0 = time.time()
-    try:
-        train(config_from_dict(raw))
-    finally:
-        metrics_mod.MetricsLog.write = write
-    wall = time.time() - t0
-    recs = [r for r in read_metrics(out / "metrics.jsonl") if "tokens_per_second" in r]
-    seen = [r["tokens_seen"] for r in recs]
-    tokens = [b - a for a, b in zip([0] + seen, seen)]
-    cpu = [None] + [b - a for a, b in zip(marks, marks[1:])]
-    return {"tokens_per_second": [r["tokens_per_second"] for r in recs], "loss": [r["loss"] for r in recs],
-            "tokens": tokens, "tokens_per_cpu_second": [None if c is None else n / c for n, c in zip(tokens, cpu)],
-            "wall_s": wall, "records": recs}
-
-
 def worker_ours(spec: dict) -> dict:
     s = spec["settings"]
     out = Path(spec["work"]) / "out"
-    raw = {
-        "model": {"name_or_path": spec["model_dir"], "dtype": "float32"},
-        "method": {"type": "lora", "r": s["lora_r"], "lora_alpha": s["lora_alpha"], "lora_dropout": s["lora_dropout"],
-                   "target_modules": TARGETS},
-        "data": {"train_files": [spec["data_dir"]], "format": "tokenized", "max_seq_length": s["max_seq_length"]},
-        "training": {"output_dir": str(out), "max_steps": spec["steps"], "per_device_train_batch_size": s["micro_batch"],
-                     "gradient_accumulation_steps": s["grad_accum"], "learning_rate": s["learning_rate"],
-                     "lr_scheduler_type": s["lr_scheduler_type"], "warmup_ratio": 0.0, "warmup_steps": s["warmup_steps"],
-                     "weight_decay": s["weight_decay"], "max_grad_norm": s["max_grad_norm"], "bf16": s["bf16"],
-                     "gradient_checkpointing": False, "logging_steps": s["logging_steps"], "save_steps": 0,
-                     "eval_steps": 0, "seed": s["seed"]},
-        "distributed": {"num_workers": 1, "cpus_per_worker": spec["threads"], "backend": "gloo",
-                        "deepspeed": str(ROOT / "ds_configs" / f"zero{spec['zero']}.json")},
-    }
-    m = train_and_measure(raw, out)
+    raw = harness.job_dict(
+        spec["model_dir"],
+        {"type": "lora", "r": s["lora_r"], "lora_alpha": s["lora_alpha"], "lora_dropout": s["lora_dropout"],
+         "target_modules": TARGETS},
+        {"train_files": [spec["data_dir"]], "format": "tokenized", "max_seq_length": s["max_seq_length"]},
+        {"output_dir": str(out), "max_steps": spec["steps"], "per_device_train_batch_size": s["micro_batch"],
+         "gradient_accumulation_steps": s["grad_accum"], "learning_rate": s["learning_rate"],
+         "lr_scheduler_type": s["lr_scheduler_type"], "warmup_ratio": 0.0, "warmup_steps": s["warmup_steps"],
+         "weight_decay": s["weight_decay"], "max_grad_norm": s["max_grad_norm"], "bf16": s["bf16"],
+         "gradient_checkpointing": False, "logging_steps": s["logging_steps"], "save_steps": 0,
+         "eval_steps": 0, "seed": s["seed"]},
+        zero=spec["zero"], threads=spec["threads"], dtype="float32")
+    m = harness.train_and_measure(raw, out)
     return {k: m[k] for k in ("tokens_per_second", "loss", "tokens", "tokens_per_cpu_second", "wall_s")}
 
 
@@ -242,63 +208,31 @@ def worker_hf(spec: dict) -> dict:
 
 
 def worker_main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    if spec["threads"] != int(os.environ.get("OMP_NUM_THREADS", "0")):
-        raise SystemExit("OMP_NUM_THREADS must be set by the parent")
-    result = worker_ours(spec) if spec["side"] == "ours" else worker_hf(spec)
-    Path(spec["result"]).write_text(json.dumps(result))
+    spec = harness.read_spec(spec_path)
+    harness.write_result(spec, worker_ours(spec) if spec["side"] == "ours" else worker_hf(spec))
 
 
 # ---------------------------------------------------------------------------------------- the driver
 
+def worker_spec(config: str, steps: int, prep: dict) -> dict:
+    """The spec of one configuration's worker (``worker_ours`` / ``worker_hf``), given :func:`prepare`'s paths."""
+    side = "hf" if config == "hf" else "ours"
+    return {"side": side, "zero": int(config[-1]) if side == "ours" else None, "steps": steps, "settings": SETTINGS,
+            "model_dir": prep["model_dir"], "data_dir": prep["data_dir"]}
+
+
 def run_one(config: str, threads: int, steps: int, prep: dict, work: Path, run_id: int) -> dict:
     """One configuration in a fresh subprocess; returns its raw per-step results."""
-    run_dir = work / f"run{run_id:03d}-{config}-t{threads}"
-    run_dir.mkdir()
-    side = "hf" if config == "hf" else "ours"
-    spec = {"side": side, "zero": int(config[-1]) if side == "ours" else None, "threads": threads, "steps": steps,
-            "settings": SETTINGS, "work": str(run_dir), "result": str(run_dir / "result.json"),
-            "model_dir": prep["model_dir"], "data_dir": prep["data_dir"]}
-    (run_dir / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu", "DISTRIB_FT_PROGRESS": "log",
-           "PYTHONWARNINGS": "ignore"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
-        env.pop(k, None)
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(run_dir / "spec.json")], env=env, cwd=ROOT,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"{config} (threads={threads}) failed with exit code {proc.returncode}")
-    res = json.loads((run_dir / "result.json").read_text())
-    res["process_s"] = time.time() - t0
-    return res
+    return harness.run_worker(__file__, worker_spec(config, steps, prep), work / f"run{run_id:03d}-{config}-t{threads}",
+                              threads=threads, time_key="process_s")
 
 
 def summarize_run(res: dict, warmup: int, key: str = "tokens_per_second") -> float:
-    vals = [v for v in res[key][warmup:] if v is not None]
-    return statistics.median(vals)
+    return harness.median(res[key][warmup:])
 
 
 def fmt_int(x: float) -> str:
     return f"{x:,.0f}"
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "cpu_count": os.cpu_count(), "machine": platform.machine()}
-    for pkg in ("torch", "deepspeed", "transformers", "peft", "accelerate", "datasets"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    try:
-        out["cpu_model"] = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        out["cpu_model"] = None
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="distrib-ft-bench-")
     work = Path(tmp.name)
     t_start = time.time()
+    log = harness.progress_log(t_start)
     prep = prepare(work, args)
     print(f"model: Llama hidden={args.hidden} layers={args.layers} heads={args.heads} (intermediate {2 * args.hidden}); "
           f"data: {prep['data_summary']}; lengths min/median/max {prep['length_min']}/{prep['length_median']}/"
@@ -342,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                 if config == "hf":
                     res["median_tokens_per_second_compute"] = summarize_run(res, args.warmup, "tokens_per_second_compute")
                 runs.append(res)
-                print(f"[{time.time() - t_start:6.0f}s] threads={threads} rep={rep} {config:10s} "
-                      f"median {res['median_tokens_per_second']:6.0f} tok/s, {res['median_tokens_per_cpu_second']:6.0f} "
-                      f"tok/CPU-s; final loss {res['loss'][-1]:.4f}; process {res['process_s']:.1f}s", file=sys.stderr)
+                log(f"threads={threads} rep={rep} {config:10s} "
+                    f"median {res['median_tokens_per_second']:6.0f} tok/s, {res['median_tokens_per_cpu_second']:6.0f} "
+                    f"tok/CPU-s; final loss {res['loss'][-1]:.4f}; process {res['process_s']:.1f}s")
 
     # Summary: median over runs of the per-run medians; ratio of medians.
     rows, summary = [], {}
@@ -388,13 +323,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {
-        "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
+        "command": harness.command(__file__),
         "settings": {**SETTINGS, "target_modules": TARGETS, "optimizer": "torch.optim.AdamW (non-fused)",
                      "steps": args.steps, "warmup_steps_excluded": args.warmup, "repeats": args.repeats,
                      "model": {"hidden_size": args.hidden, "num_layers": args.layers, "num_heads": args.heads,
                                "intermediate_size": 2 * args.hidden},
                      "data": {k: prep[k] for k in ("data_summary", "examples", "length_min", "length_median", "length_max")}},
-        "versions": versions(), "loadavg_at_end": os.getloadavg(), "total_s": time.time() - t_start,
+        "versions": harness.versions(), "loadavg_at_end": os.getloadavg(), "total_s": time.time() - t_start,
         "summary": summary, "table_markdown": table,
         "runs": [{k: (round(v, 2) if isinstance(v, float) else
                       [round(x, 4) if isinstance(x, float) else x for x in v] if isinstance(v, list) else v)
@@ -402,11 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"\nraw results: {args.out}", file=sys.stderr)
-    if args.keep:
-        tmp._finalizer.detach()
-        print(f"kept {work}", file=sys.stderr)
-    else:
-        tmp.cleanup()
+    harness.close_workdir(tmp, args.keep)
     return 0
 
 
