@@ -1,4 +1,6 @@
-"""The model and its fine-tuning method: a Hugging Face causal LM, fully trainable or with a peft LoRA."""
+"""The model: a Hugging Face causal LM (local folder, hub id or ``offline:`` name) and its tokenizer.
+
+The fine-tuning method that changes it lives in distrib_ft/methods/."""
 
 from __future__ import annotations
 
@@ -71,35 +73,6 @@ def load_model(name_or_path: str, *, dtype: str = "float32", attn_implementation
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
-
-
-def merge_adapters(model: torch.nn.Module, adapters: list[str]) -> torch.nn.Module:
-    """Merge earlier rounds' LoRA adapters into the base weights, in order (W <- W + B @ A * scale)."""
-    from peft import PeftModel
-
-    for path in adapters:
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    return model
-
-
-def apply_method(model: torch.nn.Module, method: str, *, r: int = 16, lora_alpha: float = 32,
-                 lora_dropout: float = 0.0, target_modules: list[str] | str | None = None,
-                 use_dora: bool = False) -> torch.nn.Module:
-    """``full``: every parameter trains. ``lora``: a peft LoRA adapter on ``target_modules``."""
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if method == "lora":
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         target_modules=target_modules, use_dora=use_dora, bias="none")
-        try:
-            return get_peft_model(model, cfg)
-        except ValueError as e:
-            raise ValueError(f"method.target_modules: {e}".splitlines()[0]) from None
-    raise ValueError(f"method.type: unknown method {method!r}")
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

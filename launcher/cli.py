@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="Ray cluster to run on (e.g. auto, ray://head:10001); default: an embedded local Ray")
     t.add_argument("--launcher", choices=["ray", "local"], default="ray",
                    help="local: run the loop in this process (one rank, or each rank under torchrun)")
-    f = sub.add_parser("fisher", help="compute the diagonal Fisher of the job's model on ewc.fisher_files")
+    f = sub.add_parser("fisher", help="compute the diagonal Fisher of the job's model on ewc.fisher_data_files")
     f.add_argument("job", help="job YAML file")
     f.add_argument("overrides", nargs="*", metavar="section.key=value", help="override keys of the job file")
     f.add_argument("--out", required=True, help="the safetensors file to write")
@@ -84,89 +84,36 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_inputs(cfg) -> None:
-    """Fail on the driver, before any worker starts, for what can be checked here."""
-    from distrib_ft.config import resolve_path
-    from distrib_ft.runtime.engine import load_deepspeed_config
+def _job(args):
+    """The job file, validated and resolved on this driver for the launcher's world size."""
+    from distrib_ft.config import load_config
+    from distrib_ft.job import resolve
 
-    t = cfg.training
-    load_deepspeed_config(cfg.distributed.deepspeed, micro_batch_size=t.per_device_train_batch_size,
-                          gradient_accumulation_steps=t.gradient_accumulation_steps,
-                          world_size=cfg.distributed.num_workers, max_grad_norm=t.max_grad_norm, bf16=t.bf16,
-                          learning_rate=t.learning_rate, weight_decay=t.weight_decay,
-                          betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
-    for section, key in (("data", "train_files"), ("data", "eval_files"), ("ewc", "fisher_files"),
-                         ("method", "merge_adapters")):
-        files = getattr(getattr(cfg, section), key)
-        for i, f in enumerate(files):
-            path = resolve_path(f, cfg.source)
-            if not path.exists():
-                raise UsageError(f"{cfg.source}: {section}.{key}[{i}]: {f} not found")
-            files[i] = str(path)
-    for i, su in enumerate(cfg.monitor.suites):
-        for j, f in enumerate(su.files):
-            path = resolve_path(f, cfg.source)
-            if not path.exists():
-                raise UsageError(f"{cfg.source}: monitor.suites[{i}].files[{j}]: {f} not found")
-            su.files[j] = str(path)
-    r = cfg.replay
-    if r.generate:
-        for key in ("prompts_files", "seed_files"):
-            files = getattr(r.generate, key)
-            for i, f in enumerate(files):
-                path = resolve_path(f, cfg.source)
-                if not path.exists():
-                    raise UsageError(f"{cfg.source}: replay.generate.{key}[{i}]: {f} not found")
-                files[i] = str(path)
-    if r.buffer and "://" not in r.buffer:
-        found = resolve_path(r.buffer, cfg.source)
-        r.buffer = str(found if found.exists() else Path(r.buffer).expanduser().resolve())
-    if r.ratio > 0 and not r.generate:
-        from distrib_ft.data.replay_buffer import read_manifest
+    cfg = load_config(args.job, args.overrides)
+    world = cfg.distributed.num_workers if args.launcher == "ray" else int(os.environ.get("WORLD_SIZE", "1"))
+    return resolve(cfg, world_size=world)
 
-        read_manifest(r.buffer, r.version)  # DataError (exit 2) when there is no such buffer or version
-    if cfg.ewc.fisher_file:
-        path = resolve_path(cfg.ewc.fisher_file, cfg.source)
-        if not path.is_file():
-            raise UsageError(f"{cfg.source}: ewc.fisher_file: {cfg.ewc.fisher_file} not found")
-        cfg.ewc.fisher_file = str(path)
-    name = cfg.model.name_or_path
-    if name.startswith("offline:"):
-        from distrib_ft.model import resolve_offline_model
 
-        try:
-            cfg.model.name_or_path = str(resolve_offline_model(name))
-        except (ValueError, RuntimeError, FileNotFoundError) as e:
-            raise UsageError(f"{cfg.source}: {e}") from None
-    elif name.startswith((".", "/", "~")) or Path(name).exists():
-        path = resolve_path(str(Path(name).expanduser()), cfg.source)
-        if not (path / "config.json").is_file():
-            raise UsageError(f"{cfg.source}: model.name_or_path: {name} is not a Hugging Face model folder "
-                             "(no config.json)")
-        cfg.model.name_or_path = str(path)
-    out = Path(t.output_dir).expanduser()
-    if not out.is_absolute() and cfg.source:
-        out = Path.cwd() / out
-    t.output_dir = str(out.resolve())
+def _run(job, args, name: str, **kwargs) -> None:
+    """Run job ``name`` of distrib_ft.jobs.JOBS: in this process (``--launcher local``) or on Ray workers."""
+    from distrib_ft.jobs import JOBS
+
+    if args.launcher == "local":
+        JOBS[name](job, **kwargs)
+    else:
+        from launcher.ray_job import run_on_ray
+
+        run_on_ray(job, JOBS[name], address=args.address, kwargs=kwargs)
 
 
 def cmd_train(args) -> int:
-    from distrib_ft.config import load_config
-
-    cfg = load_config(args.job, args.overrides)
-    _check_inputs(cfg)
+    job = _job(args)
+    cfg = job.config
     out = Path(cfg.training.output_dir)
     if not args.resume and ((out / "final").exists() or (out / "rejected").exists()):
         raise UsageError(f"{cfg.source}: training.output_dir: {out} already holds a finished run (final/); "
                          "use --resume, or another output_dir")
-    if args.launcher == "local":
-        from distrib_ft.runtime.loop import train
-
-        train(cfg, resume=args.resume)
-    else:
-        from launcher.ray_job import run_on_ray
-
-        run_on_ray(cfg, address=args.address, kwargs={"resume": args.resume})
+    _run(job, args, "train", resume=args.resume)
     summary_file = out / "summary.json"
     if not summary_file.exists():
         return EXIT_OK
@@ -192,7 +139,7 @@ def _summary_text(s: dict, cfg, out: Path) -> str:
             lines.append(f"{'new task (eval loss)':24} {'nll':16} {r['new_task']['baseline']:10.4f} "
                          f"{r['new_task']['baseline'] - r['new_task']['gain']:10.4f}")
         lines.append(f"Decision: {r['decision']} (step {r['chosen_step']}); report: {out / 'report.md'}, plots: {out / 'plots'}/")
-    kind = "adapter" if cfg.method.type == "lora" else "model"
+    kind = s.get("artifact", "model")
     where = "final/" if s["exit_code"] == EXIT_OK else "rejected/ (out of the forgetting budget)"
     lines.append(f"Done: {s['steps']} steps on {s['world_size']} worker(s). Results in {out} "
                  f"({where} {kind}, metrics.jsonl{', checkpoints/' if cfg.training.save_steps else ''})")
@@ -200,46 +147,25 @@ def _summary_text(s: dict, cfg, out: Path) -> str:
 
 
 def cmd_fisher(args) -> int:
-    from distrib_ft.config import load_config
-
-    cfg = load_config(args.job, args.overrides)
-    if not cfg.ewc.fisher_files:
-        raise UsageError(f"{cfg.source}: ewc.fisher_files: list the data to compute the Fisher on")
-    _check_inputs(cfg)
+    job = _job(args)
+    if not job.config.ewc.fisher_data_files:
+        raise UsageError(f"{job.config.source}: ewc.fisher_data_files: list the data to compute the Fisher on")
     out = str(Path(args.out).expanduser().resolve())
-    if args.launcher == "local":
-        from distrib_ft.runtime.loop import fisher_job
-
-        fisher_job(cfg, out)
-    else:
-        from launcher.ray_job import run_on_ray
-
-        run_on_ray(cfg, address=args.address, entry="distrib_ft.runtime.loop:fisher_job", kwargs={"out": out})
+    _run(job, args, "fisher", out=out)
     print(f"Fisher written to {out}")
     return EXIT_OK
 
 
 def cmd_eval(args) -> int:
-    from distrib_ft.config import load_config
-
-    cfg = load_config(args.job, args.overrides)
-    _check_inputs(cfg)
-    out_dir = Path(cfg.training.output_dir)
+    job = _job(args)
+    out_dir = Path(job.config.training.output_dir)
     model = args.model or (str(out_dir / "final") if (out_dir / "final").exists() else None)
     if model is not None:
         model = str(Path(model).expanduser().resolve())
         if not (Path(model) / "config.json").exists() and not (Path(model) / "adapter_config.json").exists():
             raise UsageError(f"--model: {model} holds neither a peft adapter nor a Hugging Face model")
     out = str(Path(args.out).expanduser().resolve()) if args.out else str(out_dir / "eval")
-    if args.launcher == "local":
-        from distrib_ft.monitor.evaluation import eval_job
-
-        eval_job(cfg, model, out)
-    else:
-        from launcher.ray_job import run_on_ray
-
-        run_on_ray(cfg, address=args.address, entry="distrib_ft.monitor.evaluation:eval_job",
-                   kwargs={"model_path": model, "out": out})
+    _run(job, args, "eval", model_path=model, out=out)
     report = json.loads((Path(out) / "report.json").read_text())
     print(f"Decision: {report['decision']}; report: {Path(out) / 'report.md'}")
     return report["exit_code"]

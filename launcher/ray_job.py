@@ -12,23 +12,21 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from distrib_ft.job import Job
 from distrib_ft.runtime import dist
-from distrib_ft.config import JobConfig
 
 
 def _worker_loop(payload: dict) -> None:
-    """Runs in each Ray Train worker: the process group exists; hand over to the one loop."""
+    """Runs in each Ray Train worker: the process group exists; hand the resolved job to the job function."""
     import ray.train
 
     ctx = ray.train.get_context()
     os.environ.update({"RANK": str(ctx.get_world_rank()), "LOCAL_RANK": str(ctx.get_local_rank()),
                        "WORLD_SIZE": str(ctx.get_world_size()), "DISTRIB_FT_IN_RAY": "1"})
-    module, name = payload["entry"].rsplit(":", 1)
-    fn = getattr(__import__(module, fromlist=[name]), name)
-    fn(JobConfig.model_validate(payload["job"]), **payload.get("kwargs", {}))
+    payload["fn"](payload["job"], **payload["kwargs"])
 
 
 @contextlib.contextmanager
@@ -53,9 +51,8 @@ def ray_session(address: str | None, num_cpus: int) -> Iterator[bool]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_on_ray(cfg: JobConfig, *, address: str | None = None, entry: str = "distrib_ft.runtime.loop:train",
-               kwargs: dict | None = None) -> None:
-    """Run ``entry(cfg, **kwargs)`` on ``distributed.num_workers`` Ray Train workers.
+def run_on_ray(job: Job, fn: Callable, *, address: str | None = None, kwargs: dict | None = None) -> None:
+    """Run ``fn(job, **kwargs)`` (a job of distrib_ft.jobs.JOBS) on ``distributed.num_workers`` Ray Train workers.
 
     Raises:
         WorkerError: a worker failed; carries the workers' first error.
@@ -63,7 +60,7 @@ def run_on_ray(cfg: JobConfig, *, address: str | None = None, entry: str = "dist
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    dcfg = cfg.distributed
+    dcfg = job.config.distributed
     needed = dcfg.num_workers * dcfg.cpus_per_worker
     with ray_session(address, num_cpus=max(os.cpu_count() or 1, needed)) as has_gpu:
         use_gpu = has_gpu if dcfg.use_gpu == "auto" else bool(dcfg.use_gpu)
@@ -73,7 +70,7 @@ def run_on_ray(cfg: JobConfig, *, address: str | None = None, entry: str = "dist
         storage = Path(tempfile.mkdtemp(prefix="dft-train-"))
         trainer = TorchTrainer(
             _worker_loop,
-            train_loop_config={"job": cfg.model_dump(mode="json", by_alias=True), "entry": entry, "kwargs": kwargs or {}},
+            train_loop_config={"job": job, "fn": fn, "kwargs": kwargs or {}},
             torch_config=TorchConfig(backend=backend),
             scaling_config=ScalingConfig(num_workers=dcfg.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": dcfg.cpus_per_worker}),

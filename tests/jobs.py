@@ -48,6 +48,11 @@ def job_dict(tmp_path: Path, model_dir: Path, zero: int = 2, **training) -> dict
 
 
 def set_in(d: dict, dotted: str, value) -> dict:
+    """Set ``d[a][b] = value`` for ``dotted="a.b"``. Setting ``method.type`` starts a fresh method section (the
+    keys of one method are unknown to another)."""
+    if dotted == "method.type":
+        d["method"] = {"type": value}
+        return d
     node = d
     *parents, last = dotted.split(".")
     for k in parents:

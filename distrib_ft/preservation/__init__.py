@@ -1,98 +1,104 @@
-"""Defences against forgetting: one contract, one file each.
+"""Defences against forgetting: one file each, one line in ``DEFENCES``.
 
-The training loop calls a strategy through these hooks only, in this order:
+A defence is a class with ``name`` (its section of the job file), ``config_class`` (that section's
+pydantic model, declared in the defence's file; its ``enabled`` property says whether the job uses the
+defence) and a constructor ``cls(config, ctx)`` taking its own section and a small :class:`Context`.
+The loop never names a defence: it calls the hooks below, each optional (a defence defines only the
+ones it needs; there is no base class), in this order:
 
-- ``check(zero_stage=..., model=...)``: refuse an unsupported combination at start-up (ValueError naming the key);
+- ``check(*, zero_stage, model, method)``: refuse an unsupported combination at start-up (ValueError
+  naming the key);
+- ``prepare_train_data(model, dataset)``: the prepared training set before the first step -> the set to
+  train on (token masking rewrites labels); map-style data only;
 - ``load_state_dict(state)``: on resume, what ``state_dict`` returned when the checkpoint was saved;
-- ``on_task_start(model, output_dir=..., resumed=...)``: compute or load state (e.g. the Fisher and anchors,
-  generated replay examples); state that is not in the checkpoint is persisted in output_dir so that a
-  resumed run uses the same state;
+- ``on_task_start(model, *, resumed)``: compute or load state (the Fisher and anchors, generated
+  examples); state not in the checkpoint is persisted in ``ctx.output_dir`` so a resumed run reuses it;
+- ``batch_share``: attribute, the share of every global batch that ``mix`` supplies (replay's ratio);
 - ``mix(step, examples)``: this rank's examples of an optimizer step -> the examples to train on
-  (replay adds old ones, marked ``"replay": True``);
+  (replay appends old ones marked ``"replay": True``);
 - ``penalty(model)``: an extra loss term for this optimizer step, or None;
-- ``metrics()``: values for the next metrics.jsonl line, accumulated since the previous call (this rank's);
+- ``observe(examples, nll, targets)``: after each micro-batch's forward: its examples and their per-sequence
+  NLL sums and target counts, shape (B,) (replay splits the loss into new and replayed);
+- ``metrics()``: values for the next metrics.jsonl line since the previous call; collective (every rank
+  calls it at the same steps, so a defence may all-reduce);
 - ``state_dict()``: what a checkpoint must hold for an exact resume (small, JSON-able);
+- ``summary()``: entries for summary.json;
 - ``close()``: the loop is over: release threads and files;
-- ``on_task_end(model, final_dir=..., train_examples=...)``: compute what the next round needs and write it
-  (into final/, or the replay buffer); returns the files written.
+- ``on_task_end(model, *, final_dir, train_examples)``: what the next round needs (written into final/,
+  or the replay buffer); returns the files written.
 
-Strategies take flat arguments (``from_config`` turns the job's section into them) so that each is
-constructible in a unit test. To add one: a file here with the class (``Hooks`` gives the no-op
-defaults), one line in ``build_strategies``.
+Also optional, on the driver before any worker starts: ``preflight(config)`` (a staticmethod) checks
+inputs that only the defence understands (e.g. that a replay buffer version exists).
+
+To add a defence: a file here with its config class and its class, one line in ``DEFENCES``, one row in
+tests/unit/test_strategies.py (docs/architecture.md walks through a real one).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
-import torch
-
-
-class Strategy(Protocol):
-    name: str
-
-    def check(self, *, zero_stage: int, model: torch.nn.Module) -> None: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-    def on_task_start(self, model: torch.nn.Module, *, output_dir: Path, resumed: bool) -> None: ...
-
-    def mix(self, step: int, examples: list[dict]) -> list[dict]: ...
-
-    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None: ...
-
-    def metrics(self) -> dict: ...
-
-    def state_dict(self) -> dict: ...
-
-    def close(self) -> None: ...
-
-    def on_task_end(self, model: torch.nn.Module, *, final_dir: Path, train_examples) -> list[Path]: ...
+from distrib_ft.preservation.ewc import EWC
+from distrib_ft.preservation.generative_replay import GenerativeReplay
+from distrib_ft.preservation.replay import Replay
+from distrib_ft.preservation.token_masking import TokenMasking
+from distrib_ft.schema import Strict
 
 
-class Hooks:
-    """No-op defaults of every hook; a strategy overrides the ones it needs."""
+@dataclass(frozen=True)
+class Context:
+    """What a defence may know of the job besides its own section.
 
-    name = "hooks"
+    Attributes:
+        tokenizer: the model's tokenizer (pad token set).
+        output_dir: the job's output folder.
+        data: the job's ``data`` section (format, max_seq_length, templates, train_files).
+        per_rank: examples per rank per optimizer step (micro-batch x accumulation).
+        seed: ``training.seed``.
+        model_name: the model folder the job starts from.
+    """
 
-    def check(self, *, zero_stage: int, model: torch.nn.Module) -> None:
-        return None
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
-
-    def on_task_start(self, model: torch.nn.Module, *, output_dir: Path, resumed: bool) -> None:
-        return None
-
-    def mix(self, step: int, examples: list[dict]) -> list[dict]:
-        return examples
-
-    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
-        return None
-
-    def metrics(self) -> dict:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def close(self) -> None:
-        return None
-
-    def on_task_end(self, model: torch.nn.Module, *, final_dir: Path, train_examples) -> list[Path]:
-        return []
+    tokenizer: Any
+    output_dir: Path
+    data: Any
+    per_rank: int
+    seed: int
+    model_name: str
 
 
-def build_strategies(cfg, tokenizer) -> list[Strategy]:
-    """The strategies a job enables, from its config sections."""
-    strategies: list[Strategy] = []
-    if cfg.ewc.enabled:
-        from distrib_ft.preservation.ewc import EWC
+class Defence(Protocol):
+    name: ClassVar[str]
+    config_class: ClassVar[type[Strict]]
 
-        strategies.append(EWC.from_config(cfg, tokenizer))
-    if cfg.replay.ratio > 0 or cfg.replay.generate or cfg.replay.update_after:
-        from distrib_ft.preservation.replay import Replay
+    def __init__(self, config: Strict, ctx: Context) -> None: ...
 
-        strategies.append(Replay.from_config(cfg, tokenizer))
-    return strategies
+
+# Order matters where hooks depend on each other: generative replay fills the buffer that replay reads.
+DEFENCES: tuple[type[Defence], ...] = (TokenMasking, EWC, GenerativeReplay, Replay)
+
+
+def build_defences(job_config, ctx: Context) -> list[Defence]:
+    """The defences a job enables (``job_config.<name>.enabled``), in ``DEFENCES`` order."""
+    return [cls(getattr(job_config, cls.name), ctx) for cls in DEFENCES if getattr(job_config, cls.name).enabled]
+
+
+def call(defences: list[Defence], hook: str, *args, **kwargs) -> list:
+    """``hook(*args, **kwargs)`` of every defence that has it; their results in order."""
+    return [getattr(d, hook)(*args, **kwargs) for d in defences if hasattr(d, hook)]
+
+
+def chain(defences: list[Defence], hook: str, value, *args):
+    """Thread ``value`` through ``hook(*args, value)`` of every defence that has it (mix, prepare_train_data)."""
+    for d in defences:
+        if hasattr(d, hook):
+            value = getattr(d, hook)(*args, value)
+    return value
+
+
+def merged(dicts: list[dict]) -> dict:
+    out: dict = {}
+    for d in dicts:
+        out.update(d)
+    return out

@@ -3,7 +3,7 @@
 Two targets (``ewc.target``):
 
 ``trainable``    F over the parameters the job trains, anchored at theta* = their values at the start of
-                 the job, or the anchors stored with a Fisher file (a previous round's final weights).
+                 the job, or the anchors stored with a Fisher file (``fisher_path``) (a previous round's final weights).
                  For full / partial fine-tuning, and for EWC on a LoRA adapter that keeps training.
 ``lora_merged``  EWC-LoRA: each round trains a *fresh* adapter on top of the earlier rounds' adapters,
                  merged into the base (``method.merge_adapters``). F is over the dense weights W that the
@@ -19,18 +19,70 @@ of theta; F and theta* are fp32.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import ConfigDict, Field
 
-from distrib_ft.runtime import dist
 from distrib_ft.data.formats import collate
 from distrib_ft.preservation.fisher import compute_fisher, load_fisher, merge_online, save_fisher
-from distrib_ft.preservation import Hooks
+from distrib_ft.runtime import dist
+from distrib_ft.schema import DataFormat, InputPath, Strict
 
 STATE_FILE = "ewc_state.safetensors"
 FINAL_FILE = "fisher.safetensors"
+
+
+class EWCConfig(Strict):
+    """``ewc:``: Elastic Weight Consolidation, lambda/2 * sum_i F_i (theta_i - theta*_i)^2 (Kirkpatrick et al.
+    2017; the Fisher estimators in distrib_ft/preservation/fisher.py)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    lambda_: float = Field(0.0, alias="lambda", ge=0, description=(
+        "Penalty weight; 0 = no penalty. It does not transfer between estimators (their scales differ ~100x)."))
+    estimator: Literal["empirical", "sampled", "batched"] = Field(
+        "empirical", description="empirical (per-sequence, data labels), sampled (true Fisher), batched (biased; comparison only).")
+    target: Literal["trainable", "lora_merged"] = Field("trainable", description=(
+        "trainable: F over the parameters being trained, anchored at their start values (full / partial "
+        "fine-tuning, or EWC on the adapter itself). lora_merged: F over the dense weights that the LoRA "
+        "adapters update, penalty on this round's merged update B@A*scale (EWC-LoRA); the anchor is the "
+        "merged model this round starts from."))
+    fisher_path: InputPath | None = Field(None, description=(
+        "A precomputed Fisher file (safetensors, with its anchors): `distrib-ft fisher`, or "
+        "final/fisher.safetensors of an earlier round."))
+    fisher_data_files: list[InputPath] = Field(default_factory=list, description=(
+        "Data of the skills to keep: the Fisher is computed on them at the start of the job."))
+    fisher_data_format: DataFormat | None = Field(None, description="Format of fisher_data_files; default data.format.")
+    fisher_max_sequences: int = Field(512, ge=1, description="At most this many sequences (a uniform sample) enter a Fisher pass.")
+    fisher_batch_size: int = Field(8, ge=1, description="Sequences per backward for the sampled and batched estimators.")
+    update_after: bool = Field(False, description=(
+        "After the job: compute F on the data just learned and write final/fisher.safetensors (merged online "
+        "with the starting F: F <- gamma*F_old + F_new) for the next round."))
+    gamma: float = Field(1.0, ge=0, le=1, description="Online EWC decay of the previous rounds' Fisher (Schwarz et al. 2018).")
+
+    @property
+    def enabled(self) -> bool:
+        return self.lambda_ > 0 or self.update_after
+
+    def check_job(self, job) -> None:
+        """Cross-checks with the rest of the job (ValueError naming the key)."""
+        from distrib_ft.methods import build_method
+
+        method = build_method(job.method)
+        if self.lambda_ > 0 and not (self.fisher_path or self.fisher_data_files):
+            raise ValueError("ewc.lambda: > 0 needs ewc.fisher_path or ewc.fisher_data_files (the data of the skills to keep)")
+        if self.fisher_path and self.fisher_data_files:
+            raise ValueError("ewc.fisher_path: give either a precomputed fisher_path or fisher_data_files, not both")
+        if self.target == "lora_merged" and not method.merged_update:
+            raise ValueError(f"ewc.target: lora_merged needs a method whose update is a merged low-rank product "
+                             f"(method.type=lora without use_dora); this job's is {job.method.type}")
+        if self.target == "trainable" and method.new_parameters and self.fisher_path:
+            raise ValueError(f"ewc.fisher_path: method {job.method.type} trains fresh parameters, so the anchors "
+                             "of an earlier round do not apply; use ewc.target=lora_merged with method.merge_adapters")
+        if self.update_after and job.data.streaming:
+            raise ValueError("ewc.update_after: not supported with data.streaming (list ewc.fisher_data_files instead)")
 
 
 def lora_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -46,37 +98,32 @@ def lora_delta(m: torch.nn.Module) -> torch.Tensor:
     return delta.T if getattr(m, "fan_in_fan_out", False) else delta
 
 
-class EWC(Hooks):
-    name = "ewc"
+class EWC:
+    """The EWC defence. ``ctx`` (a ``distrib_ft.preservation.Context``) may be None for the penalty and the
+    Fisher maths alone (tests, benchmarks)."""
 
-    def __init__(self, *, lam: float, estimator: str = "empirical", target: str = "trainable",
-                 fisher_file: str | None = None, fisher_examples: Callable[[], list[dict]] | None = None,
-                 batch_size: int = 8, update_after: bool = False, gamma: float = 1.0, max_sequences: int = 512,
-                 pad_token_id: int = 0, seed: int = 0, model_name: str = ""):
-        self.lam, self.estimator, self.target = lam, estimator, target
-        self.fisher_file, self.fisher_examples = fisher_file, fisher_examples
-        self.batch_size, self.update_after, self.gamma = batch_size, update_after, gamma
-        self.max_sequences, self.pad_token_id, self.seed, self.model_name = max_sequences, pad_token_id, seed, model_name
+    name: ClassVar[str] = "ewc"
+    config_class: ClassVar[type[Strict]] = EWCConfig
+
+    def __init__(self, config: EWCConfig, ctx=None):
+        self.config, self.ctx = config, ctx
+        self.lam, self.estimator, self.target = config.lambda_, config.estimator, config.target
+        self.seed = ctx.seed if ctx else 0
+        self.pad_token_id = ctx.tokenizer.pad_token_id if ctx else 0
         self.fisher: dict[str, torch.Tensor] | None = None
         self.anchors: dict[str, torch.Tensor] = {}
         self.info: dict = {}
+        self._penalty_sum, self._penalty_steps = 0.0, 0
 
-    @classmethod
-    def from_config(cls, cfg, tokenizer) -> "EWC":
-        e, d = cfg.ewc, cfg.data
+    def fisher_examples(self) -> list[dict]:
+        """A uniform sample (``fisher_max_sequences``) of ``fisher_data_files``, tokenized like the job's data."""
+        from distrib_ft.data.formats import build_dataset
 
-        def examples() -> list[dict]:
-            from distrib_ft.data.formats import build_dataset
-
-            ds, _ = dist.main_first(lambda: build_dataset(
-                e.fisher_files, fmt=e.fisher_format or d.format, tokenizer=tokenizer, max_seq_length=d.max_seq_length,
-                prompt_template=d.prompt_template, text_field=d.text_field))
-            return [ds[i] for i in _sample(len(ds), e.fisher_max_sequences, cfg.training.seed)]
-
-        return cls(lam=e.lambda_, estimator=e.estimator, target=e.target, fisher_file=e.fisher_file,
-                   fisher_examples=examples if e.fisher_files else None, batch_size=e.fisher_batch_size,
-                   update_after=e.update_fisher_after, gamma=e.gamma, max_sequences=e.fisher_max_sequences,
-                   pad_token_id=tokenizer.pad_token_id, seed=cfg.training.seed, model_name=cfg.model.name_or_path)
+        c, d = self.config, self.ctx.data
+        ds, _ = dist.main_first(lambda: build_dataset(
+            c.fisher_data_files, fmt=c.fisher_data_format or d.format, tokenizer=self.ctx.tokenizer,
+            max_seq_length=d.max_seq_length, prompt_template=d.prompt_template, text_field=d.text_field))
+        return [ds[i] for i in _sample(len(ds), c.fisher_max_sequences, self.seed)]
 
     # --- which parameters ---------------------------------------------------------------------------
     def fisher_params(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -85,7 +132,7 @@ class EWC(Hooks):
             return {n: p for n, p in model.named_parameters() if p.requires_grad}
         return {f"{n}.base_layer.weight": m.base_layer.weight for n, m in lora_layers(model)}
 
-    def check(self, *, zero_stage: int, model: torch.nn.Module) -> None:
+    def check(self, *, zero_stage: int, model: torch.nn.Module, method=None) -> None:
         if self.target == "lora_merged" and not lora_layers(model):
             raise ValueError("ewc.target: lora_merged, but the model has no LoRA layers")
         if zero_stage != 3 or self.lam == 0:
@@ -101,8 +148,8 @@ class EWC(Hooks):
     def compute(self, model: torch.nn.Module, examples: list[dict]) -> tuple[dict[str, torch.Tensor], dict]:
         fisher, info = compute_fisher(model, self.fisher_params(model), examples,
                                       lambda b: collate(b, self.pad_token_id), estimator=self.estimator,
-                                      batch_size=self.batch_size, seed=self.seed)
-        return fisher, {**info, "model": self.model_name, "target": self.target}
+                                      batch_size=self.config.fisher_batch_size, seed=self.seed)
+        return fisher, {**info, "model": self.ctx.model_name if self.ctx else "", "target": self.target}
 
     def current_anchors(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """theta* for target=trainable: the fp32 values of the trained parameters (collective)."""
@@ -112,15 +159,15 @@ class EWC(Hooks):
 
         return gather_full_state_dict(model, trainable_only=True)
 
-    def on_task_start(self, model: torch.nn.Module, *, output_dir: Path, resumed: bool) -> None:
-        state = Path(output_dir) / STATE_FILE
+    def on_task_start(self, model: torch.nn.Module, *, resumed: bool) -> None:
+        state = Path(self.ctx.output_dir) / STATE_FILE
         if resumed and state.exists():  # the state of the original start, not of the resumed weights
             self.fisher, self.anchors, self.info = load_fisher(state)
-        elif self.fisher_file:
-            self.fisher, self.anchors, self.info = load_fisher(self.fisher_file)
+        elif self.config.fisher_path:
+            self.fisher, self.anchors, self.info = load_fisher(self.config.fisher_path)
             if self.target == "trainable" and not self.anchors:
                 self.anchors = self.current_anchors(model)
-        elif self.fisher_examples is not None:
+        elif self.config.fisher_data_files:
             dist.print0("ewc: computing the Fisher of the skills to keep")
             self.fisher, self.info = self.compute(model, self.fisher_examples())
             self.anchors = self.current_anchors(model)
@@ -139,17 +186,17 @@ class EWC(Hooks):
                     f"from {self.info.get('sequences')} sequences, target={self.target}")
 
     def _check_names(self, model: torch.nn.Module) -> None:
-        source = self.fisher_file or "ewc.fisher_files"
+        source = self.config.fisher_path or "ewc.fisher_data_files"
         expected = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.fisher_params(model).items()}
         missing, extra = sorted(set(expected) - set(self.fisher)), sorted(set(self.fisher) - set(expected))
         if missing or extra:
-            raise ValueError(f"ewc.fisher_file: {source} does not match the parameters of this job "
+            raise ValueError(f"ewc.fisher_path: {source} does not match the parameters of this job "
                              f"(target={self.target}): {len(missing)} missing (e.g. {missing[:1]}), "
                              f"{len(extra)} unexpected (e.g. {extra[:1]}); it was computed for "
                              f"{self.info.get('model', 'another model')} / target={self.info.get('target')}")
         for n, shape in expected.items():
             if tuple(self.fisher[n].shape) != shape or (n in self.anchors and tuple(self.anchors[n].shape) != shape):
-                raise ValueError(f"ewc.fisher_file: {source}: {n} has shape {tuple(self.fisher[n].shape)}, "
+                raise ValueError(f"ewc.fisher_path: {source}: {n} has shape {tuple(self.fisher[n].shape)}, "
                                  f"the model's is {shape}")
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
@@ -163,21 +210,33 @@ class EWC(Hooks):
         else:
             for n, m in self._lora.items():
                 terms.append((self.fisher[n] * lora_delta(m).pow(2)).sum())
-        return 0.5 * self.lam * torch.stack(terms).sum()
+        value = 0.5 * self.lam * torch.stack(terms).sum()
+        self._penalty_sum += value.item()
+        self._penalty_steps += 1
+        return value
+
+    def metrics(self) -> dict:
+        """``ewc_penalty``: the mean penalty per optimizer step since the last line (this rank's; the
+        parameters it reads are the same on every rank)."""
+        if not self._penalty_steps:
+            return {}
+        out = {"ewc_penalty": self._penalty_sum / self._penalty_steps}
+        self._penalty_sum, self._penalty_steps = 0.0, 0
+        return out
 
     def on_task_end(self, model: torch.nn.Module, *, final_dir: Path, train_examples) -> list[Path]:
         """With update_after: F of the data just learned, merged online, with new anchors, into final/."""
-        if not self.update_after:
+        if not self.config.update_after:
             return []
-        pick = _sample(len(train_examples), self.max_sequences, self.seed)
+        pick = _sample(len(train_examples), self.config.fisher_max_sequences, self.seed)
         dist.print0(f"ewc: computing the Fisher of the data just learned ({len(pick)} sequences) for the next round")
         new, info = self.compute(model, [train_examples[i] for i in pick])
-        fisher = merge_online({k: v.cpu() for k, v in self.fisher.items()}, new, self.gamma) if self.fisher else new
+        fisher = merge_online({k: v.cpu() for k, v in self.fisher.items()}, new, self.config.gamma) if self.fisher else new
         anchors = self.current_anchors(model)
         rounds = int(self.info.get("rounds", 1 if self.fisher else 0)) + 1
         out = Path(final_dir) / FINAL_FILE
         if dist.is_main():
-            save_fisher(out, fisher, {**info, "gamma": self.gamma, "rounds": rounds}, anchors)
+            save_fisher(out, fisher, {**info, "gamma": self.config.gamma, "rounds": rounds}, anchors)
         dist.barrier()
         return [out]
 

@@ -174,7 +174,7 @@ def load_fisher(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, to
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: Fisher file not found (ewc.fisher_file)")
+        raise FileNotFoundError(f"{path}: Fisher file not found (ewc.fisher_path)")
     fisher, anchors = {}, {}
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})

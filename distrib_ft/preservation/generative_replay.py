@@ -1,6 +1,6 @@
 """Generative replay: when no old data is at hand, the base model writes pseudo-examples of what it can do.
 
-Before training (``replay.generate``), on the job's workers:
+Before training (``generative_replay:``), on the job's workers:
 
 1. Prompts: the user's prompts (``prompts_files``), or self-instruct -- the model is shown three seed
    tasks (``seed_files``) and writes a new one in their style (a first generation pass).
@@ -14,7 +14,8 @@ Each rank generates every ``world``-th prompt of a round (ranks make the same nu
 calls, so ZeRO-3 can gather together), the results are gathered and filtered identically on every
 rank, and rank 0 writes them into the replay buffer as a new version with its own source
 ``generated-<hash of the settings>``. A resumed (or re-run) job finds that source and does not generate
-again. This follows LAMOL / SSR (DESIGN.md section 8): pseudo-samples at a few percent of the new data.
+again. This follows LAMOL (Sun et al., ICLR 2020: pseudo-samples at 5-20% of the new data) and SSR (Huang et al.,
+ACL 2024: the base model generates by in-context learning).
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ import math
 import random
 import re
 
+from typing import ClassVar, Literal
+
 import torch
+from pydantic import Field
 
 from distrib_ft.runtime import dist
 from distrib_ft.data import replay_buffer as rb
 from distrib_ft.data.formats import DataError, validate_record
 from distrib_ft.monitor.generation import _render, _user_prompt, generate_batch, normalize
 from distrib_ft.runtime.metrics import Progress
+from distrib_ft.schema import InputPath, StorePath, Strict
 
 REFUSAL = re.compile(r"^\W*(i'?m sorry|i am sorry|sorry,|i apologi[sz]e|i cannot|i can'?t|i can not|i am unable|"
                      r"i'?m unable|i'?m not able|i am not able|as an ai\b|as a language model)", re.IGNORECASE)
@@ -39,8 +44,59 @@ SELF_INSTRUCT = ("Here are some tasks for an assistant:\n\n{examples}\n\nWrite o
                  "in the same style. Reply with the task only.")
 
 
+class GenerativeReplayConfig(Strict):
+    """``generative_replay:``: before training, the base model writes pseudo-examples of what it can do into a
+    replay buffer (read it back with ``replay: {buffer: <the same>, ratio: ...}``)."""
+
+    buffer: StorePath | None = Field(None, description=(
+        "The replay buffer to write into (a folder or fsspec URL; created when missing); usually replay.buffer."))
+    prompts_files: list[InputPath] = Field(default_factory=list, description=(
+        "Prompts the base model answers (alpaca records' instruction/input, chat records' turns up to the last "
+        "user message, or text records), one pseudo-example each."))
+    prompts_format: Literal["alpaca", "chat", "text"] = Field("alpaca", description="Format of prompts_files.")
+    seed_files: list[InputPath] = Field(default_factory=list, description=(
+        "Self-instruct: a few example tasks (alpaca or chat records); the model writes new instructions in "
+        "their style, then answers them. Used when prompts_files is empty."))
+    num_examples: int = Field(200, ge=1, description="Valid pseudo-examples to produce (more are drawn to replace rejected ones).")
+    max_new_tokens: int = Field(128, ge=1, description="Longest response; a response cut here is rejected (length).")
+    keep_unfinished: bool = Field(False, description="Keep responses cut at max_new_tokens instead of rejecting them.")
+    min_response_chars: int = Field(8, ge=1, description="Shorter responses are rejected (empty / too short).")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generate call on each worker.")
+    max_rounds: int = Field(8, ge=1, description="Rounds of generation before giving up on reaching num_examples.")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.buffer or self.prompts_files or self.seed_files)
+
+    def check_job(self, job) -> None:
+        """Cross-checks with the rest of the job (ValueError naming the key)."""
+        if not self.buffer:
+            raise ValueError("generative_replay.buffer: the replay buffer to write the pseudo-examples into")
+        if not (self.prompts_files or self.seed_files):
+            raise ValueError("generative_replay: give prompts_files (prompts to answer) or seed_files (self-instruct)")
+        if job.replay.buffer == self.buffer and job.replay.version is not None:
+            raise ValueError("replay.version: generative replay adds a new version to replay.buffer; leave "
+                             "replay.version unset")
+
+
+class GenerativeReplay:
+    name: ClassVar[str] = "generative_replay"
+    config_class: ClassVar[type[Strict]] = GenerativeReplayConfig
+
+    def __init__(self, config: GenerativeReplayConfig, ctx):
+        self.config, self.ctx = config, ctx
+
+    def on_task_start(self, model, *, resumed: bool) -> None:
+        ensure_generated(model, self.ctx.tokenizer, self.config.buffer, self.config, seed=self.ctx.seed,
+                         model_name=self.ctx.model_name)
+
+
 def generated_source_name(gen, model_name: str) -> str:
-    key = json.dumps({"settings": gen.model_dump(mode="json"), "model": model_name}, sort_keys=True)
+    """The buffer source name of one generation setting on one model (a re-run finds it and does not generate)."""
+    settings = gen.model_dump(mode="json", exclude={"buffer"})
+    key = json.dumps({"settings": settings, "model": model_name}, sort_keys=True)
     return "generated-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -151,7 +207,7 @@ def generate_records(model, tokenizer, gen, *, seed: int) -> tuple[list[dict], d
             progress_done = len(records)
     progress.close()
     if len(records) < gen.num_examples:
-        raise DataError(f"replay.generate: only {len(records)} of {gen.num_examples} pseudo-examples passed the filters "
+        raise DataError(f"generative_replay: only {len(records)} of {gen.num_examples} pseudo-examples passed the filters "
                         f"in {gen.max_rounds} rounds (rejected: {rejected}); raise max_rounds or max_new_tokens, or "
                         "give more prompts")
     return records, rejected

@@ -7,9 +7,10 @@ thread. The replay position -- how many replay examples the job has trained on -
 the step, saved in every checkpoint with the buffer version and checked on resume, so a resumed job
 neither repeats nor skips a replay example (with the same number of workers).
 
-Also here: generative replay (``replay.generate``, distrib_ft/preservation/generative_replay.py)
-fills the buffer before training when no old data exists, and ``replay.update_after`` carries the
-buffer forward to the next round with a sample of the data just learned.
+``replay.update_after`` carries the buffer forward to the next round with a sample of the data just
+learned. Generative replay (distrib_ft/preservation/generative_replay.py) fills a buffer with the base
+model's own answers when no old data exists. metrics.jsonl gets the loss split: ``loss_new``,
+``loss_replay``, ``new_sequences``, ``replay_sequences``, ``replay_wait_seconds``.
 """
 
 from __future__ import annotations
@@ -19,49 +20,75 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from distrib_ft.runtime import dist
+from typing import ClassVar
+
+from pydantic import Field
+
 from distrib_ft.data import replay_buffer as rb
 from distrib_ft.data.batches import rank_replay_before, replay_before, replay_counts
 from distrib_ft.data.formats import encode_record
-from distrib_ft.preservation import Hooks
+from distrib_ft.runtime import dist
+from distrib_ft.schema import StorePath, Strict
 
 
-class Replay(Hooks):
-    name = "replay"
+class ReplayConfig(Strict):
+    """``replay:``: old examples streamed beside the new data at an exact ratio of every global batch."""
 
-    def __init__(self, buffer: str, *, ratio: float, per_rank: int, encode, version: int | None = None,
-                 seed: int = 0, prefetch: int = 256, generate=None, tokenizer=None, update_files=(),
-                 update_budget: int | None = None, model_name: str = ""):
-        self.buffer, self.ratio, self.per_rank, self.encode, self.version = buffer, ratio, per_rank, encode, version
-        self.seed, self.prefetch, self.generate, self.tokenizer = seed, prefetch, generate, tokenizer
-        self.update_files, self.update_budget, self.model_name = list(update_files), update_budget, model_name
+    buffer: StorePath | None = Field(None, description="The replay buffer (distrib-ft replay build): a folder or fsspec URL.")
+    version: int | None = Field(None, description="Buffer version to read; default the newest.")
+    ratio: float = Field(0.0, ge=0, lt=1, description=(
+        "Share of every global batch that is replayed: 0.25 with a global batch of 16 = 4 old sequences per "
+        "step. When ratio x global batch is not whole, the count per step alternates so the running ratio is exact."))
+    prefetch: int = Field(256, ge=1, description="Replay examples each worker reads and tokenizes ahead.")
+    update_after: bool = Field(False, description=(
+        "Carry forward: after the job, add a sample of data.train_files to the buffer as a new version."))
+    update_budget: int | None = Field(None, ge=1, description=(
+        "Records of the new data added by update_after; default 10% of data.train_files' records, at least 1."))
+
+    @property
+    def enabled(self) -> bool:
+        return self.ratio > 0 or self.update_after
+
+    def check_job(self, job) -> None:
+        """Cross-checks with the rest of the job (ValueError naming the key)."""
+        if (self.ratio > 0 or self.update_after) and not self.buffer:
+            raise ValueError("replay.buffer: needed by replay.ratio > 0 and replay.update_after "
+                             "(a folder or URL; `distrib-ft replay build` makes one)")
+
+
+class Replay:
+    name: ClassVar[str] = "replay"
+    config_class: ClassVar[type[Strict]] = ReplayConfig
+
+    def __init__(self, config: ReplayConfig, ctx):
+        d = ctx.data
+
+        def encode(record: dict, fmt: str, where: str) -> dict:
+            return encode_record(record, fmt, where, tokenizer=ctx.tokenizer, max_seq_length=d.max_seq_length,
+                                 prompt_template=d.prompt_template, text_field=d.text_field)
+
+        self.buffer, self.ratio, self.version, self.prefetch = config.buffer, config.ratio, config.version, config.prefetch
+        self.batch_share = config.ratio
+        self.per_rank, self.encode, self.seed = ctx.per_rank, encode, ctx.seed
+        self.update_files = list(d.train_files) if config.update_after else []
+        self.update_budget = config.update_budget
         self.manifest: dict | None = None
         self.stream: rb.ReplayStream | None = None
         self.replayed = 0  # replay examples in the global batches trained so far
         self._resumed_state: dict | None = None
+        self._window = [0.0, 0, 0.0, 0, 0, 0]  # this rank's NLL, targets, replay NLL, replay targets; global replayed; steps
 
-    @classmethod
-    def from_config(cls, cfg, tokenizer) -> "Replay":
-        r, d, t = cfg.replay, cfg.data, cfg.training
-
-        def encode(record: dict, fmt: str, where: str) -> dict:
-            return encode_record(record, fmt, where, tokenizer=tokenizer, max_seq_length=d.max_seq_length,
-                                 prompt_template=d.prompt_template, text_field=d.text_field)
-
-        return cls(r.buffer, ratio=r.ratio, per_rank=t.per_device_train_batch_size * t.gradient_accumulation_steps,
-                   encode=encode, version=r.version, seed=t.seed, prefetch=r.prefetch, generate=r.generate,
-                   tokenizer=tokenizer, update_files=d.train_files if r.update_after else (),
-                   update_budget=r.update_budget, model_name=cfg.model.name_or_path)
+    @staticmethod
+    def preflight(config: ReplayConfig) -> None:
+        """On the driver: the buffer version to read exists (DataError, exit 2, when not). A buffer that
+        generative replay is about to fill is checked when the job starts."""
+        if config.ratio > 0 and rb.list_versions(config.buffer):
+            rb.read_manifest(config.buffer, config.version)
 
     def load_state_dict(self, state: dict) -> None:
         self._resumed_state = state or None
 
-    def on_task_start(self, model: torch.nn.Module, *, output_dir: Path, resumed: bool) -> None:
-        if self.generate is not None:
-            from distrib_ft.preservation.generative_replay import ensure_generated
-
-            ensure_generated(model, self.tokenizer, self.buffer, self.generate, seed=self.seed,
-                             model_name=self.model_name)
+    def on_task_start(self, model: torch.nn.Module, *, resumed: bool) -> None:
         if self.ratio == 0:
             return
         self.manifest = rb.read_manifest(self.buffer, self.version)
@@ -95,15 +122,37 @@ class Replay(Hooks):
                                           encode=self.encode, prefetch=self.prefetch,
                                           start=rank_replay_before(step, self.ratio, gb, rank, world))
         self.replayed = replay_before(step + 1, self.ratio, gb)
-        return examples + self.stream.take(replay_counts(step, self.ratio, gb, world)[rank])
+        counts = replay_counts(step, self.ratio, gb, world)
+        self._window[4] += sum(counts)
+        self._window[5] += 1
+        return examples + self.stream.take(counts[rank])
+
+    def observe(self, examples: list[dict], nll: torch.Tensor, targets: torch.Tensor) -> None:
+        """Accumulate the loss split of one micro-batch (per-sequence NLL sums and target counts, (B,))."""
+        if self.ratio == 0:
+            return
+        is_replay = torch.tensor([bool(e.get("replay")) for e in examples], device=nll.device)
+        w = self._window
+        w[0] += float(nll.detach().sum())
+        w[1] += int(targets.sum())
+        w[2] += float(nll.detach()[is_replay].sum())
+        w[3] += int(targets[is_replay].sum())
 
     def metrics(self) -> dict:
-        """``replay_wait_seconds``: time rank 0's loop waited for replay examples since the last line (0 =
-        the prefetch kept up)."""
+        """Since the last line: ``loss_new`` / ``loss_replay`` (token-weighted mean NLL of the new and the
+        replayed sequences, all ranks), ``new_sequences`` / ``replay_sequences`` (in the global batches), and
+        ``replay_wait_seconds`` (time rank 0's loop waited for replay examples; 0 = the prefetch kept up).
+        Collective."""
         if self.stream is None:
             return {}
+        nll, targets, replay_nll, replay_targets = dist.all_reduce_sum(self._window[:4])
+        replayed, steps = self._window[4], self._window[5]
         waited, self.stream.waited = self.stream.waited, 0.0
-        return {"replay_wait_seconds": waited}
+        self._window = [0.0, 0, 0.0, 0, 0, 0]
+        return {"loss_new": (nll - replay_nll) / max(targets - replay_targets, 1),
+                "loss_replay": replay_nll / max(replay_targets, 1),
+                "new_sequences": steps * self.per_rank * dist.world_size() - replayed,
+                "replay_sequences": replayed, "replay_wait_seconds": waited}
 
     def state_dict(self) -> dict:
         return {"buffer": self.buffer, "version": self.version, "replayed": self.replayed}

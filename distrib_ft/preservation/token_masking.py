@@ -22,11 +22,71 @@ import math
 import os
 from pathlib import Path
 
+from typing import ClassVar, Literal
+
 import numpy as np
 import torch
+from pydantic import Field
 
 from distrib_ft.runtime import dist
 from distrib_ft.data.formats import IGNORE_INDEX, collate
+from distrib_ft.schema import Strict
+
+
+class TokenMaskingConfig(Strict):
+    """``token_masking:``: Selective Token Masking (Wu et al. 2025) of the new data's responses: drop from the
+    loss the tokens the base model finds surprising, which pull it furthest from what it knows."""
+
+    mode: Literal["off", "stm", "random"] = Field("off", description=(
+        "stm: mask target tokens whose base-model perplexity exp(NLL) exceeds threshold; random: mask the same "
+        "number of target tokens chosen at random (the control); off."))
+    threshold: float = Field(2.5, gt=1, description="tau: the perplexity above which a token is masked (2.5 in the paper).")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward in the base-model pass.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def check_job(self, job) -> None:
+        """Cross-checks with the rest of the job (ValueError naming the key)."""
+        if self.mode != "off" and job.data.streaming:
+            raise ValueError("token_masking: needs map-style data (data.streaming=false): the base-model pass "
+                             "runs over the whole training set before training")
+
+
+class TokenMasking:
+    name: ClassVar[str] = "token_masking"
+    config_class: ClassVar[type[Strict]] = TokenMaskingConfig
+
+    def __init__(self, config: TokenMaskingConfig, ctx):
+        self.config, self.ctx = config, ctx
+        self.stats: dict | None = None
+        self._reported = False
+
+    def prepare_train_data(self, model, dataset):
+        """The training set with the masked labels (the base-model pass is cached in output_dir)."""
+        c = self.config
+        masked, self.stats = apply_token_masking(model, dataset, mode=c.mode, threshold=c.threshold,
+                                                 batch_size=c.batch_size, pad_token_id=self.ctx.tokenizer.pad_token_id,
+                                                 output_dir=self.ctx.output_dir, model_name=self.ctx.model_name,
+                                                 seed=self.ctx.seed)
+        return masked
+
+    def metrics(self) -> dict:
+        """``masked_fraction`` and ``masked_tokens``, once (in the first line)."""
+        if self._reported or self.stats is None:
+            return {}
+        self._reported = True
+        return {"masked_fraction": self.stats["masked_fraction"], "masked_tokens": self.stats["masked_tokens"]}
+
+    def summary(self) -> dict:
+        return {"token_masking": self.stats}
+
+    def state_dict(self) -> dict:
+        return {"reported": self._reported}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._reported = bool(state.get("reported"))
 
 
 @torch.no_grad()
@@ -59,7 +119,7 @@ def choose_masks(nll: list[np.ndarray], *, mode: str, threshold: float, seed: in
     if mode == "stm":
         return above
     if mode != "random":
-        raise ValueError(f"data.token_masking.mode: {mode!r} is not stm or random")
+        raise ValueError(f"token_masking.mode: {mode!r} is not stm or random")
     targets = [np.flatnonzero(~np.isnan(x)) for x in nll]
     flat = np.concatenate([np.stack([np.full(len(t), i), t], 1) for i, t in enumerate(targets)] or [np.zeros((0, 2))])
     count = int(sum(a.sum() for a in above))

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distrib_ft.methods import checkpoint_trainable_only
 from distrib_ft.runtime import dist
 
 COMPLETE = "COMPLETE"
@@ -128,15 +129,15 @@ def gather_full_state_dict(model: torch.nn.Module, trainable_only: bool) -> dict
     return out
 
 
-def export_final(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, is_peft: bool,
+def export_final(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, method,
                  name: str = "final") -> Path:
-    """Write output_dir/name (final/, or rejected/ for a model out of budget) atomically (temp folder,
-    then rename). Collective; rank 0 writes."""
-    state = gather_full_state_dict(model, trainable_only=is_peft)
+    """Write output_dir/name (final/, or rejected/ for a model out of budget) as ``method`` exports it,
+    atomically (temp folder, then rename). Collective; rank 0 writes."""
+    state = gather_full_state_dict(model, trainable_only=checkpoint_trainable_only(method))
     final = Path(output_dir) / name
     if dist.is_main():
         tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        method.export(model, state, tmp)
         tokenizer.save_pretrained(tmp)
         if final.exists():
             old = final.with_name(f".final.old.{os.getpid()}")

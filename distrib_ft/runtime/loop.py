@@ -1,8 +1,10 @@
-"""The training loop: one function that orders forward, backward, step, log, eval and checkpoint.
+"""The training loop: ``train(job)`` = :func:`setup` -> :func:`run_steps` -> :func:`finish`.
 
-``train(cfg)`` runs unchanged in-process (a world of one), under torchrun, and inside Ray Train
-workers (``launcher.ray_job``): whoever started the processes, torch.distributed is set up first and
-every rank then runs the same code.
+``train`` runs unchanged in-process (a world of one), under torchrun, and inside Ray Train workers
+(launcher/ray_job.py): whoever started the processes, torch.distributed is set up first and every rank
+then runs the same code. The step loop (:func:`run_steps`) orders forward, penalties, backward and the
+optimizer step in one place; the fine-tuning method (distrib_ft/methods/) and the defences
+(distrib_ft/preservation/) enter only through their registries' contracts.
 
 Loss normalisation: each micro-batch's loss is the *sum* of token NLLs scaled by
 ``world x accum / target_tokens_in_global_batch``; DeepSpeed divides by ``accum`` and averages over
@@ -15,95 +17,86 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
+from distrib_ft.config import dump_config
 from distrib_ft.data import batches as batching
+from distrib_ft.data.formats import build_dataset, collate
+from distrib_ft.job import Job
+from distrib_ft.methods import checkpoint_trainable_only
+from distrib_ft.monitor.budget import Monitor, is_eval_step
+from distrib_ft.monitor.evaluation import evaluate_nll, evaluate_suites, load_suites
+from distrib_ft.monitor.report import write_report
+from distrib_ft.model import load_tokenizer
+from distrib_ft.preservation import Context, build_defences, call, chain, merged
 from distrib_ft.runtime import checkpoint as ckpt
 from distrib_ft.runtime import dist
-from distrib_ft.config import JobConfig, dump_config
-from distrib_ft.data.formats import build_dataset, collate
-from distrib_ft.runtime.engine import build_engine, load_deepspeed_config, zero_stage
-from distrib_ft.monitor.evaluation import evaluate_nll, evaluate_suites, load_suites, token_nll_rows
-from distrib_ft.runtime.metrics import MetricsLog, Progress
-from distrib_ft.monitor.budget import Monitor, is_eval_step
-from distrib_ft.model import (apply_method, count_parameters, load_model, load_tokenizer, merge_adapters,
-                             resolve_offline_model)
-from distrib_ft.preservation import build_strategies
+from distrib_ft.runtime.loss import token_nll_rows
+from distrib_ft.runtime.metrics import MetricsLog, Progress, StepWindow
+from distrib_ft.runtime.worker import build_model_engine, start_worker
 
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+@dataclass
+class Run:
+    """Everything the step loop and the finish share: what setup built, and the position."""
+
+    job: Job
+    out: Path
+    engine: Any
+    method: Any
+    tokenizer: Any
+    train_ds: Any
+    train_stats: Any
+    eval_ds: Any
+    suites: list
+    defences: list
+    monitor: Monitor
+    log: MetricsLog
+    progress: Progress
+    batches: Any  # iterator: this rank's new examples of each optimizer step
+    max_steps: int
+    per_rank: int
+    global_batch: int
+    mixed_share: float  # share of every global batch the defences mix in (replay)
+    trainable: int
+    total: int
+    step: int = 0
+    tokens_seen: int = 0
+    saved: set[int] = field(default_factory=set)
+
+    @property
+    def evaluating(self) -> bool:
+        return self.eval_ds is not None or bool(self.suites)
+
+    def client_state(self) -> dict:
+        """The loop's state in every checkpoint (DeepSpeed's client_state)."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "max_steps": self.max_steps,
+                "monitor": self.monitor.state_dict(),
+                "strategies": {d.name: d.state_dict() for d in self.defences if hasattr(d, "state_dict")}}
 
 
-def _grad_norm(model: torch.nn.Module) -> float:
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """{"training": {"seed": 1}} -> {"training.seed": 1}, for loggers' parameters."""
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def start_worker(cfg: JobConfig) -> None:
-    """This process's environment and process group (in-process, torchrun or Ray); ``offline:`` model names
-    resolved to their cached folder (the CLI has done it already when it launched the workers)."""
-    if cfg.model.name_or_path.startswith("offline:"):
-        cfg.model.name_or_path = str(resolve_offline_model(cfg.model.name_or_path))
-    dist.apply_env(dist.worker_env(threads=cfg.distributed.cpus_per_worker, use_gpu=torch.cuda.is_available()))
-    dist.init(cfg.distributed.backend)
-    set_seed(cfg.training.seed)
-
-
-def build_model_engine(cfg: JobConfig, *, total_steps: int, warmup_steps: int):
-    """Model, method and DeepSpeed engine. Returns (engine, ds_config, trainable, total) parameter counts."""
-    t, m = cfg.training, cfg.method
-    ds_config = load_deepspeed_config(
-        cfg.distributed.deepspeed, micro_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, world_size=dist.world_size(),
-        max_grad_norm=t.max_grad_norm, bf16=t.bf16, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
-        betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
-    zero3 = zero_stage(ds_config) == 3
-    if zero3 and m.merge_adapters:
-        raise ValueError("method.merge_adapters: not supported under ZeRO-3 (merging needs whole weights); "
-                         "use zero2.json, or merge the adapters into a model folder first")
-    model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
-                       gradient_checkpointing=t.gradient_checkpointing, trust_remote_code=cfg.model.trust_remote_code,
-                       zero3_config=ds_config if zero3 else None)
-    model = merge_adapters(model, m.merge_adapters)
-    model = apply_method(model, m.type, r=m.r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                         target_modules=m.target_modules, use_dora=m.use_dora)
-    trainable, total = count_parameters(model)
-    engine = build_engine(model, ds_config, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
-                          betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, warmup_steps=warmup_steps,
-                          total_steps=total_steps, scheduler_type=t.lr_scheduler_type)
-    return engine, ds_config, trainable, total
-
-
-def train(cfg: JobConfig, resume: bool = False) -> dict:
-    """Run one fine-tuning job on this process's rank. Returns a summary (every rank).
+def train(job, resume: bool = False) -> dict:
+    """Run one fine-tuning job on this process's rank. Returns the summary (on every rank).
 
     Args:
-        cfg: the validated job.
-        resume: continue from the newest complete checkpoint in ``training.output_dir`` if any.
+        job: a :class:`~distrib_ft.job.Job` resolved on the driver, or a validated JobConfig (resolved here).
+        resume: continue from the newest complete checkpoint in ``training.output_dir``, if any.
     """
-    t, d = cfg.training, cfg.data
-    start_worker(cfg)
-    rank, world, device = dist.rank(), dist.world_size(), dist.device()
+    run = setup(start_worker(job), resume)
+    stop_reason = run_steps(run)
+    return finish(run, stop_reason)
+
+
+def setup(job: Job, resume: bool) -> Run:
+    """Data, model + method on the engine, defences, the resumed state, the monitor, logs; step 0's
+    evaluation (the baselines) on a fresh start."""
+    cfg, t, d = job.config, job.config.training, job.config.data
+    rank, world = dist.rank(), dist.world_size()
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
@@ -117,224 +110,205 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
                                                                   streaming=d.streaming, **data_kwargs))
     eval_ds, eval_stats = (dist.main_first(lambda: build_dataset(d.eval_files, **data_kwargs))
                            if d.eval_files else (None, None))
-    dist.print0(f"train data: {'streamed from ' + str(len(d.train_files)) + ' file(s)' if d.streaming else train_stats.summary()}")
+    dist.print0(f"train data: {f'streamed from {len(d.train_files)} file(s)' if d.streaming else train_stats.summary()}")
     if eval_stats is not None:
         dist.print0(f"eval data: {eval_stats.summary()}")
+
+    # The defences, then the schedule (a defence may mix its own examples into every batch).
     per_rank = t.per_device_train_batch_size * t.gradient_accumulation_steps
-    global_batch, replay_ratio = per_rank * world, cfg.replay.ratio
+    defences = build_defences(cfg, Context(tokenizer=tokenizer, output_dir=out, data=d, per_rank=per_rank,
+                                           seed=t.seed, model_name=cfg.model.name_or_path))
+    mixed_share = sum(getattr(x, "batch_share", 0.0) for x in defences)
+    global_batch = per_rank * world
     max_steps = batching.total_steps(t.max_steps, t.num_train_epochs, None if d.streaming else len(train_ds),
-                                     global_batch, replay_ratio)
+                                     global_batch, mixed_share)
     warmup = t.warmup_steps or math.ceil(t.warmup_ratio * max_steps)
 
-    # Model, method, DeepSpeed engine; the defences against forgetting.
-    engine, ds_config, trainable, total = build_model_engine(cfg, total_steps=max_steps, warmup_steps=warmup)
-    is_peft = cfg.method.type == "lora"
-    dist.print0(f"{cfg.method.type}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); "
-                f"ZeRO-{zero_stage(ds_config)}, bf16={t.bf16}, {world} worker(s), global batch {global_batch}, "
+    engine, method, trainable, total = build_model_engine(job, total_steps=max_steps, warmup_steps=warmup)
+    dist.print0(f"{method.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); "
+                f"ZeRO-{job.zero_stage}, bf16={t.bf16}, {world} worker(s), global batch {global_batch}, "
                 f"{max_steps} steps")
-    masking = None  # Selective Token Masking: a base-model pass over the new data before any update (cached)
-    if d.token_masking.mode != "off":
-        from distrib_ft.preservation.token_masking import apply_token_masking
+    call(defences, "check", zero_stage=job.zero_stage, model=engine.module, method=method)
+    if not d.streaming:
+        train_ds = chain(defences, "prepare_train_data", train_ds, engine.module)
 
-        tm = d.token_masking
-        train_ds, masking = apply_token_masking(engine.module, train_ds, mode=tm.mode, threshold=tm.threshold,
-                                                batch_size=tm.batch_size, pad_token_id=tokenizer.pad_token_id,
-                                                output_dir=out, model_name=cfg.model.name_or_path, seed=t.seed)
-    strategies = build_strategies(cfg, tokenizer)
-    for s in strategies:
-        s.check(zero_stage=zero_stage(ds_config), model=engine.module)
-
-    # Resume: engine, optimizer, scheduler, RNG and the step (the data position is a function of it).
-    step, tokens_seen = 0, 0
+    # Resume: engine, optimizer, scheduler, RNG, the defences' and the monitor's state, and the step
+    # (the data position is a function of it).
     latest = ckpt.latest_checkpoint(out) if resume else None
+    state: dict = {}
     if latest is not None:
-        state = ckpt.load_checkpoint(engine, latest, exclude_frozen=is_peft)
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        for s in strategies:
-            s.load_state_dict(state.get("strategies", {}).get(s.name, {}))
-        dist.print0(f"resumed from {latest} at step {step}")
+        state = ckpt.load_checkpoint(engine, latest, exclude_frozen=checkpoint_trainable_only(method))
+        for x in defences:
+            if hasattr(x, "load_state_dict"):
+                x.load_state_dict(state.get("strategies", {}).get(x.name, {}))
+        dist.print0(f"resumed from {latest} at step {state['step']}")
     elif resume:
         dist.print0(f"no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
-    # The forgetting monitor (distrib_ft/monitor/budget.py): the new task and the retention suites from step 0,
-    # their budget, and which checkpoint becomes final/.
     mc = cfg.monitor
     suites = load_suites(mc.suites, tokenizer, max_seq_length=d.max_seq_length, prompt_template=d.prompt_template)
     monitor = Monitor([sd.suite for sd in suites], policy=mc.policy, patience=mc.early_stopping_patience,
                       min_delta=mc.early_stopping_min_delta)
-    if latest is not None and "monitor" in state:
+    if "monitor" in state:
         monitor.load_state_dict(state["monitor"])
-    client_state = lambda: {"step": step, "tokens_seen": tokens_seen, "max_steps": max_steps,  # noqa: E731
-                            "monitor": monitor.state_dict(), "strategies": {s.name: s.state_dict() for s in strategies}}
-    for s in strategies:  # state (e.g. Fisher, anchors) of the job's start; persisted for resume
-        s.on_task_start(engine.module, output_dir=out, resumed=latest is not None)
+    call(defences, "on_task_start", engine.module, resumed=latest is not None)
 
+    step = state.get("step", 0)
     steps_fn = batching.streaming_steps if d.streaming else batching.map_style_steps
-    step_examples = steps_fn(train_ds, start_step=step, per_rank=per_rank, rank=rank, world=world, seed=t.seed,
-                             replay_ratio=replay_ratio)
-    log = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main(), resume_step=step if latest else None,
-                     report_to=t.report_to, run_name=out.name, params=_flat(cfg.model_dump(mode="json", by_alias=True)))
-    progress = Progress(total=max_steps, initial=step, enabled=dist.is_main())
-    if masking and step == 0:
-        log.write({"step": 0, "masked_fraction": masking["masked_fraction"], "masked_tokens": masking["masked_tokens"]})
-    pad_id = tokenizer.pad_token_id
-    new_window = lambda: {"nll": 0.0, "targets": 0, "tokens": 0, "penalty": 0.0, "time": time.time(), "steps": 0,  # noqa: E731
-                          "replay_nll": 0.0, "replay_targets": 0, "replay_sequences": 0}
-    window = new_window()
-    grad_norm = stop_reason = None
-    # DeepSpeed tracks the gradient norm in its ZeRO / bf16 optimizers only, not for plain fp32 ZeRO-0.
-    own_grad_norm = zero_stage(ds_config) == 0 and not t.bf16
-    evaluating = eval_ds is not None or bool(suites)
-    saved = {int(p.name.removeprefix("step-")) for p in ckpt.complete_checkpoints(out)}
+    run = Run(job=job, out=out, engine=engine, method=method, tokenizer=tokenizer, train_ds=train_ds,
+              train_stats=train_stats, eval_ds=eval_ds, suites=suites, defences=defences, monitor=monitor,
+              log=MetricsLog(out / "metrics.jsonl", enabled=dist.is_main(), resume_step=step if latest else None,
+                             report_to=t.report_to, run_name=out.name,
+                             params=_flat(cfg.model_dump(mode="json", by_alias=True))),
+              progress=Progress(total=max_steps, initial=step, enabled=dist.is_main()),
+              batches=steps_fn(train_ds, start_step=step, per_rank=per_rank, rank=rank, world=world, seed=t.seed,
+                               replay_ratio=mixed_share),
+              max_steps=max_steps, per_rank=per_rank, global_batch=global_batch, mixed_share=mixed_share,
+              trainable=trainable, total=total, step=step, tokens_seen=state.get("tokens_seen", 0),
+              saved={int(p.name.removeprefix("step-")) for p in ckpt.complete_checkpoints(out)})
+    if step == 0:
+        start = merged(call(defences, "metrics"))  # e.g. the masked fraction of token masking
+        if start:
+            run.log.write({"step": 0, **start})
+        if run.evaluating:  # the baselines, before any update
+            evaluate(run, 0)
+    return run
 
-    def save(at: int) -> None:
-        if at not in saved:
-            keep_best = monitor.choose(at, sorted(saved | {at}))[0] if evaluating else None
-            ckpt.save_checkpoint(engine, out, at, client_state(), exclude_frozen=is_peft, keep=t.save_total_limit,
-                                 protect={keep_best} - {None})
-            saved.add(at)
 
-    def run_eval(at: int) -> None:
-        new = evaluate_nll(engine.module, eval_ds, batch_size=t.per_device_eval_batch_size,
-                           pad_token_id=pad_id) if eval_ds is not None else {}
-        values = evaluate_suites(engine.module, tokenizer, suites, batch_size=t.per_device_eval_batch_size)
-        monitor.record(at, values, new.get("eval_loss"))
-        log.write({"step": at, **new, **{f"retention/{k}": v for k, v in values.items()}})
-        shown = {"eval_loss": new.get("eval_loss"), **values}
-        dist.print0(f"step {at}: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None)
-                    + ("" if monitor.within_budget(at) else "  [out of forgetting budget]"))
-        if mc.policy in ("stop", "rollback"):  # a model to go back to
-            save(at)
-
-    if evaluating and step == 0:  # the baselines, before any update
-        run_eval(0)
-        window = new_window()
-
+def run_steps(run: Run) -> str | None:
+    """Optimizer steps until ``max_steps`` or the monitor stops the run; returns why it stopped early."""
+    t, engine, world = run.job.config.training, run.engine, dist.world_size()
+    accum, micro_size, pad_id, device = t.gradient_accumulation_steps, t.per_device_train_batch_size, \
+        run.tokenizer.pad_token_id, dist.device()
+    own_grad_norm = run.job.zero_stage == 0 and not t.bf16  # DeepSpeed tracks it in its ZeRO / bf16 optimizers only
+    window, grad_norm, stop_reason = StepWindow(), None, None
     engine.train()
-    while step < max_steps:
-        # One optimizer step over this rank's examples (new, then replayed old ones), in micro-batches.
-        examples = next(step_examples)
-        for s in strategies:
-            examples = s.mix(step, examples)
-        chunks = [examples[i:i + t.per_device_train_batch_size] for i in range(0, per_rank, t.per_device_train_batch_size)]
-        micro = [_to(collate(mb, pad_id), device) for mb in chunks]
-        is_replay = [torch.tensor([bool(e.get("replay")) for e in mb], device=device) for mb in chunks]
-        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-        global_targets, global_tokens = dist.all_reduce_sum([local_targets, local_tokens])
-        scale = world * t.gradient_accumulation_steps / max(global_targets, 1)
-        step_nll = 0.0
-        for i, b in enumerate(micro):
-            rows, row_targets = token_nll_rows(engine, b)
-            nll = rows.sum()
-            if replay_ratio:
-                window["replay_nll"] += float(rows.detach()[is_replay[i]].sum())
-                window["replay_targets"] += int(row_targets[is_replay[i]].sum())
-            loss = nll * scale
-            if i == len(micro) - 1:  # penalties once per step: DeepSpeed divides by accum, averages ranks
-                penalties = [p for p in (s.penalty(engine.module) for s in strategies) if p is not None]
+    while run.step < run.max_steps:
+        # This rank's examples of one optimizer step (new ones, then those the defences mix in), in micro-batches.
+        examples = chain(run.defences, "mix", next(run.batches), run.step)
+        chunks = [examples[i:i + micro_size] for i in range(0, len(examples), micro_size)]
+        micro = [{k: v.to(device, non_blocking=True) for k, v in collate(c, pad_id).items()} for c in chunks]
+        global_targets, global_tokens = dist.all_reduce_sum([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+                                                             sum(int(b["attention_mask"].sum()) for b in micro)])
+        scale = world * accum / max(global_targets, 1)
+        logging_step = (run.step + 1) % t.logging_steps == 0 or run.step + 1 == run.max_steps
+        for i, (chunk, batch) in enumerate(zip(chunks, micro)):
+            nll, targets = token_nll_rows(engine, batch)  # forward: per-sequence NLL sums, (B,)
+            call(run.defences, "observe", chunk, nll, targets)
+            loss = nll.sum() * scale
+            if i == len(micro) - 1:  # penalties once per step: DeepSpeed divides by accum and averages ranks
+                penalties = [p for p in call(run.defences, "penalty", engine.module) if p is not None]
                 if penalties:
-                    penalty = torch.stack(penalties).sum()
-                    loss = loss + penalty * t.gradient_accumulation_steps
-                    window["penalty"] += penalty.item()
+                    loss = loss + torch.stack(penalties).sum() * accum
             engine.backward(loss)
-            if own_grad_norm and i == len(micro) - 1 and ((step + 1) % t.logging_steps == 0 or step + 1 == max_steps):
-                grad_norm = _grad_norm(engine.module)  # grads are reduced, not yet clipped
+            if own_grad_norm and logging_step and i == len(micro) - 1:
+                grad_norm = _grad_norm(engine.module)  # reduced, not yet clipped
             engine.step()
-            step_nll += nll.item()
-        step += 1
-        tokens_seen += int(global_tokens)
-        window["nll"] += step_nll
-        window["targets"] += global_targets
-        window["tokens"] += global_tokens
-        window["steps"] += 1
-        window["replay_sequences"] += sum(batching.replay_counts(step - 1, replay_ratio, global_batch, world))
+            window.nll += nll.sum().item()
+        run.step += 1
+        run.tokens_seen += int(global_tokens)
+        window.add_step(targets=global_targets, tokens=global_tokens)
 
-        if step % t.logging_steps == 0 or step == max_steps:
-            nll_sum, replay_nll, replay_targets = dist.all_reduce_sum(
-                [window["nll"], window["replay_nll"], window["replay_targets"]])
-            elapsed = time.time() - window["time"]
-            if not own_grad_norm:
-                grad_norm = engine.get_global_grad_norm()
-            record = {"step": step, "loss": nll_sum / max(window["targets"], 1), "learning_rate": engine.get_lr()[0],
-                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                      "tokens_per_second": window["tokens"] / max(elapsed, 1e-9),
-                      "tokens_seen": tokens_seen}
-            if strategies and cfg.ewc.lambda_ > 0:
-                record["ewc_penalty"] = window["penalty"] / window["steps"]
-            if replay_ratio:  # sequences: the whole global batches since the last line
-                record.update(loss_new=(nll_sum - replay_nll) / max(window["targets"] - replay_targets, 1),
-                              loss_replay=replay_nll / max(replay_targets, 1),
-                              new_sequences=window["steps"] * global_batch - window["replay_sequences"],
-                              replay_sequences=window["replay_sequences"])
-            for s in strategies:
-                record.update(s.metrics())
-            if not d.streaming:
-                record["epoch"] = ((step * global_batch - batching.replay_before(step, replay_ratio, global_batch))
-                                   / (batching.steps_per_epoch(len(train_ds), global_batch) * global_batch))
-            log.write(record)
-            progress.update(window["steps"], record)
-            window = new_window()
+        if logging_step:
+            record = window.record(run.step, learning_rate=engine.get_lr()[0], tokens_seen=run.tokens_seen,
+                                   grad_norm=grad_norm if own_grad_norm else engine.get_global_grad_norm())
+            record.update(merged(call(run.defences, "metrics")))
+            if not run.job.config.data.streaming:
+                record["epoch"] = _epoch(run)
+            run.log.write(record)
+            run.progress.update(window.steps, record)
+            window = StepWindow()
 
-        paused = time.time()  # evaluations and checkpoints do not count in the next line's tokens_per_second
-        if evaluating and is_eval_step(step, eval_at=mc.eval_at, eval_steps=t.eval_steps, max_steps=max_steps):
-            run_eval(step)
-            stop_reason = monitor.should_stop()
-        if t.save_steps and (step % t.save_steps == 0 or step == max_steps or stop_reason):
-            save(step)
-        window["time"] += time.time() - paused
+        with window.paused():  # evaluations and checkpoints do not count in tokens_per_second
+            if run.evaluating and is_eval_step(run.step, eval_at=run.job.config.monitor.eval_at,
+                                               eval_steps=t.eval_steps, max_steps=run.max_steps):
+                evaluate(run, run.step)
+                stop_reason = run.monitor.should_stop()
+            if t.save_steps and (run.step % t.save_steps == 0 or run.step == run.max_steps or stop_reason):
+                save(run, run.step)
         if stop_reason:
-            dist.print0(f"stopping at step {step}: {stop_reason}")
+            dist.print0(f"stopping at step {run.step}: {stop_reason}")
             break
-    progress.close()
-    for s in strategies:
-        s.close()
+    return stop_reason
 
-    # The end: the checkpoint the monitor chooses becomes final/ (or rejected/, exit code 3), the report.
-    if evaluating and monitor.steps[-1] != step:
-        run_eval(step)
-    chosen, decision = monitor.choose(step, sorted(saved)) if evaluating else (step, "accepted")
-    if chosen is not None and chosen != step:
-        dist.print0(f"restoring step {chosen}, the {'last' if mc.policy == 'stop' else 'best'} model within budget")
-        ckpt.load_checkpoint(engine, out / "checkpoints" / f"step-{chosen}", exclude_frozen=is_peft)
-    final = ckpt.export_final(engine.module, tokenizer, out, is_peft=is_peft,
+
+def finish(run: Run, stop_reason: str | None) -> dict:
+    """The checkpoint the monitor chooses becomes final/ (or rejected/, exit code 3); what the next round
+    needs; the report and summary.json. Returns the summary."""
+    cfg, out = run.job.config, run.out
+    run.progress.close()
+    call(run.defences, "close")
+    if run.evaluating and run.monitor.steps[-1] != run.step:
+        evaluate(run, run.step)
+    chosen, decision = run.monitor.choose(run.step, sorted(run.saved)) if run.evaluating else (run.step, "accepted")
+    if chosen is not None and chosen != run.step:
+        dist.print0(f"restoring step {chosen}, the {'last' if cfg.monitor.policy == 'stop' else 'best'} model "
+                    "within budget")
+        ckpt.load_checkpoint(run.engine, out / "checkpoints" / f"step-{chosen}",
+                             exclude_frozen=checkpoint_trainable_only(run.method))
+    final = ckpt.export_final(run.engine.module, run.tokenizer, out, method=run.method,
                               name="final" if chosen is not None else "rejected")
-    if chosen is not None:
-        for s in strategies:  # what the next round needs (e.g. the Fisher of the data just learned)
-            s.on_task_end(engine.module, final_dir=final, train_examples=train_ds)
-    report = monitor.report(chosen, decision, notes=[stop_reason] if stop_reason else [])
+    if chosen is not None:  # what the next round needs (e.g. the Fisher of the data just learned)
+        call(run.defences, "on_task_end", run.engine.module, final_dir=final, train_examples=run.train_ds)
+    report = run.monitor.report(chosen, decision, notes=[stop_reason] if stop_reason else [])
     new_task = report["new_task"] or {}
-    summary = {"output_dir": str(out), "final": str(final), "steps": step, "tokens_seen": tokens_seen,
-               "trainable_parameters": trainable, "total_parameters": total, "world_size": world,
-               "train_data": train_stats.summary(),  # streaming: counts of rank 0's reads
-               "token_masking": masking, "decision": decision, "exit_code": report["exit_code"], "chosen_step": chosen,
+    summary = {"output_dir": str(out), "final": str(final), "steps": run.step, "tokens_seen": run.tokens_seen,
+               "trainable_parameters": run.trainable, "total_parameters": run.total, "world_size": dist.world_size(),
+               "method": run.method.name, "artifact": run.method.artifact,
+               "train_data": run.train_stats.summary(),  # streaming: counts of rank 0's reads
+               **merged(call(run.defences, "summary")),
+               "decision": decision, "exit_code": report["exit_code"], "chosen_step": chosen,
                "eval_loss_start": new_task.get("baseline"),
-               "eval_loss": monitor.new_task_loss(chosen) if chosen is not None else None}
-    log.close()
+               "eval_loss": run.monitor.new_task_loss(chosen) if chosen is not None else None}
+    run.log.close()
     if dist.is_main():
-        if evaluating:
-            from distrib_ft.monitor.report import write_report
-
+        if run.evaluating:
             write_report(report, out)
         ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     dist.barrier()
     return summary
 
 
-def fisher_job(cfg: JobConfig, out: str) -> dict:
-    """``distrib-ft fisher``: the Fisher of the job's model and method on ``ewc.fisher_files``, written to
-    ``out`` (safetensors) with the anchors (target=trainable). Runs on every rank; rank 0 writes."""
-    from distrib_ft.preservation.fisher import save_fisher
-    from distrib_ft.preservation.ewc import EWC
+def evaluate(run: Run, at: int) -> None:
+    """The new task's eval loss and every retention suite at step ``at``, recorded by the monitor and logged;
+    with policy stop/rollback the model is checkpointed to go back to."""
+    t, mc = run.job.config.training, run.job.config.monitor
+    new = evaluate_nll(run.engine.module, run.eval_ds, batch_size=t.per_device_eval_batch_size,
+                       pad_token_id=run.tokenizer.pad_token_id) if run.eval_ds is not None else {}
+    values = evaluate_suites(run.engine.module, run.tokenizer, run.suites, batch_size=t.per_device_eval_batch_size)
+    run.monitor.record(at, values, new.get("eval_loss"))
+    run.log.write({"step": at, **new, **{f"retention/{k}": v for k, v in values.items()}})
+    shown = {"eval_loss": new.get("eval_loss"), **values}
+    dist.print0(f"step {at}: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None)
+                + ("" if run.monitor.within_budget(at) else "  [out of forgetting budget]"))
+    if mc.policy in ("stop", "rollback"):  # a model to go back to
+        save(run, at)
 
-    start_worker(cfg)
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    engine, ds_config, _, _ = build_model_engine(cfg, total_steps=1, warmup_steps=0)
-    ewc = EWC.from_config(cfg, tokenizer)
-    fisher, info = ewc.compute(engine.module, ewc.fisher_examples())
-    anchors = ewc.current_anchors(engine.module)
-    if dist.is_main():
-        save_fisher(out, fisher, info, anchors)
-        dist.print0(f"fisher: {info['estimator']} over {info['sequences']} sequences ({info['target_tokens']} target "
-                    f"tokens), {len(fisher)} tensors -> {out}")
-    dist.barrier()
-    return info
+
+def save(run: Run, at: int) -> None:
+    """Checkpoint step ``at`` (once), keeping the monitor's best model within budget. Collective."""
+    if at in run.saved:
+        return
+    keep_best = run.monitor.choose(at, sorted(run.saved | {at}))[0] if run.evaluating else None
+    ckpt.save_checkpoint(run.engine, run.out, at, run.client_state(),
+                         exclude_frozen=checkpoint_trainable_only(run.method),
+                         keep=run.job.config.training.save_total_limit, protect={keep_best} - {None})
+    run.saved.add(at)
+
+
+def _epoch(run: Run) -> float:
+    """Passes over the new data so far (mixed-in examples do not count)."""
+    new_examples = run.step * run.global_batch - batching.replay_before(run.step, run.mixed_share, run.global_batch)
+    return new_examples / (batching.steps_per_epoch(len(run.train_ds), run.global_batch) * run.global_batch)
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"training": {"seed": 1}} -> {"training.seed": 1}, for loggers' parameters."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out

@@ -2,11 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
+
+from distrib_ft.runtime import dist
+
+
+class StepWindow:
+    """Sums over the optimizer steps since the last metrics.jsonl line; ``record`` makes the line.
+
+    ``nll`` is this rank's sum of target-token NLL; ``targets`` and ``tokens`` are global counts (already
+    all-reduced by the loop). Time spent inside :meth:`paused` (evaluations, checkpoints) does not count.
+    """
+
+    def __init__(self) -> None:
+        self.nll, self.targets, self.tokens, self.steps = 0.0, 0, 0, 0
+        self.start = time.time()
+
+    def add_step(self, *, targets: float, tokens: float) -> None:
+        self.targets += int(targets)
+        self.tokens += int(tokens)
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        began = time.time()
+        try:
+            yield
+        finally:
+            self.start += time.time() - began
+
+    def record(self, step: int, *, learning_rate: float, grad_norm, tokens_seen: int) -> dict:
+        """The line for ``step``: ``loss`` (mean target-token NLL over all ranks), ``learning_rate``,
+        ``grad_norm``, ``tokens_per_second`` (all ranks, training time only), ``tokens_seen``. Collective."""
+        nll = dist.all_reduce_sum([self.nll])[0]
+        return {"step": step, "loss": nll / max(self.targets, 1), "learning_rate": learning_rate,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_second": self.tokens / max(time.time() - self.start, 1e-9), "tokens_seen": tokens_seen}
 
 
 class MetricsLog:

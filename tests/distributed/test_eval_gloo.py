@@ -14,7 +14,7 @@ def test_two_rank_evaluation_equals_one_rank(tmp_path, tiny_model_dir):
         raw = job_dict(d, tiny_model_dir)
         set_in(raw, "data.eval_files", [str(toy_alpaca(d / "new_eval.jsonl", n=7, seed=1))])
         set_in(raw, "monitor.suites", [{"name": "old", "files": [str(toy_join(d / "old.jsonl", n=7))]}])
-        run_ranks(raw, world, d, entry="distrib_ft.monitor.evaluation:eval_job", model_path=None, out=str(d / "eval"))
+        run_ranks(raw, world, d, entry="distrib_ft.jobs:evaluate", model_path=None, out=str(d / "eval"))
         reports[world] = json.loads((d / "eval" / "report.json").read_text())
     for world in (1, 2):
         assert reports[world]["suites"]["old"]["baseline"] > 0

@@ -21,9 +21,9 @@ def test_two_rank_fisher_equals_one_rank_fisher(tmp_path, tiny_model_dir, zero, 
         d = tmp_path / f"w{world}"
         raw = job_dict(d, tiny_model_dir, zero=zero)
         set_in(raw, "method.type", method)
-        set_in(raw, "ewc.fisher_files", [str(fisher_data)])
+        set_in(raw, "ewc.fisher_data_files", [str(fisher_data)])
         files[world] = d / "fisher.safetensors"
-        run_ranks(raw, world, d, entry="distrib_ft.runtime.loop:fisher_job", out=str(files[world]))
+        run_ranks(raw, world, d, entry="distrib_ft.jobs:fisher", out=str(files[world]))
     f1, a1, i1 = load_fisher(files[1])
     f2, a2, i2 = load_fisher(files[WORLD_SIZE])
     assert i1["sequences"] == i2["sequences"] == 7 and i1["target_tokens"] == i2["target_tokens"]

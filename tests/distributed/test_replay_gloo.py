@@ -14,11 +14,11 @@ def test_two_ranks_generate_replay_mix_and_mask(tmp_path, tiny_model_dir):
     buf = tmp_path / "buffer"
     rb.build(str(buf), [str(toy_join(tmp_path / "old.jsonl", n=5))], shard_size=2)  # 3 shards for 2 ranks
     prompts = tmp_path / "old.jsonl"
-    set_in(raw, "replay", {"buffer": str(buf), "ratio": 0.25, "prefetch": 2,
-                           "generate": {"prompts_files": [str(prompts)], "num_examples": 6, "max_new_tokens": 6,
-                                        "keep_unfinished": True, "min_response_chars": 1, "temperature": 1.0,
-                                        "batch_size": 2}})
-    set_in(raw, "data.token_masking", {"mode": "stm", "threshold": 300.0})
+    set_in(raw, "replay", {"buffer": str(buf), "ratio": 0.25, "prefetch": 2})
+    set_in(raw, "generative_replay", {"buffer": str(buf), "prompts_files": [str(prompts)], "num_examples": 6,
+                                      "max_new_tokens": 6, "keep_unfinished": True, "min_response_chars": 1,
+                                      "temperature": 1.0, "batch_size": 2})
+    set_in(raw, "token_masking", {"mode": "stm", "threshold": 300.0})
     set_in(raw, "distributed.num_workers", 2)
     summaries = run_ranks(raw, 2, tmp_path)
     m = rb.read_manifest(str(buf))
@@ -29,5 +29,5 @@ def test_two_ranks_generate_replay_mix_and_mask(tmp_path, tiny_model_dir):
     assert all(r["new_sequences"] == 6 for r in lines)
 
     one = job_dict(tmp_path / "one", tiny_model_dir, zero=2, max_steps=1)
-    set_in(one, "data.token_masking", {"mode": "stm", "threshold": 300.0})
+    set_in(one, "token_masking", {"mode": "stm", "threshold": 300.0})
     assert train(config_from_dict(one))["token_masking"] == summaries[0]["token_masking"]

@@ -30,6 +30,18 @@ def cli(*args, timeout=600):
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
+def assert_one_line_error(r, *parts: str) -> str:
+    """Exit code 2 and the CLI's input-error line naming ``parts`` (the file, the key), no traceback.
+    Returns the line. Messages from Ray or the workers may come before it, never after it."""
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("distrib-ft: error: "), r.stderr[-3000:]
+    for part in parts:
+        assert part in last, (part, last)
+    return last
+
+
 def write_job(tmp_path, raw) -> Path:
     p = tmp_path / "job.yaml"
     p.write_text(yaml.safe_dump(raw))
@@ -68,9 +80,11 @@ def test_train_through_ray_with_two_workers(tmp_path, tiny_model_dir):
     metrics = read_metrics(out / "metrics.jsonl")
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == [2, 4]
+    # cosine from 1e-2 without warmup over 4 steps, logged after the step: 1e-2 * (1 + cos(pi * s / 4)) / 2
+    assert [m["learning_rate"] for m in steps] == pytest.approx([5e-3, 0.0], abs=1e-12)
     for m in steps:
-        assert m["loss"] > 0 and m["learning_rate"] >= 0 and m["grad_norm"] > 0 and m["tokens_per_second"] > 0
-    assert any("eval_loss" in m for m in metrics)
+        assert m["loss"] > 0 and m["grad_norm"] > 0 and m["tokens_per_second"] > 0
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 4]  # the baseline and the end
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-2", "step-4"]
     assert (out / "checkpoints" / "step-4" / "rng_rank1.pt").exists()
@@ -80,7 +94,8 @@ def test_train_through_ray_with_two_workers(tmp_path, tiny_model_dir):
 
     # A finished output_dir is not overwritten by accident.
     r = cli("train", job)
-    assert r.returncode == 2 and "already holds a finished run" in r.stderr
+    assert_one_line_error(r, f"{job}: training.output_dir: {out} already holds a finished run")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_worker_data_error_is_one_line_exit_2(tmp_path, tiny_model_dir):
@@ -91,23 +106,23 @@ def test_worker_data_error_is_one_line_exit_2(tmp_path, tiny_model_dir):
     set_in(raw, "distributed.num_workers", 2)
     before = set(live_ray_processes("dft-ray-"))
     r = cli("train", write_job(tmp_path, raw))
-    assert r.returncode == 2, r.stderr[-2000:]
     assert set(live_ray_processes("dft-ray-")) <= before, "a failed job left Ray processes behind"
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("distrib-ft: error:") and "bad.jsonl" in last and "line 2" in last and "output" in last
+    assert_one_line_error(r, "bad.jsonl", "line 2", "output")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("training.learning_rat=1", "training.learning_rat: unknown key"),
-    ("data.train_files=[nope.jsonl]", "data.train_files[0]: nope.jsonl not found"),
-    ("distributed.deepspeed=missing.json", "DeepSpeed config not found"),
-    ("model.name_or_path=/nonexistent/model", "is not a Hugging Face model folder"),
+@pytest.mark.parametrize("override, names_job, message", [
+    ("training.learning_rat=1", True, "training.learning_rat: unknown key"),
+    ("data.train_files=[nope.jsonl]", True, "data.train_files[0]: nope.jsonl not found"),
+    # the line names the missing file itself, and the key
+    ("distributed.deepspeed=missing.json", False, "missing.json: DeepSpeed config not found (distributed.deepspeed)"),
+    ("model.name_or_path=/nonexistent/model", True,
+     "model.name_or_path: /nonexistent/model is not a Hugging Face model folder"),
 ])
-def test_input_errors_fail_before_any_worker(tmp_path, tiny_model_dir, override, message):
+def test_input_errors_fail_before_any_worker(tmp_path, tiny_model_dir, override, names_job, message):
     job = write_job(tmp_path, job_dict(tmp_path, tiny_model_dir))
     r = cli("train", job, override, timeout=120)
-    assert r.returncode == 2
-    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert_one_line_error(r, *([f"{job}: {message}"] if names_job else [message]))
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_pinned_deepspeed_value_is_an_error(tmp_path, tiny_model_dir):
@@ -115,7 +130,8 @@ def test_pinned_deepspeed_value_is_an_error(tmp_path, tiny_model_dir):
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}))
     job = write_job(tmp_path, job_dict(tmp_path, tiny_model_dir))
     r = cli("train", job, f"distributed.deepspeed={ds}", timeout=120)
-    assert r.returncode == 2 and "train_micro_batch_size_per_gpu is 16 but the job sets 4" in r.stderr
+    assert_one_line_error(r, f"{ds}: train_micro_batch_size_per_gpu is 16 but the job sets 4")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_local_launcher_runs_in_process(tmp_path, tiny_model_dir):
@@ -123,6 +139,8 @@ def test_local_launcher_runs_in_process(tmp_path, tiny_model_dir):
     r = cli("train", job, "--launcher", "local")
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "out" / "final" / "adapter_config.json").exists()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["world_size"] == 1
 
 
 def test_fisher_command_through_ray(tmp_path, tiny_model_dir):
@@ -131,7 +149,7 @@ def test_fisher_command_through_ray(tmp_path, tiny_model_dir):
 
     raw = job_dict(tmp_path, tiny_model_dir)
     set_in(raw, "distributed.num_workers", 2)
-    set_in(raw, "ewc.fisher_files", [str(toy_alpaca(tmp_path / "old.jsonl", n=5))])
+    set_in(raw, "ewc.fisher_data_files", [str(toy_alpaca(tmp_path / "old.jsonl", n=5))])
     out = tmp_path / "fisher.safetensors"
     r = cli("fisher", write_job(tmp_path, raw), "--out", out, "ewc.estimator=sampled")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -147,8 +165,10 @@ def test_fisher_command_through_ray(tmp_path, tiny_model_dir):
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(fisher) == names and set(anchors) == names
 
-    r = cli("fisher", write_job(tmp_path, raw), "--out", out, "ewc.fisher_files=[]", timeout=120)
-    assert r.returncode == 2 and "ewc.fisher_files" in r.stderr
+    job = write_job(tmp_path, raw)
+    r = cli("fisher", job, "--out", out, "ewc.fisher_data_files=[]", timeout=120)
+    assert_one_line_error(r, f"{job}: ewc.fisher_data_files: list the data to compute the Fisher on")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_same_loop_under_torchrun(tmp_path, tiny_model_dir):
@@ -184,4 +204,6 @@ def test_budget_gate_exit_code_and_standalone_eval(tmp_path, tiny_model_dir):
     report = json.loads((out / "eval" / "report.json").read_text())
     assert report["decision"] == "rejected" and [e["step"] for e in report["suites"]["old"]["evaluations"]] == [0, 1]
     r = cli("eval", job, "--model", out / "rejected", "monitor.suites.0.max_relative_increase=100", timeout=120)
-    assert r.returncode == 2  # suites is a list: the override path is refused with a clear error
+    # suites is a list: the override path is refused with a clear error
+    assert_one_line_error(r, str(job), "monitor.suites.0.max_relative_increase")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

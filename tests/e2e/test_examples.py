@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from distrib_ft.config import load_config
-from launcher.cli import _check_inputs
+from distrib_ft.job import resolve
 from launcher.cli import main as cli_main
 from tests.e2e.test_cli import cli
 from tests.jobs import ROOT, run_ranks
@@ -26,9 +26,10 @@ def test_example_runs_on_a_tiny_model(tmp_path, tiny_model_dir, job):
     cfg = load_config(job, [f"model.name_or_path={tiny_model_dir}", f"training.output_dir={tmp_path / 'out'}",
                             "training.max_steps=3", "training.eval_steps=2", "training.bf16=false",
                             "ewc.fisher_max_sequences=4"])
-    if cfg.replay.generate:  # the random tiny model never says eos: keep cut answers, few of them
-        cfg.replay.generate = cfg.replay.generate.model_copy(update=dict(
-            num_examples=4, max_new_tokens=8, keep_unfinished=True, min_response_chars=1))
+    if cfg.generative_replay.enabled:  # the random tiny model never says eos: keep cut answers, few of them
+        cfg.generative_replay = cfg.generative_replay.model_copy(update=dict(
+            num_examples=4, max_new_tokens=8, keep_unfinished=True, min_response_chars=1,
+            buffer=str(tmp_path / "replay_buffer")))
     if cfg.replay.buffer:
         cfg.replay.buffer = str(tmp_path / "replay_buffer")
         build = [line.split("distrib-ft ", 1)[1].split() for line in job.read_text().splitlines()
@@ -37,13 +38,12 @@ def test_example_runs_on_a_tiny_model(tmp_path, tiny_model_dir, job):
             args = build[0]
             args[args.index("--out") + 1] = cfg.replay.buffer
             assert cli_main([a if not a.startswith("examples/") else str(ROOT / a) for a in args]) == 0
-    _check_inputs(cfg)  # resolves the job's relative paths as the CLI does
-    raw = cfg.model_dump(mode="json", by_alias=True)
+    raw = resolve(cfg).config.model_dump(mode="json", by_alias=True)  # the job's relative paths, as the CLI does
     if cfg.training.save_steps:
         raw["training"]["save_steps"] = 2
-    run_ranks(raw, 2 if cfg.method.type == "full" else 1, tmp_path)
+    summary = run_ranks(raw, 2 if cfg.method.type == "full" else 1, tmp_path)[0]
     final = tmp_path / "out" / "final"
-    assert (final / ("model.safetensors" if cfg.method.type == "full" else "adapter_model.safetensors")).exists()
+    assert (final / ("model.safetensors" if summary["artifact"] == "model" else "adapter_model.safetensors")).exists()
 
 
 @pytest.mark.slow

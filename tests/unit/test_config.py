@@ -58,10 +58,25 @@ def test_missing_required(tmp_path):
 def test_overrides_are_yaml_typed(tmp_path):
     cfg = load_config(write(tmp_path, BASE), [
         "training.bf16=false", "training.learning_rate=3e-5", "method.target_modules=[q_proj,v_proj]",
-        "distributed.num_workers=4", "method.type=full"])
+        "distributed.num_workers=4", "method.r=4"])
     assert cfg.training.bf16 is False and cfg.training.learning_rate == 3e-5
-    assert cfg.method.target_modules == ["q_proj", "v_proj"]
-    assert cfg.distributed.num_workers == 4 and cfg.method.type == "full"
+    assert cfg.method.target_modules == ["q_proj", "v_proj"] and cfg.method.r == 4
+    assert cfg.distributed.num_workers == 4 and cfg.method.type == "lora"
+
+
+def test_a_key_of_another_method_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"job.yaml: method.r: unknown key"):
+        load_config(write(tmp_path, BASE), ["method.type=full", "method.r=4"])
+    with pytest.raises(ConfigError, match=r"job.yaml: method.type: 'qlorra' is not a method; known: full, lora"):
+        load_config(write(tmp_path, BASE), ["method.type=qlorra"])
+
+
+@pytest.mark.parametrize("old,new", [("data.token_masking", "token_masking"), ("replay.generate", "generative_replay"),
+                                     ("ewc.fisher_file", "ewc.fisher_path"), ("ewc.fisher_files", "ewc.fisher_data_files"),
+                                     ("ewc.update_fisher_after", "ewc.update_after")])
+def test_a_moved_key_names_its_new_place(tmp_path, old, new):
+    with pytest.raises(ConfigError, match=rf"job.yaml: {old}: this key is now {new}"):
+        load_config(write(tmp_path, BASE), [f"{old}=1"])
 
 
 def test_override_unknown_key_is_an_error(tmp_path):

@@ -3,7 +3,7 @@
 import json
 
 from distrib_ft.data import replay_buffer as rb
-from distrib_ft.config import GenerateConfig
+from distrib_ft.preservation.generative_replay import GenerativeReplayConfig as GenerateConfig
 from distrib_ft.preservation.generative_replay import ensure_generated, generate_records, reject_reason
 
 

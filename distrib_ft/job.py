@@ -1,0 +1,160 @@
+"""The job resolved once, on the driver: what every worker receives and runs without resolving again.
+
+``resolve(config, world_size)`` turns a validated :class:`~distrib_ft.config.JobConfig` into a
+:class:`Job` without touching the config: every path field (marked ``InputPath`` / ``OutputPath`` /
+``StorePath`` where it is declared) made absolute and, for inputs, checked to exist; the ``offline:``
+model name replaced by its converted folder; the DeepSpeed JSON merged with the job for this world
+size; the method's ZeRO support and each defence's own inputs checked. Errors are one line naming the
+job file and the key (ConfigError, DataError or DeepSpeedConfigError: exit code 2).
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from distrib_ft.config import PROJECT_ROOT, JobConfig
+from distrib_ft.methods import METHODS, build_method
+from distrib_ft.preservation import DEFENCES
+from distrib_ft.runtime.engine import load_deepspeed_config, zero_stage
+from distrib_ft.schema import ConfigError, PathKind
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job ready to run: its config with every path absolute, and the DeepSpeed dict for ``world_size``."""
+
+    config: JobConfig
+    deepspeed: dict
+    world_size: int
+
+    @property
+    def zero_stage(self) -> int:
+        return zero_stage(self.deepspeed)
+
+
+def resolve(config: JobConfig, world_size: int | None = None) -> Job:
+    """The :class:`Job` of ``config`` on ``world_size`` workers (default ``distributed.num_workers``).
+
+    Raises:
+        ConfigError: a missing file or model folder, or a method that cannot run on this ZeRO stage.
+        DeepSpeedConfigError: the DeepSpeed JSON does not fit the job.
+        DataError: a defence's input (e.g. a replay buffer version) does not exist.
+    """
+    source = config.source or "<config>"
+    raw = config.model_dump(mode="python", by_alias=True)
+    _resolve_paths(type(config), raw, "", source)
+    raw["model"]["name_or_path"] = _model_folder(raw["model"]["name_or_path"], source)
+    resolved = JobConfig.model_validate(raw)
+    world = world_size or resolved.distributed.num_workers
+    t = resolved.training
+    ds = load_deepspeed_config(resolved.distributed.deepspeed, micro_batch_size=t.per_device_train_batch_size,
+                               gradient_accumulation_steps=t.gradient_accumulation_steps, world_size=world,
+                               max_grad_norm=t.max_grad_norm, bf16=t.bf16, learning_rate=t.learning_rate,
+                               weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    method, stage = build_method(resolved.method), zero_stage(ds)
+    try:
+        if stage not in method.zero_stages:
+            raise ValueError(f"method.type: {method.name} supports ZeRO stages {sorted(method.zero_stages)}; "
+                             f"distributed.deepspeed is ZeRO-{stage}")
+        method.check(zero_stage=stage)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    for defence in DEFENCES:
+        section = getattr(resolved, defence.name)
+        if section.enabled and hasattr(defence, "preflight"):
+            defence.preflight(section)
+    return Job(config=resolved, deepspeed=ds, world_size=world)
+
+
+def _path_kind(field) -> str | None:
+    for meta in field.metadata:
+        if isinstance(meta, PathKind):
+            return meta.kind
+
+    def scan(tp) -> str | None:
+        for m in getattr(tp, "__metadata__", ()):
+            if isinstance(m, PathKind):
+                return m.kind
+        return next((k for a in typing.get_args(tp) if (k := scan(a))), None)
+
+    return scan(field.annotation)
+
+
+def _section_class(field, value: dict) -> type[BaseModel] | None:
+    """The config class of a nested section (for the method union: the member named by ``type``)."""
+    if isinstance(value, dict) and value.get("type") in METHODS and field.annotation is not None \
+            and any(a is METHODS[value["type"]].config_class for a in _all_args(field.annotation)):
+        return METHODS[value["type"]].config_class
+    return next((a for a in _all_args(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
+def _all_args(tp) -> list:
+    out = [tp]
+    for a in typing.get_args(tp):
+        out += _all_args(a)
+    return out
+
+
+def _resolve_paths(cls: type[BaseModel], raw: dict, prefix: str, source: str) -> None:
+    for name, field in cls.model_fields.items():
+        key = field.alias or name
+        value = raw.get(key)
+        if value is None:
+            continue
+        kind = _path_kind(field)
+        if kind is not None:
+            if isinstance(value, list):
+                raw[key] = [_resolve_one(v, kind, f"{prefix}{key}[{i}]", source) for i, v in enumerate(value)]
+            else:
+                raw[key] = _resolve_one(value, kind, f"{prefix}{key}", source)
+            continue
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            sub = _section_class(field, item) if isinstance(item, dict) else None
+            if sub is not None:
+                where = f"{prefix}{key}[{i}]." if isinstance(value, list) else f"{prefix}{key}."
+                _resolve_paths(sub, item, where, source)
+
+
+def _candidates(path: str, source: str) -> list[Path]:
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return [p]
+    bases = [Path(source).resolve().parent] if source and not source.startswith("<") else []
+    return [b / p for b in (*bases, Path.cwd(), PROJECT_ROOT)]
+
+
+def _resolve_one(value: str, kind: str, key: str, source: str) -> str:
+    if "://" in value:  # a URL: the filesystem library resolves it
+        return value
+    if kind == "output":
+        return str((Path.cwd() / Path(value).expanduser()).resolve())
+    found = next((c for c in _candidates(value, source) if c.exists()), None)
+    if found is not None:
+        return str(found.resolve())
+    if kind == "input":
+        raise ConfigError(f"{source}: {key}: {value} not found")
+    return str((Path.cwd() / Path(value).expanduser()).resolve())
+
+
+def _model_folder(name: str, source: str) -> str:
+    """``offline:NAME`` -> its converted folder; a local path -> absolute (it must hold config.json); a hub
+    id stays as it is."""
+    if name.startswith("offline:"):
+        from distrib_ft.model import resolve_offline_model
+
+        try:
+            return str(resolve_offline_model(name))
+        except (ValueError, RuntimeError, FileNotFoundError) as e:
+            raise ConfigError(f"{source}: {e}") from None
+    if name.startswith((".", "/", "~")) or Path(name).exists():
+        found = next((c for c in _candidates(name, source) if c.exists()), None)
+        if found is None or not (found / "config.json").is_file():
+            raise ConfigError(f"{source}: model.name_or_path: {name} is not a Hugging Face model folder "
+                              "(no config.json)")
+        return str(found.resolve())
+    return name

@@ -1,0 +1,79 @@
+"""Fine-tuning methods: one file each, one line in ``METHODS``.
+
+A method is a class with a pydantic config (one member of the job file's ``method:`` union, chosen by
+``method.type``) and these members; nothing outside its file names it:
+
+- ``name``, ``config_class``: the ``method.type`` value and the config it reads;
+- ``artifact``: what ``final/`` holds, ``"adapter"`` (the trained parameters only, in peft's format) or
+  ``"model"`` (a whole Hugging Face model); it also decides what a checkpoint holds (an adapter's
+  checkpoints leave the frozen base out; ``checkpoint_trainable_only``);
+- ``zero_stages``: the ZeRO stages it supports; ``check(zero_stage=...)`` refuses the others, and any
+  other combination it cannot run, with a ValueError that names the key;
+- ``apply(model)``: the model with the method in place and ``requires_grad`` set on what trains;
+- ``export(model, state_dict, folder)``: write ``final/`` (``state_dict``: the full fp32 values of the
+  parameters ``final/`` holds, gathered from every rank);
+- ``new_parameters``: the trained parameters are created by the method (an adapter), so their values at
+  the start of another job are no anchor for EWC; ``merged_update``: the update is a dense low-rank
+  product ``B @ A * scale`` on base weights (what EWC's ``target: lora_merged`` reads).
+
+To add a method: a file here with its config class and its class, one line in ``METHODS``, one row in
+tests/unit/test_methods.py (docs/architecture.md walks through a real one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import torch
+
+from distrib_ft.methods.full import Full
+from distrib_ft.methods.lora import LoRA
+from distrib_ft.schema import Strict
+
+
+class Method(Protocol):
+    name: ClassVar[str]
+    config_class: ClassVar[type[Strict]]
+    artifact: ClassVar[str]
+    zero_stages: ClassVar[frozenset[int]]
+    new_parameters: bool
+    merged_update: bool
+
+    def check(self, *, zero_stage: int) -> None: ...
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def export(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor], folder: Path) -> None: ...
+
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Full, LoRA)}
+DEFAULT = "lora"
+
+
+def build_method(config: Strict) -> Method:
+    """The method object for a validated ``method:`` section."""
+    return METHODS[config.type](config)
+
+
+def checkpoint_trainable_only(method: Method) -> bool:
+    """Whether checkpoints (and final/) hold the trained parameters only (adapters) or the whole model."""
+    return method.artifact == "adapter"
+
+
+def load_trained(base: str, path: str | Path, *, load_model) -> torch.nn.Module:
+    """A ``final/`` folder as a model for evaluation: a peft adapter on ``base`` (adapter_config.json), or a
+    whole Hugging Face model. ``load_model(path)`` loads a plain model folder.
+
+    Raises:
+        ValueError: ``path`` holds neither.
+    """
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_model(base), str(path))
+    if (path / "config.json").is_file():
+        return load_model(str(path))
+    raise ValueError(f"--model: {path} holds neither a peft adapter (adapter_config.json) nor a Hugging Face model "
+                     "(config.json)")

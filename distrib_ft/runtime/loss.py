@@ -1,0 +1,31 @@
+"""The training objective: next-token negative log-likelihood over the target tokens of a batch."""
+
+from __future__ import annotations
+
+import torch
+
+from distrib_ft.data.formats import IGNORE_INDEX
+
+
+def token_nll_rows(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the sum of next-token NLL over its target tokens (labels != -100), and their count.
+
+    Args:
+        model: a causal LM (or a DeepSpeed engine around one) returning ``logits`` of shape (B, T, V).
+        batch: ``input_ids``, ``attention_mask``, ``labels``, each (B, T).
+
+    Returns:
+        ``(nll, targets)``, each of shape (B,); ``nll`` in fp32 nats, differentiable.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                                            ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
+    return nll.sum(dim=1), (shift_labels != IGNORE_INDEX).sum(dim=1)
+
+
+def token_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLL over the target tokens of a batch (a scalar tensor), and their count."""
+    nll, targets = token_nll_rows(model, batch)
+    return nll.sum(), int(targets.sum())
