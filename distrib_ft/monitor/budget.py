@@ -8,7 +8,8 @@ The new task's held-out loss decides between checkpoints within budget (lower is
 Decisions (``report.json``), and the exit code a scheduler acts on:
     accepted     the final model is within every budget                                   exit 0
     stopped      policy=stop: a breach ended the run; final/ = last checkpoint in budget   exit 0
-    rolled_back  policy=rollback: final/ = the best checkpoint within every budget         exit 0
+    rolled_back  policy=rollback: final/ = the checkpoint within every budget with the     exit 0
+                 lowest new-task loss (the latest one without data.eval_files)
     rejected     no evaluated model within budget qualifies                               exit 3 (EXIT_BUDGET)
 """
 

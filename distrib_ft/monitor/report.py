@@ -33,8 +33,10 @@ from distrib_ft.runtime.checkpoint import atomic_write_text  # noqa: E402
 
 _DECISIONS = {
     "accepted": "**Accepted**{code}: final/ is step {step}; every retention suite within budget",
-    "stopped": "**Stopped**{code}: training stopped when a retention budget was breached; final/ is step {step}",
-    "rolled_back": "**Rolled back**{code}: final/ is step {step}, the last checkpoint within every retention budget",
+    "stopped": ("**Stopped**{code}: training stopped when a retention budget was breached; final/ is step {step}, the "
+                "last evaluated checkpoint within every budget"),
+    "rolled_back": ("**Rolled back**{code}: final/ is step {step}, the checkpoint within every retention budget with the "
+                    "lowest new-task eval loss (the latest one when the job has no data.eval_files)"),
     "rejected": "**Rejected**{code}: no checkpoint kept every retention suite within budget",
 }
 
@@ -109,35 +111,6 @@ def render_markdown(report: dict, plots: list[tuple[str, str]] = ()) -> str:
     if plots:
         lines += ["## Plots", "", *[f"![{k}]({p})" for k, p in plots], ""]
     return "\n".join(x for i, x in enumerate(lines) if x or (i and lines[i - 1])).rstrip() + "\n"
-
-
-def gem_metrics(R: list[list[float | None]], higher_is_better: bool = True) -> dict:
-    """GEM-style continual-learning metrics (Chaudhry et al. 2018; DESIGN.md section 8).
-
-    ``R[j][i]`` is the metric on task i after training through task j (0-based; T = len(R) - 1 is the
-    last task). Entries never used (e.g. ``R[j][i]`` for i > j when not measured) may be None.
-
-    - ``acc`` = mean_i R[T][i], in the metric's own units.
-    - ``bwt`` = mean_{i<T} (R[T][i] - R[i][i]) for scores; for losses (``higher_is_better=False``) the
-      sign is flipped, mean_{i<T} (R[i][i] - R[T][i]), so that in both cases negative BWT = forgetting.
-    - ``forgetting[i]`` = max_{l<T} R[l][i] - R[T][i] for scores; for losses R[T][i] - min_{l<T} R[l][i].
-      Positive = worse than the best value ever seen; ``mean_forgetting`` is their mean over i < T.
-
-    Returns:
-        ``{"acc", "bwt", "forgetting" (list of T), "mean_forgetting", "tasks", "higher_is_better"}``;
-        ``bwt`` and ``mean_forgetting`` are None with a single task.
-    """
-    n = len(R)
-    if n == 0 or any(len(row) != n for row in R):
-        raise ValueError(f"R must be a square (tasks x tasks) matrix, got {n} rows of lengths {[len(r) for r in R]}")
-    T = n - 1
-    sign = 1.0 if higher_is_better else -1.0  # sign * (value - other) > 0 means value is better
-    best = max if higher_is_better else min
-    acc = sum(R[T]) / n
-    bwt = [sign * (R[T][i] - R[i][i]) for i in range(T)]
-    forgetting = [sign * (best(R[l][i] for l in range(T) if R[l][i] is not None) - R[T][i]) for i in range(T)]
-    return {"acc": acc, "bwt": sum(bwt) / T if T else None, "forgetting": forgetting,
-            "mean_forgetting": sum(forgetting) / T if T else None, "tasks": n, "higher_is_better": higher_is_better}
 
 
 def _plot(path: Path, title: str, series: dict, limit: float | None, breaches: list[dict],
