@@ -69,21 +69,23 @@ def worker_fisher(spec: dict) -> dict:
 
     from distrib_ft.data.formats import collate
     from distrib_ft.preservation.fisher import compute_fisher
-    from distrib_ft.model import apply_method, load_model, load_tokenizer
-    from distrib_ft.preservation.ewc import EWC, lora_layers
-    from distrib_ft.monitor.evaluation import token_nll_sum
-    from distrib_ft.runtime.loop import set_seed
+    from distrib_ft.methods import METHODS, build_method
+    from distrib_ft.model import load_model, load_tokenizer
+    from distrib_ft.preservation.ewc import EWC, EWCConfig, lora_layers
+    from distrib_ft.runtime.loss import token_nll_sum
+    from distrib_ft.runtime.worker import set_seed
 
     set_seed(0)
     tok = load_tokenizer(spec["model_dir"])
-    model = apply_method(load_model(spec["model_dir"], dtype="float32"), spec["method"], **LORA)
+    section = {"type": spec["method"], **(LORA if spec["method"] == "lora" else {})}
+    model = build_method(METHODS[spec["method"]].config_class(**section)).apply(load_model(spec["model_dir"], dtype="float32"))
     ds = load_from_disk(spec["data_dir"])
     examples = [ds[i] for i in range(spec["sequences"])]
     pad = tok.pad_token_id
     coll = lambda b: collate(b, pad)  # noqa: E731
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     targets = ["trainable", "lora_merged"] if spec["method"] == "lora" else ["trainable"]
-    params = {t: EWC(lam=1.0, target=t).fisher_params(model) for t in targets}
+    params = {t: EWC(EWCConfig(**{"lambda": 1.0, "target": t})).fisher_params(model) for t in targets}
     opt = torch.optim.AdamW(list(trainable.values()), lr=1e-12, foreach=None)
 
     def train_pass(examples=examples, micro=MICRO):
@@ -142,7 +144,7 @@ def worker_fisher(spec: dict) -> dict:
     batch = examples[:MICRO]
     step, pen = [], {}
     for t in targets:
-        ewc = EWC(lam=1.0, target=t)
+        ewc = EWC(EWCConfig(**{"lambda": 1.0, "target": t}))
         ewc._params = ewc.fisher_params(model)
         ewc._lora = {f"{n}.base_layer.weight": m for n, m in lora_layers(model)} if t == "lora_merged" else {}
         ewc.fisher = {n: torch.rand(p.shape, dtype=torch.float32) for n, p in ewc._params.items()}
@@ -184,7 +186,7 @@ def worker_train(spec: dict) -> dict:
         zero=0, threads=spec["threads"], dtype="float32")
     if spec["config"] != "no-ewc":
         raw["ewc"] = {"lambda": 1.0, "target": spec["config"].split("-", 1)[1], "estimator": "sampled",
-                      "fisher_files": [spec["data_dir"]], "fisher_max_sequences": 16}
+                      "fisher_data_files": [spec["data_dir"]], "fisher_max_sequences": 16}
     if spec["config"].startswith("alt-"):
         # Paired design inside one process: the penalty on odd steps only (EWC.penalty returns None on
         # even steps, which the loop treats as "no penalty"), so both kinds of step share the process,
@@ -255,7 +257,7 @@ def worker_attribution(spec: dict) -> dict:
     out["sample_targets_only"] = timed(sample_targets_only)
     out["accumulate_pow_add"] = timed(lambda: [a.add_(g.detach().float().pow(2)) for a, g in zip(accs, grads)])
     out["accumulate_addcmul"] = timed(lambda: [a.addcmul_(g, g) for a, g in zip(accs, grads)])
-    ewc = EWC(lam=1.0)
+    ewc = EWC(EWCConfig(**{"lambda": 1.0}))
     ewc._params = dict(model.named_parameters())
     ewc.fisher = {n: torch.rand(p.shape) for n, p in ewc._params.items()}
     ewc.anchors = {n: p.detach() + 1e-3 * torch.randn(p.shape) for n, p in ewc._params.items()}

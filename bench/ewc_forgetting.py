@@ -5,7 +5,7 @@
    its ``final/`` folder is the base of step 2.
 2. From that base, full fine-tuning on the NEW skill, with a learning rate that makes it forget the
    old one, for every estimator (empirical, sampled, batched) and lambda over several decades
-   (lambda 0 is plain fine-tuning): ``ewc: {lambda: L, estimator: E, fisher_files: [old_train.jsonl],
+   (lambda 0 is plain fine-tuning): ``ewc: {lambda: L, estimator: E, fisher_data_files: [old_train.jsonl],
    fisher_max_sequences: 256}``. Also plain fine-tuning stopped after ``--plain-steps`` steps: the "train
    less" frontier that EWC has to beat. Each run is evaluated from its saved ``final/`` model; the old
    skill's NLL is also followed during training (the loop's evaluation of ``data.eval_files`` =
@@ -208,7 +208,7 @@ def run_job(job: dict, files: dict, eval_sets: dict) -> dict:
     raw = job_dict(job["model_dir"], job["train_file"], job["eval_file"], out, job["steps"], job["lr"], job["batch"],
                    job["scheduler"], job["seed"], job.get("warmup_ratio", 0.0), job.get("eval_steps", 0))
     if job.get("lambda") is not None:
-        raw["ewc"] = {"lambda": job["lambda"], "estimator": job["estimator"], "fisher_files": [files["old_train"]],
+        raw["ewc"] = {"lambda": job["lambda"], "estimator": job["estimator"], "fisher_data_files": [files["old_train"]],
                       "fisher_max_sequences": job["fisher_max_sequences"]}
     summary, train_s = harness.train_job(raw)
     res = {**{k: job.get(k) for k in ("name", "estimator", "lambda", "seed", "steps")}, "train_s": train_s,

@@ -35,15 +35,15 @@ import throughput as tp  # noqa: E402
 # (label, substrings of "file:line(function)" whose cumulative time counts; first match wins per entry)
 PARTS = {
     "ours": [
-        ("data: batch fetch + collate", ["batches.py", "map_style_steps"], ["data.py", "(collate)"]),
-        ("forward + loss (token_nll_sum)", ["train.py", "(token_nll_sum)"]),
+        ("data: batch fetch + collate", ["data/batches.py", "map_style_steps"], ["data/formats.py", "(collate)"]),
+        ("forward + loss (token_nll_rows)", ["runtime/loss.py", "(token_nll_rows)"]),
         ("  of which peft/Llama forward", ["peft/peft_model.py", "(forward)"]),
         ("  of which cross_entropy", ["torch/nn/functional.py", "(cross_entropy)"]),
         ("backward (engine.backward)", ["deepspeed/runtime/engine.py", "(backward)"]),
         ("  of which autograd", ["<method 'run_backward'"]),
         ("  of which DeepSpeed backward epilogue (grad all-reduce / ZeRO buckets)",
          ["deepspeed/runtime/engine.py", "(_backward_epilogue)"]),
-        ("own grad norm (train._grad_norm, ZeRO-0 fp32 only)", ["train.py", "(_grad_norm)"]),
+        ("own grad norm (loop._grad_norm, ZeRO-0 fp32 only)", ["runtime/loop.py", "(_grad_norm)"]),
         ("engine.step (clip + AdamW + LR + zero_grad)", ["deepspeed/runtime/engine.py", "(step)"]),
         ("  of which clip (clip_fp32_gradients, ZeRO-0)", ["deepspeed/runtime/engine.py", "(clip_fp32_gradients)"]),
         ("  of which ZeRO-2 optimizer step (norm, clip, AdamW, copies)", ["zero/stage_1_and_2.py", "(step)"]),

@@ -75,7 +75,7 @@ def run_job(job: dict, files: dict, eval_sets: dict) -> dict:
     if job["ratio"]:
         raw["replay"] = {"buffer": job["buffer"], "ratio": job["ratio"]}
     if job["mask"] != "off":
-        raw["data"]["token_masking"] = {"mode": job["mask"], "threshold": job["tau"]}
+        raw["token_masking"] = {"mode": job["mask"], "threshold": job["tau"]}
     summary, train_s = harness.train_job(raw)
     res = {k: job[k] for k in ("name", "group", "seed", "steps", "ratio", "mask", "tau")}
     res.update(train_s=train_s, token_masking=summary.get("token_masking"), config=raw)

@@ -74,7 +74,7 @@ def job_dict(out: Path, mode: str, seed: int, steps: int, tau: float) -> dict:
                              "metric": "nll"}],
                  "eval_at": [0, 10, 20], "policy": "report"})
     if mode != "off":
-        raw["data"]["token_masking"] = {"mode": mode, "threshold": tau}
+        raw["token_masking"] = {"mode": mode, "threshold": tau}
     return raw
 
 

@@ -141,8 +141,9 @@ def worker_hf(spec: dict) -> dict:
 
     from distrib_ft.data.batches import global_batch_indices
     from distrib_ft.data.formats import collate
-    from distrib_ft.model import apply_method, load_model, load_tokenizer
-    from distrib_ft.runtime.loop import set_seed
+    from distrib_ft.methods.lora import LoRA, LoRAConfig
+    from distrib_ft.model import load_model, load_tokenizer
+    from distrib_ft.runtime.worker import set_seed
 
     s = spec["settings"]
     t0 = time.time()
@@ -150,8 +151,8 @@ def worker_hf(spec: dict) -> dict:
     set_seed(s["seed"])
     tok = load_tokenizer(spec["model_dir"])
     model = load_model(spec["model_dir"], dtype="float32")
-    model = apply_method(model, "lora", r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
-                         target_modules=TARGETS)
+    model = LoRA(LoRAConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
+                            target_modules=TARGETS)).apply(model)
     # The same examples in the same order as ours (distrib_ft.data.batches), read sequentially.
     ds = load_from_disk(spec["data_dir"])
     gb = s["micro_batch"] * s["grad_accum"]
