@@ -20,8 +20,7 @@ from pydantic import Field, ValidationError, create_model, model_validator
 
 from distrib_ft.methods import DEFAULT, METHODS
 from distrib_ft.preservation import DEFENCES
-from distrib_ft.schema import ConfigError, DataFormat, InputPath, OutputPath, Strict
-
+from distrib_ft.schema import ConfigError, DuplicateKeyError, InputPath, OutputPath, Strict, load_yaml_unique
 
 
 class ModelConfig(Strict):
@@ -37,16 +36,18 @@ class DataConfig(Strict):
     train_files: list[InputPath] = Field(description="JSONL / Parquet files or saved `datasets` directories.")
     eval_files: list[InputPath] = Field(default_factory=list, description="Held-out files of the new task.")
     format: Literal["alpaca", "chat", "text", "tokenized"] = Field(
-        "alpaca", description="alpaca (instruction, input, output), chat (messages), text, tokenized (input_ids[, labels]).")
+        "alpaca", description=(
+            "alpaca (instruction, input, output), chat (messages), text, tokenized (input_ids[, labels])."))
     max_seq_length: int = Field(512, ge=8, description="Longer sequences are truncated (and counted in the log).")
     packing: bool = Field(False, description="Concatenate examples into max_seq_length blocks.")
     prompt_template: Literal["auto", "chat", "alpaca"] = Field(
-        "auto", description="How alpaca records are rendered: the model's chat template (auto when it has one) or the Alpaca prompt.")
+        "auto", description=(
+            "How alpaca records are rendered: the model's chat template (auto when it has one) or the Alpaca prompt."))
     streaming: bool = Field(False, description="Stream the files instead of preparing them in memory (large data).")
     text_field: str = Field("text", description="Field holding the text for format=text.")
 
     @model_validator(mode="after")
-    def _files_given(self) -> "DataConfig":
+    def _files_given(self) -> DataConfig:
         if not self.train_files:
             raise ValueError("data.train_files is empty: list at least one file")
         return self
@@ -71,7 +72,8 @@ class TrainingConfig(Strict):
     bf16: bool = Field(True, description="bf16 mixed precision through DeepSpeed (fp32 master weights).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
     logging_steps: int = Field(10, ge=1, description="Write a metrics.jsonl line every N steps.")
-    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps and at the end; 0 = no checkpoints (final/ only).")
+    save_steps: int = Field(0, ge=0, description=(
+        "Checkpoint every N steps and at the end; 0 = no checkpoints (final/ only)."))
     save_total_limit: int = Field(2, ge=1, description="Keep at most this many checkpoints (newest).")
     eval_steps: int = Field(0, ge=0, description="Evaluate on data.eval_files every N steps; 0 = only at the end.")
     seed: int = Field(42, description="Seeds model init, dropout and the data order.")
@@ -84,7 +86,8 @@ class DistributedConfig(Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU, or CPU slots).")
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto = GPUs when the Ray cluster has them.")
     cpus_per_worker: int = Field(1, ge=1, description="CPU cores (and OMP threads) per worker.")
-    deepspeed: InputPath = Field("ds_configs/zero2.json", description="DeepSpeed JSON; relative paths resolve against the job file, then the project.")
+    deepspeed: InputPath = Field("ds_configs/zero2.json", description=(
+        "DeepSpeed JSON; relative paths resolve against the job file, then the project."))
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl with GPUs, else gloo.")
 
 
@@ -99,16 +102,18 @@ class SuiteConfig(Strict):
     files: list[InputPath] = Field(description="Data files of the skill (any data format).")
     format: Literal["alpaca", "chat", "text", "tokenized"] = Field("alpaca", description="Format of files.")
     metric: Literal["nll", "exact_match", "contains", "regex", "multiple_choice"] = Field(
-        "nll", description="nll: mean token NLL (lower is better); the others score greedy generations (higher is better).")
+        "nll", description=(
+            "nll: mean token NLL (lower is better); the others score greedy generations (higher is better)."))
     pattern: str | None = Field(None, description="metric=regex: the pattern (default: the reference).")
     max_examples: int = Field(256, ge=1, description="At most this many examples are evaluated.")
     max_new_tokens: int = Field(32, ge=1, description="Generation length for the generation metrics.")
     max_relative_increase: float | None = Field(None, gt=0, description=(
         "Budget of a loss metric: at most baseline * (1 + this); e.g. 0.05 = 5% worse."))
-    max_absolute_drop: float | None = Field(None, gt=0, description="Budget of a score metric: at most baseline - this.")
+    max_absolute_drop: float | None = Field(None, gt=0, description=(
+        "Budget of a score metric: at most baseline - this."))
 
     @model_validator(mode="after")
-    def _budget_fits_metric(self) -> "SuiteConfig":
+    def _budget_fits_metric(self) -> SuiteConfig:
         if self.metric in LOSS_METRICS and self.max_absolute_drop is not None:
             raise ValueError(f"max_absolute_drop: suite {self.name!r} has a loss metric; use max_relative_increase")
         if self.metric in SCORE_METRICS and self.max_relative_increase is not None:
@@ -126,11 +131,14 @@ class MonitorConfig(Strict):
         "On a budget breach: report (carry on; exit code 3 if the final model is out of budget), stop (end the "
         "run; final/ = the last evaluated checkpoint within budget), rollback (carry on; final/ = the best "
         "checkpoint within every budget by new-task loss)."))
-    early_stopping_patience: int = Field(0, ge=0, description="Stop after this many evaluations without new-task improvement; 0 = off.")
-    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest new-task loss decrease that counts as improvement.")
+    early_stopping_patience: int = Field(0, ge=0, description=(
+        "Stop after this many evaluations without new-task improvement; 0 = off."))
+    early_stopping_min_delta: float = Field(0.0, ge=0, description=(
+        "Smallest new-task loss decrease that counts as improvement."))
 
 
-MethodConfig = Annotated[Union[tuple(cls.config_class for cls in METHODS.values())], Field(discriminator="type")]
+# A union built from the registry at import time: `X | Y` cannot spell a union over a computed tuple.
+MethodConfig = Annotated[Union[tuple(cls.config_class for cls in METHODS.values())], Field(discriminator="type")]  # noqa: UP007
 
 
 class _JobSections(Strict):
@@ -153,7 +161,7 @@ class _JobSections(Strict):
         return raw
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "_JobSections":
+    def _cross_checks(self) -> _JobSections:
         if self.data.streaming and self.training.max_steps <= 0:
             raise ValueError("training.max_steps: required with data.streaming=true (a stream has no known length)")
         names = [su.name for su in self.monitor.suites]
@@ -250,7 +258,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not path.is_file():
         raise ConfigError(f"{source}: job file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml_unique(path.read_text()) or {}
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -273,4 +283,5 @@ def config_from_dict(raw: dict, source: str = "<config>") -> JobConfig:
 
 
 def dump_config(cfg: JobConfig) -> str:
+    """The validated job as YAML: JSON-mode values, keys by their aliases, in declaration order."""
     return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict
 
 DataFormat = Literal["alpaca", "chat", "text", "tokenized"]
@@ -22,7 +23,8 @@ DataFormat = Literal["alpaca", "chat", "text", "tokenized"]
 @dataclass(frozen=True)
 class PathKind:
     """Marks a config field as a path: ``input`` (must exist), ``output`` (relative to the working directory;
-    may not exist yet) or ``store`` (a folder that may exist already, e.g. a replay buffer, or a URL)."""
+    may not exist yet) or ``store`` (a folder that may exist already, e.g. a replay buffer, or a URL).
+    """
 
     kind: Literal["input", "output", "store"]
 
@@ -40,3 +42,44 @@ class Strict(BaseModel):
 
 class ConfigError(ValueError):
     """A job config that cannot run; the message is one line naming the file and the key."""
+
+
+class DuplicateKeyError(ValueError):
+    """A mapping that names the same key twice (YAML or JSON); the message names the key and both places."""
+
+
+def load_yaml_unique(text: str):
+    """``yaml.safe_load`` that refuses a mapping repeating a key, at any depth (pyyaml keeps the last one).
+
+    Raises:
+        DuplicateKeyError: ``line N: duplicate key 'k' in a.b (first on line M)``.
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    _check_duplicates(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    return yaml.safe_load(text)
+
+
+def _check_duplicates(node, where: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                inside = f" in {where}" if where else ""
+                raise DuplicateKeyError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}{inside} "
+                                        f"(first on line {seen[key] + 1})")
+            seen[key] = key_node.start_mark.line
+            _check_duplicates(value_node, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, f"{where}[{i}]")
+
+
+def json_pairs_unique(pairs: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook`` for ``json.loads``: refuse an object that repeats a key (json keeps the last)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(f"duplicate key {key!r}")
+        out[key] = value
+    return out

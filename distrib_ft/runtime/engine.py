@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from distrib_ft.schema import DuplicateKeyError, json_pairs_unique
+
 # Top-level keys of a DeepSpeed config (DeepSpeed's config documentation, 0.19).
 KNOWN_TOP_LEVEL_KEYS = frozenset({
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -76,12 +78,14 @@ def load_deepspeed_config(path: str | Path, *, micro_batch_size: int, gradient_a
     """
     where = str(path)
     try:
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text(), object_pairs_hook=json_pairs_unique)
     except FileNotFoundError:
         raise DeepSpeedConfigError(f"{where}: DeepSpeed config not found (distributed.deepspeed); "
                                    "use one of ds_configs/zero{0,1,2,3}.json") from None
     except json.JSONDecodeError as e:
         raise DeepSpeedConfigError(f"{where}: line {e.lineno}: not valid JSON: {e.msg}") from None
+    except DuplicateKeyError as e:
+        raise DeepSpeedConfigError(f"{where}: {e} (JSON keeps the last one silently); remove one") from None
     if not isinstance(raw, dict):
         raise DeepSpeedConfigError(f"{where}: the top level must be a JSON object")
     unknown = sorted(set(raw) - KNOWN_TOP_LEVEL_KEYS)

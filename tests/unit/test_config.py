@@ -104,3 +104,21 @@ def test_missing_file(tmp_path):
 def test_streaming_needs_max_steps(tmp_path):
     with pytest.raises(ConfigError, match="training.max_steps"):
         load_config(write(tmp_path, BASE), ["data.streaming=true"])
+
+
+def test_a_repeated_key_is_an_error_naming_it_and_both_lines(tmp_path):
+    """shared case yaml-duplicate-keys: pyyaml keeps the last of two keys silently."""
+    job = tmp_path / "job.yaml"
+    job.write_text("model: {name_or_path: m}\ndata: {train_files: [t.jsonl]}\ntraining:\n  output_dir: out\n"
+                   "  learning_rate: 1.0e-5\n  bf16: false\n  learning_rate: 1.0e-1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(job)
+    assert str(e.value) == f"{job}: line 7: duplicate key 'learning_rate' in training (first on line 5)"
+    job.write_text("model: {name_or_path: m}\nmethod: {type: lora}\ndata: {train_files: [t.jsonl]}\n"
+                   "training: {output_dir: out}\nmethod: {type: full}\n")
+    with pytest.raises(ConfigError, match=r"job.yaml: line 5: duplicate key 'method' \(first on line 2\)$"):
+        load_config(job)
+    job.write_text("model: {name_or_path: m}\ndata: {train_files: [t.jsonl]}\ntraining: {output_dir: out}\n"
+                   "monitor:\n  suites:\n    - {name: a, files: [x], name: b}\n")
+    with pytest.raises(ConfigError, match=r"line 6: duplicate key 'name' in monitor.suites\[0\]"):
+        load_config(job)

@@ -77,3 +77,10 @@ def test_lr_schedule_shapes():
     assert math.isclose(lr_factor(12, kind="linear", **kw), 0.5)
     assert lr_factor(19, kind="constant", **kw) == 1.0
     assert lr_factor(0, warmup_steps=0, total_steps=10, kind="linear") == 1.0
+
+
+def test_a_repeated_key_in_the_deepspeed_json_is_an_error(tmp_path):
+    p = tmp_path / "ds.json"
+    p.write_text('{"zero_optimization": {"stage": 2, "stage": 3}, "bf16": {"enabled": "auto"}}')
+    with pytest.raises(DeepSpeedConfigError, match=r"ds.json: duplicate key 'stage' \(JSON keeps the last one"):
+        load_deepspeed_config(p, **JOB)
