@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,10 @@ from distrib_ft.data import batches as batching
 from distrib_ft.data.formats import build_dataset, collate
 from distrib_ft.job import Job
 from distrib_ft.methods import checkpoint_trainable_only
+from distrib_ft.model import load_tokenizer
 from distrib_ft.monitor.budget import Monitor, is_eval_step
 from distrib_ft.monitor.evaluation import evaluate_nll, evaluate_suites, load_suites
 from distrib_ft.monitor.report import write_report
-from distrib_ft.model import load_tokenizer
 from distrib_ft.preservation import Context, build_defences, call, chain, merged
 from distrib_ft.runtime import checkpoint as ckpt
 from distrib_ft.runtime import dist
@@ -93,8 +92,10 @@ def train(job, resume: bool = False) -> dict:
 
 
 def setup(job: Job, resume: bool) -> Run:
-    """Data, model + method on the engine, defences, the resumed state, the monitor, logs; step 0's
-    evaluation (the baselines) on a fresh start."""
+    """Set a job up: data, model + method on the engine, defences, the resumed state, the monitor, logs.
+
+    On a fresh start, also step 0's evaluation (the baselines).
+    """
     cfg, t, d = job.config, job.config.training, job.config.data
     rank, world = dist.rank(), dist.world_size()
     out = Path(t.output_dir)
@@ -110,7 +111,8 @@ def setup(job: Job, resume: bool) -> Run:
                                                                   streaming=d.streaming, **data_kwargs))
     eval_ds, eval_stats = (dist.main_first(lambda: build_dataset(d.eval_files, **data_kwargs))
                            if d.eval_files else (None, None))
-    dist.print0(f"train data: {f'streamed from {len(d.train_files)} file(s)' if d.streaming else train_stats.summary()}")
+    train_summary = f"streamed from {len(d.train_files)} file(s)" if d.streaming else train_stats.summary()
+    dist.print0(f"train data: {train_summary}")
     if eval_stats is not None:
         dist.print0(f"eval data: {eval_stats.summary()}")
 
@@ -187,10 +189,12 @@ def run_steps(run: Run) -> str | None:
         examples = chain(run.defences, "mix", next(run.batches), run.step)
         chunks = [examples[i:i + micro_size] for i in range(0, len(examples), micro_size)]
         micro = [{k: v.to(device, non_blocking=True) for k, v in collate(c, pad_id).items()} for c in chunks]
-        global_targets, global_tokens = dist.all_reduce_sum([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
-                                                             sum(int(b["attention_mask"].sum()) for b in micro)])
+        global_targets, global_tokens = dist.all_reduce_sum(
+            [sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+             sum(int(b["attention_mask"].sum()) for b in micro)])
         scale = world * accum / max(global_targets, 1)
         logging_step = (run.step + 1) % t.logging_steps == 0 or run.step + 1 == run.max_steps
+        learning_rate = engine.get_lr()[0]  # this step's: the scheduler advances inside engine.step()
         for i, (chunk, batch) in enumerate(zip(chunks, micro)):
             nll, targets = token_nll_rows(engine, batch)  # forward: per-sequence NLL sums, (B,)
             call(run.defences, "observe", chunk, nll, targets)
@@ -209,7 +213,7 @@ def run_steps(run: Run) -> str | None:
         window.add_step(targets=global_targets, tokens=global_tokens)
 
         if logging_step:
-            record = window.record(run.step, learning_rate=engine.get_lr()[0], tokens_seen=run.tokens_seen,
+            record = window.record(run.step, learning_rate=learning_rate, tokens_seen=run.tokens_seen,
                                    grad_norm=grad_norm if own_grad_norm else engine.get_global_grad_norm())
             record.update(merged(call(run.defences, "metrics")))
             if not run.job.config.data.streaming:
@@ -232,8 +236,10 @@ def run_steps(run: Run) -> str | None:
 
 
 def finish(run: Run, stop_reason: str | None) -> dict:
-    """The checkpoint the monitor chooses becomes final/ (or rejected/, exit code 3); what the next round
-    needs; the report and summary.json. Returns the summary."""
+    """End a job: the checkpoint the monitor chooses becomes final/ (or rejected/, exit code 3).
+
+    Also writes what the next round needs, the report and summary.json. Returns the summary.
+    """
     cfg, out = run.job.config, run.out
     run.progress.close()
     call(run.defences, "close")
@@ -269,8 +275,10 @@ def finish(run: Run, stop_reason: str | None) -> dict:
 
 
 def evaluate(run: Run, at: int) -> None:
-    """The new task's eval loss and every retention suite at step ``at``, recorded by the monitor and logged;
-    with policy stop/rollback the model is checkpointed to go back to."""
+    """The new task's eval loss and every retention suite at step ``at``, recorded by the monitor and logged.
+
+    With policy stop/rollback the model is checkpointed to go back to.
+    """
     t, mc = run.job.config.training, run.job.config.monitor
     new = evaluate_nll(run.engine.module, run.eval_ds, batch_size=t.per_device_eval_batch_size,
                        pad_token_id=run.tokenizer.pad_token_id) if run.eval_ds is not None else {}
