@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from distrib_ft.config import PROJECT_ROOT, JobConfig
 from distrib_ft.methods import METHODS, build_method
+from distrib_ft.model import adaptable_modules
 from distrib_ft.preservation import DEFENCES
 from distrib_ft.runtime.engine import load_deepspeed_config, zero_stage
 from distrib_ft.schema import ConfigError, PathKind
@@ -60,7 +61,8 @@ def resolve(config: JobConfig, world_size: int | None = None) -> Job:
         if stage not in method.zero_stages:
             raise ValueError(f"method.type: {method.name} supports ZeRO stages {sorted(method.zero_stages)}; "
                              f"distributed.deepspeed is ZeRO-{stage}")
-        method.check(zero_stage=stage)
+        method.check(zero_stage=stage, module_names=adaptable_modules(resolved.model.name_or_path,
+                                                                     resolved.model.trust_remote_code))
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
     for defence in DEFENCES:
@@ -142,8 +144,11 @@ def _resolve_one(value: str, kind: str, key: str, source: str) -> str:
 
 
 def _model_folder(name: str, source: str) -> str:
-    """``offline:NAME`` -> its converted folder; a local path -> absolute (it must hold config.json); a hub
-    id stays as it is."""
+    """The model's folder or hub id, as the workers load it.
+
+    ``offline:NAME`` -> its converted folder; a local path -> absolute (it must hold config.json); a hub
+    id stays as it is.
+    """
     if name.startswith("offline:"):
         from distrib_ft.model import resolve_offline_model
 

@@ -1,6 +1,7 @@
 """The model: a Hugging Face causal LM (local folder, hub id or ``offline:`` name) and its tokenizer.
 
-The fine-tuning method that changes it lives in distrib_ft/methods/."""
+The fine-tuning method that changes it lives in distrib_ft/methods/.
+"""
 
 from __future__ import annotations
 
@@ -73,6 +74,20 @@ def load_model(name_or_path: str, *, dtype: str = "float32", attn_implementation
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
+
+
+def adaptable_modules(name_or_path: str, trust_remote_code: bool = False) -> list[str] | None:
+    """Names of the model's Linear and Embedding modules (what an adapter can target), from its config alone
+    (built on the meta device: no weights are read). None when the config cannot be read here."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    return [n for n, m in skeleton.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -40,7 +40,7 @@ class Method(Protocol):
     new_parameters: bool
     merged_update: bool
 
-    def check(self, *, zero_stage: int) -> None: ...
+    def check(self, *, zero_stage: int, module_names: list[str] | None = None) -> None: ...
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module: ...
 
@@ -62,8 +62,10 @@ def checkpoint_trainable_only(method: Method) -> bool:
 
 
 def load_trained(base: str, path: str | Path, *, load_model) -> torch.nn.Module:
-    """A ``final/`` folder as a model for evaluation: a peft adapter on ``base`` (adapter_config.json), or a
-    whole Hugging Face model. ``load_model(path)`` loads a plain model folder.
+    """A ``final/`` folder as a model for evaluation.
+
+    Either a peft adapter on ``base`` (adapter_config.json), or a whole Hugging Face model. ``load_model(path)``
+    loads a plain model folder.
 
     Raises:
         ValueError: ``path`` holds neither.

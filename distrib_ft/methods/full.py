@@ -28,7 +28,7 @@ class Full:
     def __init__(self, config: FullConfig):
         self.config = config
 
-    def check(self, *, zero_stage: int) -> None:
+    def check(self, *, zero_stage: int, module_names: list[str] | None = None) -> None:
         return None
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:

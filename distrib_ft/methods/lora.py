@@ -44,10 +44,19 @@ class LoRA:
         self.config = config
         self.merged_update = not config.use_dora  # DoRA's update also rescales W's column norms
 
-    def check(self, *, zero_stage: int) -> None:
-        if zero_stage == 3 and self.config.merge_adapters:
+    def check(self, *, zero_stage: int, module_names: list[str] | None = None) -> None:
+        c = self.config
+        if zero_stage == 3 and c.merge_adapters:
             raise ValueError("method.merge_adapters: not supported under ZeRO-3 (merging needs whole weights); "
                              "use zero2.json, or merge the adapters into a model folder first")
+        if zero_stage == 3 and c.use_dora:  # peft sizes DoRA's magnitude from W, partitioned to size 0 here
+            raise ValueError("method.use_dora: DoRA is not supported under ZeRO-3; use zero2.json (or plain LoRA)")
+        if module_names is not None and isinstance(c.target_modules, list):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names})
+            for entry in c.target_modules:  # peft's rule: the whole name, or its last dotted parts
+                if not any(n == entry or n.endswith("." + entry) for n in module_names):
+                    raise ValueError(f"method.target_modules: {entry!r} matches no module of the model; modules that "
+                                     f"can take an adapter are {', '.join(leaves)}")
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         from peft import LoraConfig, PeftModel, TaskType, get_peft_model

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from distrib_ft.config import ConfigError, load_config, parse_overrides
+from distrib_ft.config import ConfigError, config_from_dict, load_config, parse_overrides
 
 BASE = {
     "model": {"name_or_path": "some/model"},
@@ -122,3 +122,28 @@ def test_a_repeated_key_is_an_error_naming_it_and_both_lines(tmp_path):
                    "monitor:\n  suites:\n    - {name: a, files: [x], name: b}\n")
     with pytest.raises(ConfigError, match=r"line 6: duplicate key 'name' in monitor.suites\[0\]"):
         load_config(job)
+
+
+def test_a_target_module_that_matches_nothing_is_refused_before_training(tmp_path, tiny_model_dir):
+    """shared case target-modules-typo: [q_proj, v_prj] trained q_proj only, exit 0."""
+    from distrib_ft.job import resolve
+    from tests.jobs import job_dict
+
+    raw = job_dict(tmp_path, tiny_model_dir)
+    raw["method"]["target_modules"] = ["q_proj", "v_prj"]
+    with pytest.raises(ConfigError, match=r"<config>: method.target_modules: 'v_prj' matches no module of the model; "
+                                          r"modules that can take an adapter are down_proj, embed_tokens, .*, v_proj$"):
+        resolve(config_from_dict(raw))
+    raw["method"]["target_modules"] = ["q_proj", "v_proj"]
+    assert resolve(config_from_dict(raw)).config.method.target_modules == ["q_proj", "v_proj"]
+
+
+def test_dora_under_zero3_is_refused_at_start_up(tmp_path, tiny_model_dir):
+    """shared case dora-zero3-crash: a tensor-size error deep in peft, exit 1."""
+    from distrib_ft.job import resolve
+    from tests.jobs import job_dict
+
+    raw = job_dict(tmp_path, tiny_model_dir, zero=3)
+    raw["method"]["use_dora"] = True
+    with pytest.raises(ConfigError, match=r"method.use_dora: DoRA is not supported under ZeRO-3; use zero2.json"):
+        resolve(config_from_dict(raw))
