@@ -46,7 +46,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
-from harness import ROOT, median as med  # noqa: E402
+from harness import ROOT  # noqa: E402
+from harness import median as med  # noqa: E402
 from throughput import TARGETS, write_alpaca  # noqa: E402  (same model settings and data)
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "ewc_cost.json"
@@ -68,17 +69,18 @@ def worker_fisher(spec: dict) -> dict:
     from datasets import load_from_disk
 
     from distrib_ft.data.formats import collate
-    from distrib_ft.preservation.fisher import compute_fisher
     from distrib_ft.methods import METHODS, build_method
     from distrib_ft.model import load_model, load_tokenizer
     from distrib_ft.preservation.ewc import EWC, EWCConfig, lora_layers
+    from distrib_ft.preservation.fisher import compute_fisher
     from distrib_ft.runtime.loss import token_nll_sum
     from distrib_ft.runtime.worker import set_seed
 
     set_seed(0)
     tok = load_tokenizer(spec["model_dir"])
     section = {"type": spec["method"], **(LORA if spec["method"] == "lora" else {})}
-    model = build_method(METHODS[spec["method"]].config_class(**section)).apply(load_model(spec["model_dir"], dtype="float32"))
+    method = build_method(METHODS[spec["method"]].config_class(**section))
+    model = method.apply(load_model(spec["model_dir"], dtype="float32"))
     ds = load_from_disk(spec["data_dir"])
     examples = [ds[i] for i in range(spec["sequences"])]
     pad = tok.pad_token_id
@@ -206,8 +208,9 @@ def worker_train(spec: dict) -> dict:
 
 
 def worker_attribution(spec: dict) -> dict:
-    """Where the extra time of a Fisher pass and of the penalty goes, per part, on this model's sizes
-    (median of 5 timings each; tensors of the model's shapes filled with random numbers):
+    """Where the extra time of a Fisher pass and of the penalty goes, per part, on this model's sizes.
+
+    Median of 5 timings each; tensors of the model's shapes filled with random numbers:
 
     - ``sample_labels``: ``distrib_ft.preservation.fisher._sample_labels`` on one micro-batch's logits (8 x T x vocab,
       T = the longest of the first 8 sequences): softmax and one multinomial draw at *every* position;
@@ -220,9 +223,9 @@ def worker_attribution(spec: dict) -> dict:
     import torch
     from datasets import load_from_disk
 
-    from distrib_ft.preservation.fisher import _sample_labels
     from distrib_ft.model import load_model
-    from distrib_ft.preservation.ewc import EWC
+    from distrib_ft.preservation.ewc import EWC, EWCConfig
+    from distrib_ft.preservation.fisher import _sample_labels
 
     torch.manual_seed(0)
     model = load_model(spec["model_dir"], dtype="float32")
@@ -315,7 +318,8 @@ def prepare(work: Path, model: str, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per configuration, interleaved (3)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each process (1)")
     p.add_argument("--models", nargs="+", default=["tiny"], choices=["tiny", "smollm2"], help="models for (a)")
@@ -407,17 +411,18 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 n = rs[0]["sequences"]
                 tr = med([r["times"]["train"]["wall_s"] for r in rs])
-                full_step = med([r["times"]["train"]["wall_s"] + r["times"]["adamw_step"]["wall_s"] * steps_of(n) for r in rs])
-                rows = [("train_b1", None, None)] + [("fisher", t, e) for t in
-                                                     (["trainable", "lora_merged"] if method == "lora" else ["trainable"])
-                                                     for e in ESTIMATORS]
+                full_step = med([r["times"]["train"]["wall_s"] + r["times"]["adamw_step"]["wall_s"] * steps_of(n)
+                                 for r in rs])
+                targets = ["trainable", "lora_merged"] if method == "lora" else ["trainable"]
+                rows = [("train_b1", None, None)] + [("fisher", t, e) for t in targets for e in ESTIMATORS]
                 for kind, t, e in rows:
                     key = "train_b1" if kind == "train_b1" else f"fisher/{t}/{e}"
                     fs = med([r["times"][key]["wall_s"] for r in rs])
                     ratios = [r["times"][key]["wall_s"] / r["times"]["train"]["wall_s"] for r in rs]
                     ratios_cpu = [r["times"][key]["cpu_s"] / r["times"]["train"]["cpu_s"] for r in rs]
-                    ratio_step = [r["times"][key]["wall_s"] / (r["times"]["train"]["wall_s"] +
-                                                                r["times"]["adamw_step"]["wall_s"] * steps_of(n)) for r in rs]
+                    ratio_step = [r["times"][key]["wall_s"]
+                                  / (r["times"]["train"]["wall_s"] + r["times"]["adamw_step"]["wall_s"] * steps_of(n))
+                                  for r in rs]
                     passes = n if e in ("empirical", None) else steps_of(n)
                     summary["fisher"][f"{m}/{method}/{key.removeprefix('fisher/')}"] = {
                         "seconds": fs, "train_fwd_bwd_s": tr, "train_step_s": full_step,
@@ -456,10 +461,12 @@ def main(argv: list[str] | None = None) -> int:
             rs = [r for r in train_runs if r["config"] == c]
             if not rs:
                 continue
-            w, cpu = med([r["median_tokens_per_second"] for r in rs]), med([r["median_tokens_per_cpu_second"] for r in rs])
+            w = med([r["median_tokens_per_second"] for r in rs])
+            cpu = med([r["median_tokens_per_cpu_second"] for r in rs])
             base, base_cpu = base or w, base_cpu or cpu
             per_run = [r["median_tokens_per_second"] for r in rs]
-            summary["train_penalty"][c] = {"median_tokens_per_second": w, "per_run": [r["median_tokens_per_second"] for r in rs],
+            summary["train_penalty"][c] = {"median_tokens_per_second": w,
+                                           "per_run": [r["median_tokens_per_second"] for r in rs],
                                            "median_tokens_per_cpu_second": cpu, "ratio_vs_no_ewc": w / base,
                                            "ratio_vs_no_ewc_cpu": cpu / base_cpu}
             lines.append(f"| {c} | {w:,.0f} | {' / '.join(f'{x:,.0f}' for x in per_run)} | "
@@ -484,15 +491,16 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {c.removeprefix('alt-')} | {med(ratios):.3f} | {' / '.join(f'{x:.3f}' for x in ratios)} | "
                          f"{med(ratios_cpu):.3f} |")
     if attribution:
-        lines += ["", "### Where the extra time goes (seconds, one micro-batch of 8 / one pass over every parameter)", "",
+        lines += ["",
+                  "### Where the extra time goes (seconds, one micro-batch of 8 / one pass over every parameter)", "",
                   "| model | sample labels at every position | at target positions only | accumulate "
                   "`add_(g.pow(2))` | `addcmul_(g, g)` | penalty fwd+bwd (autograd, full FT) | its gradient added "
                   "directly |", "|---|---|---|---|---|---|---|"]
         for m, a in attribution.items():
             lines.append(f"| {m} (vocab {a['vocab']:,}; {a['positions']:,} positions, {a['targets']:,} targets; "
-                         f"{a['parameters']:,} parameters) | {a['sample_labels']:.3f} | {a['sample_targets_only']:.3f} | "
-                         f"{a['accumulate_pow_add']:.3f} | {a['accumulate_addcmul']:.3f} | {a['penalty_autograd']:.3f} | "
-                         f"{a['penalty_direct']:.3f} |")
+                         f"{a['parameters']:,} parameters) | {a['sample_labels']:.3f} | "
+                         f"{a['sample_targets_only']:.3f} | {a['accumulate_pow_add']:.3f} | "
+                         f"{a['accumulate_addcmul']:.3f} | {a['penalty_autograd']:.3f} | {a['penalty_direct']:.3f} |")
         summary["attribution"] = attribution
     table = "\n".join(lines)
     print(table)

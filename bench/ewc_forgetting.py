@@ -63,8 +63,10 @@ NEW = dict(steps=600, lr=1e-3, batch=16, scheduler="constant")
 # --------------------------------------------------------------------------------------------- data
 
 def alphabet(tok) -> str:
-    """Lowercase letters no two of which the tokenizer merges (so each letter is one token, in any order),
-    and whose uppercase forms are not merged either."""
+    """Lowercase letters no two of which the tokenizer merges, and whose uppercase forms are not merged either.
+
+    So each letter is one token, in any order.
+    """
     letters: list[str] = []
     for c in string.ascii_lowercase:
         cand = letters + [c]
@@ -156,8 +158,10 @@ def greedy_decode(model, prompt_ids: list[int], eos_id: int, max_new: int = 12) 
 
 
 def greedy_check(model, tok, eval_sets: dict, n: int) -> dict:
-    """Real greedy decoding of the first ``n`` prompts of each skill: EM, agreement with the teacher-forced
-    EM, and a few decoded answers."""
+    """Real greedy decoding of the first ``n`` prompts of each skill.
+
+    Per skill: EM, agreement with the teacher-forced EM, and a few decoded answers.
+    """
     import torch
 
     out = {}
@@ -177,8 +181,8 @@ def greedy_check(model, tok, eval_sets: dict, n: int) -> dict:
                 em += hit
                 agree += hit == tf
                 if len(shown) < 3:
-                    shown.append({"prompt": tok.decode(e["input_ids"][:first]).split("user\n")[-1].split("<|im_end|>")[0],
-                                  "reference": tok.decode(ref), "greedy": tok.decode(gen)})
+                    prompt = tok.decode(e["input_ids"][:first]).split("user\n")[-1].split("<|im_end|>")[0]
+                    shown.append({"prompt": prompt, "reference": tok.decode(ref), "greedy": tok.decode(gen)})
             out[name] = {"em": em / n, "agrees_with_teacher_forced": agree / n, "examples": shown}
     return out
 
@@ -230,8 +234,10 @@ def run_job(job: dict, files: dict, eval_sets: dict) -> dict:
 
 
 def evaluate_and_clean(out: Path, eval_sets: dict, greedy_sample: int, keep: bool = False) -> dict:
-    """Evaluate a run's saved ``final/`` model (:func:`evaluate_model`), then, unless ``keep``, delete its
-    checkpoints and weights (a sweep would fill the disk)."""
+    """Evaluate a run's saved ``final/`` model (:func:`evaluate_model`), then delete its checkpoints and weights.
+
+    The deletion (a sweep would fill the disk) is skipped with ``keep``.
+    """
     res = evaluate_model(str(out / "final"), eval_sets, greedy_sample=greedy_sample)
     if not keep:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -245,8 +251,10 @@ def _done(r: dict) -> str:
 
 
 def worker_main(spec_path: str, run=run_job, done=_done) -> None:
-    """A worker of :func:`run_workers`: its jobs one after the other, ``run(job, files, eval_sets)`` each; the
-    results so far are written after every job, and ``done {name}`` + ``done(result)`` printed to the log."""
+    """A worker of :func:`run_workers`: its jobs one after the other, ``run(job, files, eval_sets)`` each.
+
+    The results so far are written after every job, and ``done {name}`` + ``done(result)`` printed to the log.
+    """
     spec = harness.read_spec(spec_path)
     eval_sets = load_eval_sets(spec["eval_model_dir"], spec["files"])
     results = []
@@ -283,7 +291,8 @@ def build_table(record: dict) -> dict:
         label = e if e != "plain" else ("none (plain FT)" if steps == new_steps else f"none, stopped at step {steps}")
         rows.append(f"| {label} | {fmt_lam(lam)} | {lt} | {agg['old_nll']:.3f} | {agg['old_nll_ratio']:.0f} | "
                     f"{harness.with_spread(agg['old_em'], [r['old']['em'] for r in rs], '.2f')} | "
-                    f"{agg['new_nll']:.3f} | {harness.with_spread(agg['new_em'], [r['new']['em'] for r in rs], '.2f')} |")
+                    f"{agg['new_nll']:.3f} | "
+                    f"{harness.with_spread(agg['new_em'], [r['new']['em'] for r in rs], '.2f')} |")
     head = (f"| EWC estimator | lambda | lambda x trace(F) | old NLL | old NLL / base | old EM | new NLL | new EM |\n"
             f"|---|---|---|---|---|---|---|---|\n"
             f"| (base, before step 2) | - | - | {b_old['nll']:.3f} | 1 | {b_old['em']:.2f} | "
@@ -297,8 +306,10 @@ def build_table(record: dict) -> dict:
 
 def run_workers(job_lists: list[list[dict]], files: dict, eval_model_dir: str, work: Path, tag: str,
                 script: str = __file__) -> list[dict]:
-    """Run each list of jobs in a worker process (``script --worker SPEC``, by default this file's worker),
-    all at once with one OMP thread each; returns the results of all jobs, list after list."""
+    """Run each list of jobs in a worker process (``script --worker SPEC``, by default this file's worker).
+
+    All at once with one OMP thread each; returns the results of all jobs, list after list.
+    """
     specs = [(work / f"{tag}-worker{i}", {"jobs": jobs, "files": files, "eval_model_dir": eval_model_dir})
              for i, jobs in enumerate(job_lists) if jobs]
     return [r for results in harness.run_parallel(script, specs, threads=1) for r in results]
@@ -317,11 +328,15 @@ def train_base(work: Path, files: dict, init_dir: str, steps: int, lr: float, lo
 
 
 def fmt_lam(x) -> str:
-    return "0" if not x else f"1e{round(math.log10(x)):d}" if abs(math.log10(x) - round(math.log10(x))) < 1e-9 else f"{x:g}"
+    if not x:
+        return "0"
+    exponent = math.log10(x)
+    return f"1e{round(exponent):d}" if abs(exponent - round(exponent)) < 1e-9 else f"{x:g}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training.seed of the step-2 runs (0)")
     p.add_argument("--lambdas", type=float, nargs="+", default=DEFAULT_LAMBDAS, help="lambda grid (0 is always run)")
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
@@ -369,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                            "train_records": args.train_records, "eval_records": args.eval_records,
                            "fisher_max_sequences": args.fisher_max_sequences, "alphabet": files["alphabet"],
                            "method": "full fine-tuning, DeepSpeed ZeRO-0, fp32, AdamW (no weight decay)",
-                           "seeds": args.seeds, "lambdas": args.lambdas, "plain_steps": args.plain_steps, "estimators": args.estimators},
+                           "seeds": args.seeds, "lambdas": args.lambdas, "plain_steps": args.plain_steps,
+                           "estimators": args.estimators},
               "versions": harness.versions(), "base": base}
     if args.base_only:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -383,11 +399,14 @@ def main(argv: list[str] | None = None) -> int:
                 [(e, lam, args.new_steps) for e in args.estimators for lam in args.lambdas])
         for e, lam, steps in grid:
             name = f"s{seed}-{e or 'plain'}-{fmt_lam(lam)}" + ("" if steps == args.new_steps else f"-{steps}steps")
-            jobs.append({"name": name, "model_dir": base_dir, "train_file": files["new_train"], "eval_file": files["old_eval"],
+            jobs.append({"name": name, "model_dir": base_dir, "train_file": files["new_train"],
+                         "eval_file": files["old_eval"],
                          "out": str(work / "runs" / name), "steps": steps, "lr": args.new_lr,
                          "batch": NEW["batch"], "scheduler": NEW["scheduler"], "seed": seed,
-                         "estimator": e, "lambda": lam if e else None, "fisher_max_sequences": args.fisher_max_sequences,
-                         "eval_steps": max(args.new_steps // 6, 1), "greedy_sample": 20 if lam in (0.0, max(args.lambdas)) else 0})
+                         "estimator": e, "lambda": lam if e else None,
+                         "fisher_max_sequences": args.fisher_max_sequences,
+                         "eval_steps": max(args.new_steps // 6, 1),
+                         "greedy_sample": 20 if lam in (0.0, max(args.lambdas)) else 0})
     log(f"step 2: {len(jobs)} runs in {args.workers} processes")
     runs = run_workers([jobs[i::args.workers] for i in range(args.workers)], files, base_dir, work, "sweep")
     log("step 2 done")

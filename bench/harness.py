@@ -27,9 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Sequence
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "deepspeed", "transformers", "peft", "accelerate", "datasets")

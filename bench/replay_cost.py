@@ -4,9 +4,9 @@ Both arms train the same model with the same global batch on alpaca records that
 same length (``write_fixed``; the new data and the buffer are two samples of it), so no arm pads more
 than the other -- with ``throughput.write_alpaca``'s varied lengths the replay arm's batches happened to
 hold 3.7% more padded tokens, which alone exceeded the effect measured -- and any difference in time
-per sequence is the replay machinery: reading Parquet shards, JSON-decoding and tokenizing records on the fly in the prefetch
-thread, mixing, and the per-row loss split. The new data is tokenized once before training in both arms
-(as any job does); the replay arm tokenizes its old examples during training.
+per sequence is the replay machinery: reading Parquet shards, JSON-decoding and tokenizing records on the fly
+in the prefetch thread, mixing, and the per-row loss split. The new data is tokenized once before training in
+both arms (as any job does); the replay arm tokenizes its old examples during training.
 
 Each arm runs ``train()`` in a fresh process (world of one, ZeRO-2, fp32, LoRA r16), arms alternating,
 ``--pairs`` times. Per step: wall seconds (metrics.jsonl tokens / tokens_per_second) and CPU seconds of
@@ -42,8 +42,10 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "replay_cost.json"
 
 
 def write_fixed(path: Path, n: int, seed: int) -> Path:
-    """Alpaca records that all tokenize to the same length (136 tokens with SmolLM2's ChatML template:
-    single-letter words are single tokens), so that no arm pads more than the other."""
+    """Alpaca records that all tokenize to the same length, so that no arm pads more than the other.
+
+    136 tokens with SmolLM2's ChatML template: single-letter words are single tokens.
+    """
     import random
     import string
 
@@ -90,8 +92,11 @@ def summarize(result: dict, warmup: int) -> dict:
 
 
 def machinery_cost(buffer: str, model_dir: str, n: int = 1000, trials: int = 3) -> list[float]:
-    """CPU milliseconds per replayed example spent by the replay machinery alone (Parquet read, JSON decode,
-    tokenization with the model's tokenizer and template, the prefetch queue), measured in this process."""
+    """CPU milliseconds per replayed example spent by the replay machinery alone, measured in this process.
+
+    The machinery: Parquet read, JSON decode, tokenization with the model's tokenizer and template, the prefetch
+    queue.
+    """
     from distrib_ft.data import replay_buffer as rb
     from distrib_ft.data.formats import encode_record
     from distrib_ft.model import load_tokenizer
@@ -145,7 +150,8 @@ def main(argv=None) -> int:
     runs = {"plain": [], "replay": []}
     t0 = time.time()
     for i in range(args.pairs):
-        for arm, ratio in (("plain", 0.0), ("replay", args.ratio)) if i % 2 == 0 else (("replay", args.ratio), ("plain", 0.0)):
+        order = (("plain", 0.0), ("replay", args.ratio)) if i % 2 == 0 else (("replay", args.ratio), ("plain", 0.0))
+        for arm, ratio in order:
             res = run_arm({**spec, "ratio": ratio}, work, f"{arm}-{i}")
             runs[arm].append(summarize(res, args.warmup))
             print(f"pair {i} {arm}: {runs[arm][-1]}", flush=True)

@@ -63,8 +63,10 @@ DEFAULT_TAU = 2.5
 # ------------------------------------------------------------------------------------------- one run
 
 def run_job(job: dict, files: dict, eval_sets: dict) -> dict:
-    """One step-2 run: ewc_forgetting's job dict plus the replay / token_masking sections; evaluated
-    from final/ like ewc_forgetting."""
+    """One step-2 run: ewc_forgetting's job dict plus the replay / token_masking sections.
+
+    Evaluated from final/ like ewc_forgetting.
+    """
     from distrib_ft.runtime.metrics import read_metrics
 
     out = Path(job["out"])
@@ -107,8 +109,10 @@ def worker_main(spec_path: str) -> None:
 # ------------------------------------------------------------------------------- tau calibration
 
 def base_nll_distribution(base_dir: str, new_train: str) -> tuple[list[float], list[bool]]:
-    """The base model's NLL of every target token of the NEW training data (the pass STM makes), and
-    whether each is the answer's last target (``<|im_end|>``) rather than a letter."""
+    """The base model's NLL of every target token of the NEW training data (the pass STM makes).
+
+    Also whether each is the answer's last target (``<|im_end|>``) rather than a letter.
+    """
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
@@ -175,7 +179,8 @@ def build_tables(record: dict) -> dict:
     b_old, b_new = base["old"], base["new"]
     rows = ["| replay ratio | replay / new sequences (total) | old NLL | old EM | new NLL | new EM |",
             "|---|---|---|---|---|---|",
-            f"| (base, before step 2) | - | {b_old['nll']:.3f} | {b_old['em']:.2f} | {b_new['nll']:.3f} | {b_new['em']:.2f} |"]
+            f"| (base, before step 2) | - | {b_old['nll']:.3f} | {b_old['em']:.2f} | "
+            f"{b_new['nll']:.3f} | {b_new['em']:.2f} |"]
     for ratio in record["settings"]["ratios"]:
         rs = [r for r in runs if r["mask"] == "off" and r["ratio"] == ratio]
         if not rs:
@@ -199,8 +204,8 @@ def build_tables(record: dict) -> dict:
         a = summary[f"mask/{mode}/{tau:g}" if tau else "mask/off"] = agg(rs)
         label = {"off": "none (plain FT)", "stm": "stm", "random": "random (control)"}[mode]
         rows.append(f"| {label} | {'-' if tau is None else format(tau, 'g')} | "
-                    f"{a['masked_fraction']['median']:.1%} | {cell(a, 'old_nll', '.3f')} | {cell(a, 'old_em', '.2f')} | "
-                    f"{cell(a, 'new_nll', '.3f')} | {cell(a, 'new_em', '.2f')} |")
+                    f"{a['masked_fraction']['median']:.1%} | {cell(a, 'old_nll', '.3f')} | "
+                    f"{cell(a, 'old_em', '.2f')} | {cell(a, 'new_nll', '.3f')} | {cell(a, 'new_em', '.2f')} |")
     masking_table = "\n".join(rows)
     return {"summary": summary, "replay_table": replay_table, "masking_table": masking_table}
 
@@ -208,8 +213,10 @@ def build_tables(record: dict) -> dict:
 # ---------------------------------------------------------------------------------------- the driver
 
 def git_state() -> dict:
-    """The commit and whether the code the runs import (distrib_ft/, bench/ewc_forgetting.py, bench/harness.py)
-    differs from it."""
+    """The commit and whether the code the runs import differs from it.
+
+    The code: distrib_ft/, bench/ewc_forgetting.py, bench/harness.py.
+    """
     def git(*a: str) -> str:
         try:
             return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
@@ -221,12 +228,14 @@ def git_state() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training.seed of the step-2 runs (0 1 2)")
     p.add_argument("--ratios", type=float, nargs="+", default=DEFAULT_RATIOS, help="replay.ratio values (0 = plain FT)")
     p.add_argument("--tau", type=float, default=DEFAULT_TAU, help="data.token_masking.threshold (2.5)")
     p.add_argument("--target-fraction", type=float, default=0.225,
-                   help="also run the tau that masks this share of the new data's target tokens under the base model (0.225)")
+                   help="also run the tau that masks this share of the new data's target tokens under the base "
+                        "model (0.225)")
     p.add_argument("--no-calibrated-tau", action="store_true", help="run --tau only")
     p.add_argument("--base-steps", type=int, default=ef.BASE["steps"])
     p.add_argument("--base-lr", type=float, default=ef.BASE["lr"])
@@ -287,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         for group, ratio, mask, tau in grid:
             name = f"s{seed}-" + (f"replay{ratio:g}" if mask == "off" else f"{mask}-tau{tau:g}")
             jobs.append({**common, "name": name, "group": group, "seed": seed, "ratio": ratio, "mask": mask,
-                         "tau": tau, "out": str(work / "runs" / name), "greedy_sample": 20 if seed == args.seeds[0] else 0})
+                         "tau": tau, "out": str(work / "runs" / name),
+                         "greedy_sample": 20 if seed == args.seeds[0] else 0})
     log(f"step 2: {len(jobs)} runs in {args.workers} processes")
     runs = ef.run_workers([jobs[i::args.workers] for i in range(args.workers)], files, base_dir, work, "sweep",
                           script=__file__)  # this file's worker: it runs the replay / masking jobs
@@ -301,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                            "replay_buffer": {"records": manifest["records"], "shards": len(manifest["shards"]),
                                              "source": "old_train.jsonl (all records)", "shard_size": 256, "seed": 0},
                            "method": "full fine-tuning, DeepSpeed ZeRO-0, fp32, AdamW (no weight decay)",
-                           "eval_file_during_training": "old_eval (eval_curve = old-skill NLL at steps 0, 5, 10, 25, 50 and every 100)"},
-              "versions": harness.versions(), "git": {"start": git_start, "end": git_state()}, "base": base, "token_masking_calibration": calib,
+                           "eval_file_during_training": "old_eval (eval_curve = old-skill NLL at steps 0, 5, 10, 25, "
+                                                        "50 and every 100)"},
+              "versions": harness.versions(), "git": {"start": git_start, "end": git_state()}, "base": base,
+              "token_masking_calibration": calib,
               "total_s": time.time() - t_start, "loadavg_at_end": os.getloadavg(), "runs": runs}
     record.update(build_tables(record))
     print(record["replay_table"] + "\n\n" + record["masking_table"])

@@ -49,7 +49,8 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-from harness import ROOT, median as med  # noqa: E402
+from harness import ROOT  # noqa: E402
+from harness import median as med  # noqa: E402
 
 DATA = ROOT / "examples" / "data"
 DEFAULT_OUT = ROOT / "bench" / "results" / "stm_smollm2.json"
@@ -152,7 +153,8 @@ def run_all(seeds: list[int], steps: int, tau: float, parallel: int, work: Path,
                 shared.mkdir(parents=True, exist_ok=True)
                 for f in (Path(spec["out"]) / "token_masking").glob("base_nll-*.npz"):
                     shutil.copy(f, shared / f.name)
-            print(f"[{time.strftime('%H:%M:%S')}] done {tag} ({res['wall_s']:.0f}s): masked {res['masked_fraction']:.1%}, "
+            print(f"[{time.strftime('%H:%M:%S')}] done {tag} ({res['wall_s']:.0f}s): "
+                  f"masked {res['masked_fraction']:.1%}, "
                   f"general_qa {res['qa_start']:.4f} -> {res['qa_end']:.4f} ({res['qa_rel_change']:+.1%}), "
                   f"eval {res['eval_start']:.4f} -> {res['eval_end']:.4f}", flush=True)
     return results
@@ -173,8 +175,8 @@ def base_competence(npz: Path, tau: float) -> dict:
            "mean_nll": float(nll.mean()), "ppl_quantiles": {str(q): float(np.quantile(ppl, q)) for q in qs}}
     # which tokens are above tau: rebuild the training data (same tokenizer and rendering as train())
     try:
-        from distrib_ft.data.formats import build_dataset
         from distrib_ft.assets import smollm2_path
+        from distrib_ft.data.formats import build_dataset
         from distrib_ft.model import load_tokenizer
 
         tok = load_tokenizer(str(smollm2_path()), False)
@@ -226,7 +228,7 @@ def table(doc: dict) -> str:
         if not rs:
             continue
 
-        def cell(key, fmt):
+        def cell(key, fmt, rs=rs):
             vals = [r[key] for r in rs]
             return harness.with_spread(med(vals), vals, fmt)
 

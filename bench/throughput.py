@@ -79,7 +79,8 @@ def write_alpaca(path: Path, n: int, seed: int = 0) -> Path:
             elif kind == 1:
                 k = rng.randint(3, 6)
                 rows = [(v := rng.randint(1, 99), v * 1000) for _ in range(k)]
-                rec = {"instruction": "convert each distance from km to m", "input": ", ".join(f"{a} km" for a, _ in rows),
+                rec = {"instruction": "convert each distance from km to m",
+                       "input": ", ".join(f"{a} km" for a, _ in rows),
                        "output": "; ".join(f"{a} km = {m} m" for a, m in rows)}
             elif kind == 2:
                 words = [rng.choice(_WORDS) for _ in range(rng.randint(6, 14))]
@@ -237,7 +238,8 @@ def fmt_int(x: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration, interleaved (default 3)")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
     p.add_argument("--warmup", type=int, default=5, help="first steps of each run left out (default 5)")
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     p.add_argument("--records", type=int, default=400, help="alpaca records generated (default 400)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS, help="what to run")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"raw results JSON (default {DEFAULT_OUT.relative_to(ROOT)})")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help=f"raw results JSON (default {DEFAULT_OUT.relative_to(ROOT)})")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -262,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     log = harness.progress_log(t_start)
     prep = prepare(work, args)
-    print(f"model: Llama hidden={args.hidden} layers={args.layers} heads={args.heads} (intermediate {2 * args.hidden}); "
+    print(f"model: Llama hidden={args.hidden} layers={args.layers} heads={args.heads} "
+          f"(intermediate {2 * args.hidden}); "
           f"data: {prep['data_summary']}; lengths min/median/max {prep['length_min']}/{prep['length_median']}/"
           f"{prep['length_max']}", file=sys.stderr)
 
@@ -276,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                            median_tokens_per_second=summarize_run(res, args.warmup),
                            median_tokens_per_cpu_second=summarize_run(res, args.warmup, "tokens_per_cpu_second"))
                 if config == "hf":
-                    res["median_tokens_per_second_compute"] = summarize_run(res, args.warmup, "tokens_per_second_compute")
+                    res["median_tokens_per_second_compute"] = summarize_run(res, args.warmup,
+                                                                            "tokens_per_second_compute")
                 runs.append(res)
                 log(f"threads={threads} rep={rep} {config:10s} "
                     f"median {res['median_tokens_per_second']:6.0f} tok/s, {res['median_tokens_per_cpu_second']:6.0f} "
@@ -285,11 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     # Summary: median over runs of the per-run medians; ratio of medians.
     rows, summary = [], {}
     for threads in args.threads:
-        def med(config, key):
+        def med(config, key, threads=threads):
             vals = [r[key] for r in runs if r["config"] == config and r["threads"] == threads]
             return statistics.median(vals), vals
 
-        entries = {c: (med(c, "median_tokens_per_second"), med(c, "median_tokens_per_cpu_second")) for c in args.configs}
+        entries = {c: (med(c, "median_tokens_per_second"), med(c, "median_tokens_per_cpu_second"))
+                   for c in args.configs}
         if "hf" in args.configs:
             entries["hf-compute"] = (med("hf", "median_tokens_per_second_compute"), (None, None))
         hf_wall, hf_cpu = (entries["hf"][0][0], entries["hf"][1][0]) if "hf" in entries else (None, None)
@@ -307,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{opt(r_wall, '{:.2f}'.format)} | {opt(cpu, fmt_int)} | {opt(r_cpu, '{:.2f}'.format)} | "
                         f"{final:.4f} |")
     table = ("| OMP threads | configuration | tokens/s (median of run medians) | per-run medians | ours / HF | "
-             "tokens per CPU-second | ours / HF (CPU) | final loss |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+             "tokens per CPU-second | ours / HF (CPU) | final loss |\n|---|---|---|---|---|---|---|---|\n"
+             + "\n".join(rows))
     print(table)
 
     # Sanity: same task, same batches, same init -> losses in the same ballpark.
@@ -329,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                      "steps": args.steps, "warmup_steps_excluded": args.warmup, "repeats": args.repeats,
                      "model": {"hidden_size": args.hidden, "num_layers": args.layers, "num_heads": args.heads,
                                "intermediate_size": 2 * args.hidden},
-                     "data": {k: prep[k] for k in ("data_summary", "examples", "length_min", "length_median", "length_max")}},
+                     "data": {k: prep[k]
+                              for k in ("data_summary", "examples", "length_min", "length_median", "length_max")}},
         "versions": harness.versions(), "loadavg_at_end": os.getloadavg(), "total_s": time.time() - t_start,
         "summary": summary, "table_markdown": table,
         "runs": [{k: (round(v, 2) if isinstance(v, float) else

@@ -131,6 +131,14 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """CLI: prepare an asset (``smollm2``) and print its folder on stdout; logs go to stderr.
+
+    Args:
+        argv: command-line arguments; default ``sys.argv[1:]``.
+
+    Returns:
+        0 on success; exits with status 1 and a one-line error if the asset cannot be prepared.
+    """
     parser = argparse.ArgumentParser(prog="python -m distrib_ft.assets", description=__doc__.split("\n")[0])
     parser.add_argument("asset", choices=["smollm2"], help="which asset to prepare")
     parser.add_argument("--cache-dir", help="cache root (default $DISTRIB_FT_CACHE or ~/.cache/distrib-ft)")

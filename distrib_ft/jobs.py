@@ -23,8 +23,10 @@ from distrib_ft.runtime.worker import build_model_engine, start_worker
 
 
 def fisher(job, out: str) -> dict:
-    """``distrib-ft fisher``: the Fisher of the job's model and method on ``ewc.fisher_data_files``, written to
-    ``out`` (safetensors) with the anchors (target=trainable). Rank 0 writes. Returns the Fisher's info."""
+    """``distrib-ft fisher``: the Fisher of the job's model and method on ``ewc.fisher_data_files``.
+
+    Written to ``out`` (safetensors) with the anchors (target=trainable). Rank 0 writes. Returns the Fisher's info.
+    """
     job = start_worker(job)
     cfg = job.config
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
@@ -44,9 +46,10 @@ def fisher(job, out: str) -> dict:
 
 
 def evaluate(job, model_path: str | None, out: str) -> dict:
-    """``distrib-ft eval``: the job's retention suites and new-task eval set on the base model (step 0,
-    "before") and on ``model_path`` (step 1, "after": a final/ folder with a peft adapter or a full model),
-    with the job's budgets; writes report.json/md and plots to ``out``. Rank 0 writes.
+    """``distrib-ft eval``: the job's retention suites and new-task eval set, before and after, against its budgets.
+
+    Evaluated on the base model (step 0, "before") and on ``model_path`` (step 1, "after": a final/ folder with a
+    peft adapter or a full model), with the job's budgets; writes report.json/md and plots to ``out``. Rank 0 writes.
 
     The models are plain Hugging Face models on each rank (no DeepSpeed sharding), evaluated on each
     rank's share of every set with the sums all-reduced. Returns ``{"exit_code", "decision"}``.
@@ -57,7 +60,8 @@ def evaluate(job, model_path: str | None, out: str) -> dict:
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     suites = load_suites(mc.suites, tokenizer, max_seq_length=d.max_seq_length, prompt_template=d.prompt_template)
     eval_ds = (dist.main_first(lambda: build_dataset(d.eval_files, fmt=d.format, tokenizer=tokenizer,
-                                                     max_seq_length=d.max_seq_length, prompt_template=d.prompt_template))[0]
+                                                     max_seq_length=d.max_seq_length,
+                                                     prompt_template=d.prompt_template))[0]
                if d.eval_files else None)
     if not suites and eval_ds is None:
         raise ValueError("monitor.suites: nothing to evaluate; list retention suites or data.eval_files")

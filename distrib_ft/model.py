@@ -77,8 +77,10 @@ def load_model(name_or_path: str, *, dtype: str = "float32", attn_implementation
 
 
 def adaptable_modules(name_or_path: str, trust_remote_code: bool = False) -> list[str] | None:
-    """Names of the model's Linear and Embedding modules (what an adapter can target), from its config alone
-    (built on the meta device: no weights are read). None when the config cannot be read here."""
+    """Names of the model's Linear and Embedding modules (what an adapter can target), from its config alone.
+
+    The model is built on the meta device: no weights are read. None when the config cannot be read here.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:

@@ -22,8 +22,10 @@ DataFormat = Literal["alpaca", "chat", "text", "tokenized"]
 
 @dataclass(frozen=True)
 class PathKind:
-    """Marks a config field as a path: ``input`` (must exist), ``output`` (relative to the working directory;
-    may not exist yet) or ``store`` (a folder that may exist already, e.g. a replay buffer, or a URL).
+    """Marks a config field as a path: ``input``, ``output`` or ``store``.
+
+    ``input`` (must exist), ``output`` (relative to the working directory; may not exist yet) or ``store`` (a
+    folder that may exist already, e.g. a replay buffer, or a URL).
     """
 
     kind: Literal["input", "output", "store"]

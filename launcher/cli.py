@@ -107,6 +107,17 @@ def _run(job, args, name: str, **kwargs) -> None:
 
 
 def cmd_train(args) -> int:
+    """``distrib-ft train``: run the job, then print its results table and decision (once under torchrun).
+
+    Args:
+        args: the parsed ``train`` arguments (job, overrides, ``--resume``, ``--address``, ``--launcher``).
+
+    Returns:
+        The run's exit code from output_dir/summary.json; ``EXIT_OK`` when the run wrote none.
+
+    Raises:
+        UsageError: output_dir already holds a finished run (final/ or rejected/) and ``--resume`` is not given.
+    """
     job = _job(args)
     cfg = job.config
     out = Path(cfg.training.output_dir)
@@ -138,7 +149,10 @@ def _summary_text(s: dict, cfg, out: Path) -> str:
         if r["new_task"]:
             lines.append(f"{'new task (eval loss)':24} {'nll':16} {r['new_task']['baseline']:10.4f} "
                          f"{r['new_task']['baseline'] - r['new_task']['gain']:10.4f}")
-        lines.append(f"Decision: {r['decision']} (step {r['chosen_step']}); report: {out / 'report.md'}, plots: {out / 'plots'}/")
+        if r["decision"] == "rejected":
+            lines.append("No update stayed within the budget.")
+        lines.append(f"Decision: {r['decision']} (step {r['chosen_step']}); report: {out / 'report.md'}, "
+                     f"plots: {out / 'plots'}/")
     kind = s.get("artifact", "model")
     where = "final/" if s["exit_code"] == EXIT_OK else "rejected/ (out of the forgetting budget)"
     lines.append(f"Done: {s['steps']} steps on {s['world_size']} worker(s). Results in {out} "
@@ -147,6 +161,17 @@ def _summary_text(s: dict, cfg, out: Path) -> str:
 
 
 def cmd_fisher(args) -> int:
+    """``distrib-ft fisher``: compute the Fisher of the job's model on ``ewc.fisher_data_files`` into ``--out``.
+
+    Args:
+        args: the parsed ``fisher`` arguments (job, overrides, ``--out``, ``--address``, ``--launcher``).
+
+    Returns:
+        ``EXIT_OK``.
+
+    Raises:
+        UsageError: the job lists no ``ewc.fisher_data_files``.
+    """
     job = _job(args)
     if not job.config.ewc.fisher_data_files:
         raise UsageError(f"{job.config.source}: ewc.fisher_data_files: list the data to compute the Fisher on")
@@ -157,6 +182,20 @@ def cmd_fisher(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """``distrib-ft eval``: evaluate a model against the job's base model and budgets; print the decision.
+
+    The model is ``--model``, else the job's final/ when it exists, else none (the base model only). The report
+    goes to ``--out``, default OUTPUT_DIR/eval.
+
+    Args:
+        args: the parsed ``eval`` arguments (job, overrides, ``--model``, ``--out``, ``--address``, ``--launcher``).
+
+    Returns:
+        The report's exit code.
+
+    Raises:
+        UsageError: ``--model`` holds neither a peft adapter nor a Hugging Face model.
+    """
     job = _job(args)
     out_dir = Path(job.config.training.output_dir)
     model = args.model or (str(out_dir / "final") if (out_dir / "final").exists() else None)
@@ -197,6 +236,19 @@ def _manifest_text(buffer: str, m: dict) -> str:
 
 
 def cmd_replay(args) -> int:
+    """``distrib-ft replay build|update|show``: make, extend or describe a replay buffer; print its manifest.
+
+    Local paths are made absolute; fsspec URLs (``scheme://...``) are used as they are.
+
+    Args:
+        args: the parsed ``replay`` arguments (``action`` and its options).
+
+    Returns:
+        ``EXIT_OK``.
+
+    Raises:
+        UsageError: a ``--quota`` / ``--weight`` that is not NAME=VALUE.
+    """
     from distrib_ft.data import replay_buffer as rb
 
     def url(p: str) -> str:
@@ -218,6 +270,17 @@ def cmd_replay(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``distrib-ft`` entry point: parse the arguments, run the command, map errors to exit codes.
+
+    ``section.key=value`` overrides may also come after the options.
+
+    Args:
+        argv: command-line arguments; default ``sys.argv[1:]``.
+
+    Returns:
+        The exit code (see the module docstring): the command's, 2 for an input error, 1 when the job failed,
+        130 when interrupted.
+    """
     from distrib_ft.config import ConfigError
     from distrib_ft.data.formats import DataError
     from distrib_ft.runtime.engine import DeepSpeedConfigError

@@ -31,6 +31,7 @@ import torch
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+    """Whole global batches in one epoch of ``num_examples`` (the remainder of the epoch is not used)."""
     return num_examples // global_batch
 
 
@@ -75,8 +76,10 @@ def total_steps(max_steps: int, num_train_epochs: float, num_examples: int | Non
 
 
 def new_data_indices(start: int, count: int, num_examples: int, global_batch: int, seed: int) -> list[int]:
-    """Positions ``start .. start+count-1`` of the new-data order (epoch permutations, each cut to a
-    whole number of global batches), as example indices."""
+    """Positions ``start .. start+count-1`` of the new-data order, as example indices.
+
+    The order is a sequence of epoch permutations, each cut to a whole number of global batches.
+    """
     usable = steps_per_epoch(num_examples, global_batch) * global_batch
     out, pos = [], start
     while len(out) < count:
@@ -107,8 +110,10 @@ def deal(indices: list[int], room: list[int]) -> list[list[int]]:
 
 def map_style_steps(dataset, *, start_step: int, per_rank: int, rank: int, world: int, seed: int,
                     replay_ratio: float = 0.0) -> Iterator[list[dict]]:
-    """Yield, for each step from ``start_step``, this rank's new examples (``per_rank`` minus its replay
-    slots of that step)."""
+    """Yield, for each step from ``start_step``, this rank's new examples.
+
+    Each step's list holds ``per_rank`` minus this rank's replay slots of that step.
+    """
     n, gb = len(dataset), per_rank * world
     step = start_step
     while True:

@@ -37,8 +37,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from datasets import (DatasetDict, Features, IterableDataset, Sequence, Value, concatenate_datasets, load_dataset,
-                      load_from_disk)
+from datasets import (
+    DatasetDict,
+    Features,
+    IterableDataset,
+    Sequence,
+    Value,
+    concatenate_datasets,
+    load_dataset,
+    load_from_disk,
+)
 
 IGNORE_INDEX = -100
 FORMATS = ("alpaca", "chat", "text", "tokenized")
@@ -57,14 +65,19 @@ _FEATURES = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(
 
 
 class DataError(ValueError):
-    """A data problem in one line: the file, ``line N`` (JSON lines, 1-based) or ``record N (0-based)``
-    (Parquet, saved datasets), the field, what is wrong and what to do."""
+    """A data problem in one line: the file, the record, the field, what is wrong and what to do.
+
+    The record is ``line N`` (JSON lines, 1-based) or ``record N (0-based)`` (Parquet, saved datasets).
+    """
 
 
 @dataclass
 class DataStats:
-    """What preparing the data did. When streaming, the counts grow as the dataset is iterated (in the
-    iterating process) and restart with each pass."""
+    """What preparing the data did.
+
+    When streaming, the counts grow as the dataset is iterated (in the iterating process) and restart with each
+    pass.
+    """
 
     records: int = 0  # records read
     examples: int = 0  # examples produced (with packing: blocks)

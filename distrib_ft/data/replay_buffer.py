@@ -31,7 +31,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from queue import Full, Queue
 
@@ -83,8 +83,10 @@ def infer_format(record: dict) -> str | None:
 
 
 def iter_records(url: str) -> Iterator[tuple[str, dict]]:
-    """``(where, record)`` for each record of a JSONL / Parquet file (local or fsspec URL) or a saved
-    ``datasets`` folder; ``where`` is ``file: line N`` or ``file: record N (0-based)`` for errors."""
+    """``(where, record)`` for each record of a JSONL / Parquet file or a saved ``datasets`` folder.
+
+    The file may be local or an fsspec URL; ``where`` is ``file: line N`` or ``file: record N (0-based)`` for errors.
+    """
     fs, path = _fs(url)
     if not fs.exists(path):
         raise DataError(f"{url}: file not found")
@@ -115,7 +117,8 @@ def iter_records(url: str) -> Iterator[tuple[str, dict]]:
         for i, rec in enumerate(table.to_pylist()):
             yield f"{url}: record {i} (0-based)", rec
     else:
-        raise DataError(f"{url}: unsupported file type: use .jsonl, .json (JSON lines), .parquet or a save_to_disk folder")
+        raise DataError(f"{url}: unsupported file type: use .jsonl, .json (JSON lines), .parquet or a "
+                        "save_to_disk folder")
 
 
 def file_sha256(url: str) -> str:
@@ -135,8 +138,10 @@ def file_sha256(url: str) -> str:
 
 def allocate(populations: dict[str, int], budget: int | None, quotas: dict[str, int] | None = None,
              weights: dict[str, float] | None = None) -> dict[str, int]:
-    """Records to keep per source: quotas first, the rest of the budget by weight (default: population),
-    largest remainders, never more than a source holds. No budget and no quota: everything."""
+    """Records to keep per source: quotas first, the rest of the budget by weight (default: population).
+
+    The split uses largest remainders, never more than a source holds. No budget and no quota: everything.
+    """
     quotas, weights = dict(quotas or {}), dict(weights or {})
     for name in [*quotas, *weights]:
         if name not in populations:
@@ -227,6 +232,7 @@ def read_manifest(buffer: str, version: int | None = None) -> dict:
 
 
 def list_versions(buffer: str) -> list[int]:
+    """The buffer's version numbers (``vNNNN`` folders that hold a manifest), ascending; empty if none."""
     fs, root = _fs(buffer)
     return sorted(int(PurePosixPath(p).parent.name[1:]) for p in fs.glob(_join(root, "v*", MANIFEST)))
 
@@ -248,7 +254,7 @@ def _write_version(buffer: str, rows: list[dict], sources: list[dict], *, policy
         _write_atomic(fs, _join(root, name), data)
         shards.append({"path": name, "records": len(part), "sha256": hashlib.sha256(data).hexdigest()})
     manifest = {"format_version": FORMAT_VERSION, "version": version, "parent": parent,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "policy": policy,
+                "created": datetime.now(UTC).isoformat(timespec="seconds"), "policy": policy,
                 "budget": budget, "seed": seed, "shard_size": shard_size, "records": len(rows), "sources": sources,
                 "shards": shards}
     text = (json.dumps(manifest, indent=2) + "\n").encode()
@@ -284,9 +290,11 @@ def _new_sources(files: list[str], fmt: str | None, policy: str, budget: int | N
 def build(out: str, files: list[str], *, fmt: str | None = None, budget: int | None = None,
           policy: str = "uniform", quotas: dict[str, int] | None = None, weights: dict[str, float] | None = None,
           seed: int = 0, shard_size: int = 1024, extra_rows: dict[str, list[dict]] | None = None) -> dict:
-    """Create a buffer (version 1) at ``out`` from old data files; or, when ``out`` already holds a
-    buffer, refuse (use :func:`update`). ``extra_rows``: in-memory sources ``{name: [record, ...]}``
-    (e.g. generated examples), sampled like files. Returns the manifest."""
+    """Create a buffer (version 1) at ``out`` from old data files.
+
+    When ``out`` already holds a buffer, refuse (use :func:`update`). ``extra_rows``: in-memory sources
+    ``{name: [record, ...]}`` (e.g. generated examples), sampled like files. Returns the manifest.
+    """
     if list_versions(out):
         raise DataError(f"{out}: already holds a replay buffer; use `distrib-ft replay update {out} FILE...` "
                         "to add a version")
@@ -298,8 +306,10 @@ def update(buffer: str, files: list[str], *, fmt: str | None = None, budget: int
            policy: str = "uniform", quotas: dict[str, int] | None = None, weights: dict[str, float] | None = None,
            seed: int = 0, shard_size: int | None = None, extra_rows: dict[str, list[dict]] | None = None,
            create: bool = False) -> dict:
-    """Write a new version: the newest version's records plus samples of ``files`` (and ``extra_rows``),
-    within ``budget`` (default: the previous budget plus the new sources' share). Returns its manifest."""
+    """Write a new version: the newest version's records plus samples of ``files`` (and ``extra_rows``).
+
+    Within ``budget`` (default: the previous budget plus the new sources' share). Returns its manifest.
+    """
     if policy not in ("uniform", "reservoir"):
         raise DataError(f"policy {policy!r}: use uniform or reservoir")
     if budget is not None and budget < 1:
@@ -355,12 +365,15 @@ def shards_of(buffer: str, manifest: dict) -> list[dict]:
     """The manifest's shards with their full URLs."""
     _, root = _fs(buffer)
     proto = buffer.split("://")[0] + "://" if "://" in buffer else ""
-    return [dict(s, url=proto + _join(root, s["path"]) if proto else _join(root, s["path"])) for s in manifest["shards"]]
+    return [dict(s, url=proto + _join(root, s["path"]) if proto else _join(root, s["path"]))
+            for s in manifest["shards"]]
 
 
 def read_shard(shard: dict, rows: list[int] | None = None) -> pa.Table:
-    """One shard's table (optionally only ``rows``), checked against the manifest: a missing, unreadable
-    or wrong-sized shard is an error naming it, never a silent skip."""
+    """One shard's table (optionally only ``rows``), checked against the manifest.
+
+    A missing, unreadable or wrong-sized shard is an error naming it, never a silent skip.
+    """
     table = _open_shard(shard, lambda f: pq.read_table(f))
     if table.schema.names[:4] != _SCHEMA.names:
         raise DataError(f"{shard['url']}: replay shard has columns {table.schema.names}, expected "
@@ -369,8 +382,10 @@ def read_shard(shard: dict, rows: list[int] | None = None) -> pa.Table:
 
 
 def check_shard(shard: dict) -> None:
-    """Raise DataError naming the shard when it is missing, not Parquet, or not the manifest's size (reads
-    the Parquet footer only)."""
+    """Raise DataError naming the shard when it is missing, not Parquet, or not the manifest's size.
+
+    Reads the Parquet footer only.
+    """
     _open_shard(shard, lambda f: pq.ParquetFile(f).metadata)
 
 
@@ -395,10 +410,12 @@ def _open_shard(shard: dict, read):
 
 
 def assign_shards(shards: list[dict], rank: int, world: int) -> list[tuple[dict, int, int]]:
-    """This rank's part of the buffer as ``(shard, part, parts)``: rows ``j`` of the shard with
-    ``j % parts == part``. With at least as many shards as ranks, rank ``r`` reads whole shards
+    """This rank's part of the buffer as ``(shard, part, parts)``: rows ``j`` of the shard with ``j % parts == part``.
+
+    With at least as many shards as ranks, rank ``r`` reads whole shards
     ``r, r + world, ...``; with more ranks than shards, the ranks of shard ``i`` (``r % S == i``) split
-    its rows. Disjoint and complete for any number of ranks."""
+    its rows. Disjoint and complete for any number of ranks.
+    """
     n = len(shards)
     if n == 0:
         raise DataError("the replay buffer has no shards")

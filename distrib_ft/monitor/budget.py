@@ -10,7 +10,8 @@ Decisions (``report.json``), and the exit code a scheduler acts on:
     stopped      policy=stop: a breach ended the run; final/ = last checkpoint in budget   exit 0
     rolled_back  policy=rollback: final/ = the checkpoint within every budget with the     exit 0
                  lowest new-task loss (the latest one without data.eval_files)
-    rejected     no evaluated model within budget qualifies                               exit 3 (EXIT_BUDGET)
+    rejected     no update stayed within the budget (step 0, the untouched start, never    exit 3 (EXIT_BUDGET)
+                 counts once a step ran)
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ class Monitor:
         """A reason to end the run now, or None."""
         if self.policy == "stop" and self.breaches and self.breaches[-1]["step"] == self.steps[-1]:
             b = self.breaches[-1]
-            return f"forgetting budget breached at step {b['step']}: {b['suite']} = {b['value']:.4g} (limit {b['limit']:.4g})"
+            return (f"forgetting budget breached at step {b['step']}: {b['suite']} = {b['value']:.4g} "
+                    f"(limit {b['limit']:.4g})")
         if self.patience and self._stale >= self.patience:
             return f"new-task loss has not improved for {self._stale} evaluations (early stopping)"
         return None
@@ -126,10 +128,13 @@ class Monitor:
         return next((e["value"] for e in self.new_task.evaluations if e["step"] == step), None)
 
     def choose(self, final_step: int, checkpoint_steps: list[int]) -> tuple[int | None, str]:
-        """(the step whose weights become final/, the decision). ``checkpoint_steps``: steps that can be
-        restored (the final step's weights are in memory and always count)."""
+        """(the step whose weights become final/, the decision).
+
+        ``checkpoint_steps``: steps that can be restored (the final step's weights are in memory and always count).
+        """
         available = set(checkpoint_steps) | {final_step}
-        ok = [s for s in self.steps if s in available and self.within_budget(s)]
+        # Step 0 is the untouched start: choosing it would keep no update, so it never qualifies once a step ran.
+        ok = [s for s in self.steps if s in available and self.within_budget(s) and (s > 0 or final_step == 0)]
         if final_step in ok and self.policy != "rollback" and not self.breaches:
             return final_step, "accepted"
         if not ok:
@@ -144,7 +149,8 @@ class Monitor:
     def report(self, chosen: int | None, decision: str, notes: list[str] | None = None) -> dict:
         """The report dict (the schema distrib_ft.monitor.report writes)."""
         suites = {n: {"metric": s.metric, "kind": s.kind,
-                      "budget": {"max_relative_increase": s.max_relative_increase, "max_absolute_drop": s.max_absolute_drop},
+                      "budget": {"max_relative_increase": s.max_relative_increase,
+                                 "max_absolute_drop": s.max_absolute_drop},
                       "baseline": s.baseline, "evaluations": s.evaluations} for n, s in self.suites.items()}
         new_task = None
         if self.new_task is not None:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from distrib_ft.runtime import dist
 from distrib_ft.data.formats import build_dataset, collate
 from distrib_ft.monitor.budget import Suite
+from distrib_ft.runtime import dist
 from distrib_ft.runtime.loss import token_nll_sum
 
 

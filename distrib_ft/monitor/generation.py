@@ -1,5 +1,4 @@
-"""Generation-based retention metrics: does the model still *answer* old prompts, not only assign them
-a low loss?
+"""Generation-based retention metrics: does the model still *answer* old prompts, not only assign them a low loss?
 
 An example is ``{"prompt": str, "reference": str, "choices": list[str] | None}``; the prompt is already
 rendered (chat template and generation prompt included). Metrics (``metric``):
@@ -26,9 +25,17 @@ from pathlib import Path
 
 import torch
 
+from distrib_ft.data.formats import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_NO_INPUT,
+    DataError,
+    _load,
+    _messages,
+    _record_error,
+    _RecordError,
+    _text,
+)
 from distrib_ft.runtime import dist
-from distrib_ft.data.formats import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, DataError, _load, _messages, _record_error,
-                             _RecordError, _text)
 
 METRICS = ("exact_match", "contains", "regex", "multiple_choice")
 _MC_HINT = "multiple-choice records need instruction (or question), choices (list of str) and answer (str or index)"
@@ -111,8 +118,11 @@ def score_generations(model, tokenizer, examples: list[dict], *, metric: str, ma
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a rendered prompt. A prompt that starts with the bos token (a chat template wrote it)
-    is tokenized without adding special tokens; a plain prompt with the tokenizer's defaults."""
+    """Token ids of a rendered prompt.
+
+    A prompt that starts with the bos token (a chat template wrote it) is tokenized without adding special
+    tokens; a plain prompt with the tokenizer's defaults.
+    """
     bos = tokenizer.bos_token
     return tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
 
@@ -131,9 +141,12 @@ def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device,
 
 def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int, device, synced: bool,
                    temperature: float = 0.0, top_p: float = 1.0) -> list[tuple[str, bool]]:
-    """``(text, finished)`` per prompt (left-padded batch): the generation decoded up to the first eos, and
-    whether an eos ended it (False: cut at max_new_tokens). ``temperature`` 0 = greedy, else sampling
-    with nucleus ``top_p`` from torch's global RNG. ``synced``: every rank calls together (ZeRO-3)."""
+    """``(text, finished)`` per prompt (left-padded batch).
+
+    ``text`` is the generation decoded up to the first eos, ``finished`` whether an eos ended it (False: cut at
+    max_new_tokens). ``temperature`` 0 = greedy, else sampling with nucleus ``top_p`` from torch's global RNG.
+    ``synced``: every rank calls together (ZeRO-3).
+    """
     eos = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     ids = [encode_prompt(tokenizer, p) for p in prompts]

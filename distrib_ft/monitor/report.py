@@ -35,15 +35,19 @@ _DECISIONS = {
     "accepted": "**Accepted**{code}: final/ is step {step}; every retention suite within budget",
     "stopped": ("**Stopped**{code}: training stopped when a retention budget was breached; final/ is step {step}, the "
                 "last evaluated checkpoint within every budget"),
-    "rolled_back": ("**Rolled back**{code}: final/ is step {step}, the checkpoint within every retention budget with the "
-                    "lowest new-task eval loss (the latest one when the job has no data.eval_files)"),
-    "rejected": "**Rejected**{code}: no checkpoint kept every retention suite within budget",
+    "rolled_back": ("**Rolled back**{code}: final/ is step {step}, the checkpoint within every retention budget "
+                    "with the lowest new-task eval loss (the latest one when the job has no data.eval_files)"),
+    "rejected": ("**Rejected**{code}: no update stayed within the budget: no evaluated checkpoint after step 0 kept "
+                 "every retention suite within budget"),
 }
 
 
 def budget_limit(kind: str, baseline: float, budget: dict) -> float | None:
-    """The worst value a suite may reach: ``baseline * (1 + max_relative_increase)`` for a loss (lower is
-    better), ``baseline - max_absolute_drop`` for a score (higher is better); None without a budget."""
+    """The worst value a suite may reach; None without a budget.
+
+    ``baseline * (1 + max_relative_increase)`` for a loss (lower is better), ``baseline - max_absolute_drop`` for
+    a score (higher is better).
+    """
     if kind == "loss" and budget.get("max_relative_increase") is not None:
         return baseline * (1.0 + budget["max_relative_increase"])
     if kind == "score" and budget.get("max_absolute_drop") is not None:

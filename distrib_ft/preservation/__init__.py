@@ -98,6 +98,7 @@ def chain(defences: list[Defence], hook: str, value, *args):
 
 
 def merged(dicts: list[dict]) -> dict:
+    """One dict with the keys of all of ``dicts``; on a repeated key the later dict wins."""
     out: dict = {}
     for d in dicts:
         out.update(d)

@@ -35,15 +35,18 @@ FINAL_FILE = "fisher.safetensors"
 
 
 class EWCConfig(Strict):
-    """``ewc:``: Elastic Weight Consolidation, lambda/2 * sum_i F_i (theta_i - theta*_i)^2 (Kirkpatrick et al.
-    2017; the Fisher estimators in distrib_ft/preservation/fisher.py)."""
+    """``ewc:``: Elastic Weight Consolidation, lambda/2 * sum_i F_i (theta_i - theta*_i)^2.
+
+    Kirkpatrick et al. 2017; the Fisher estimators are in distrib_ft/preservation/fisher.py.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     lambda_: float = Field(0.0, alias="lambda", ge=0, description=(
         "Penalty weight; 0 = no penalty. It does not transfer between estimators (their scales differ ~100x)."))
     estimator: Literal["empirical", "sampled", "batched"] = Field(
-        "empirical", description="empirical (per-sequence, data labels), sampled (true Fisher), batched (biased; comparison only).")
+        "empirical", description=(
+            "empirical (per-sequence, data labels), sampled (true Fisher), batched (biased; comparison only)."))
     target: Literal["trainable", "lora_merged"] = Field("trainable", description=(
         "trainable: F over the parameters being trained, anchored at their start values (full / partial "
         "fine-tuning, or EWC on the adapter itself). lora_merged: F over the dense weights that the LoRA "
@@ -55,12 +58,15 @@ class EWCConfig(Strict):
     fisher_data_files: list[InputPath] = Field(default_factory=list, description=(
         "Data of the skills to keep: the Fisher is computed on them at the start of the job."))
     fisher_data_format: DataFormat | None = Field(None, description="Format of fisher_data_files; default data.format.")
-    fisher_max_sequences: int = Field(512, ge=1, description="At most this many sequences (a uniform sample) enter a Fisher pass.")
-    fisher_batch_size: int = Field(8, ge=1, description="Sequences per backward for the sampled and batched estimators.")
+    fisher_max_sequences: int = Field(512, ge=1, description=(
+        "At most this many sequences (a uniform sample) enter a Fisher pass."))
+    fisher_batch_size: int = Field(8, ge=1, description=(
+        "Sequences per backward for the sampled and batched estimators."))
     update_after: bool = Field(False, description=(
         "After the job: compute F on the data just learned and write final/fisher.safetensors (merged online "
         "with the starting F: F <- gamma*F_old + F_new) for the next round."))
-    gamma: float = Field(1.0, ge=0, le=1, description="Online EWC decay of the previous rounds' Fisher (Schwarz et al. 2018).")
+    gamma: float = Field(1.0, ge=0, le=1, description=(
+        "Online EWC decay of the previous rounds' Fisher (Schwarz et al. 2018)."))
 
     @property
     def enabled(self) -> bool:
@@ -72,7 +78,8 @@ class EWCConfig(Strict):
 
         method = build_method(job.method)
         if self.lambda_ > 0 and not (self.fisher_path or self.fisher_data_files):
-            raise ValueError("ewc.lambda: > 0 needs ewc.fisher_path or ewc.fisher_data_files (the data of the skills to keep)")
+            raise ValueError("ewc.lambda: > 0 needs ewc.fisher_path or ewc.fisher_data_files (the data of the skills "
+                             "to keep)")
         if self.fisher_path and self.fisher_data_files:
             raise ValueError("ewc.fisher_path: give either a precomputed fisher_path or fisher_data_files, not both")
         if self.target == "lora_merged" and not method.merged_update:
@@ -88,7 +95,8 @@ class EWCConfig(Strict):
 def lora_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of every peft LoRA layer with an adapter."""
     return [(n, m) for n, m in model.named_modules()
-            if hasattr(m, "base_layer") and isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and len(m.lora_A)]
+            if hasattr(m, "base_layer") and isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)
+            and len(m.lora_A)]
 
 
 def lora_delta(m: torch.nn.Module) -> torch.Tensor:
@@ -99,8 +107,11 @@ def lora_delta(m: torch.nn.Module) -> torch.Tensor:
 
 
 class EWC:
-    """The EWC defence. ``ctx`` (a ``distrib_ft.preservation.Context``) may be None for the penalty and the
-    Fisher maths alone (tests, benchmarks)."""
+    """The EWC defence.
+
+    ``ctx`` (a ``distrib_ft.preservation.Context``) may be None for the penalty and the Fisher maths alone (tests,
+    benchmarks).
+    """
 
     name: ClassVar[str] = "ewc"
     config_class: ClassVar[type[Strict]] = EWCConfig
@@ -181,7 +192,8 @@ class EWC:
         self.fisher = {n: t.to(device) for n, t in self.fisher.items()}
         self.anchors = {n: t.to(device) for n, t in self.anchors.items()}
         self._params = self.fisher_params(model)
-        self._lora = {f"{n}.base_layer.weight": m for n, m in lora_layers(model)} if self.target == "lora_merged" else {}
+        self._lora = ({f"{n}.base_layer.weight": m for n, m in lora_layers(model)}
+                      if self.target == "lora_merged" else {})
         dist.print0(f"ewc: lambda={self.lam:g}, {self.info.get('estimator')} Fisher over {len(self.fisher)} tensors "
                     f"from {self.info.get('sequences')} sequences, target={self.target}")
 
@@ -216,8 +228,10 @@ class EWC:
         return value
 
     def metrics(self) -> dict:
-        """``ewc_penalty``: the mean penalty per optimizer step since the last line (this rank's; the
-        parameters it reads are the same on every rank)."""
+        """``ewc_penalty``: the mean penalty per optimizer step since the last line.
+
+        This rank's value; the parameters it reads are the same on every rank.
+        """
         if not self._penalty_steps:
             return {}
         out = {"ewc_penalty": self._penalty_sum / self._penalty_steps}
@@ -231,7 +245,8 @@ class EWC:
         pick = _sample(len(train_examples), self.config.fisher_max_sequences, self.seed)
         dist.print0(f"ewc: computing the Fisher of the data just learned ({len(pick)} sequences) for the next round")
         new, info = self.compute(model, [train_examples[i] for i in pick])
-        fisher = merge_online({k: v.cpu() for k, v in self.fisher.items()}, new, self.config.gamma) if self.fisher else new
+        fisher = (merge_online({k: v.cpu() for k, v in self.fisher.items()}, new, self.config.gamma)
+                  if self.fisher else new)
         anchors = self.current_anchors(model)
         rounds = int(self.info.get("rounds", 1 if self.fisher else 0)) + 1
         out = Path(final_dir) / FINAL_FILE
@@ -242,8 +257,10 @@ class EWC:
 
 
 def _sample(n: int, k: int, seed: int) -> list[int]:
-    """``k`` of ``n`` example indices drawn uniformly (seeded), in order; all when ``k >= n``. A file sorted
-    by topic must not give a Fisher of its first topics only."""
+    """``k`` of ``n`` example indices drawn uniformly (seeded), in order; all when ``k >= n``.
+
+    A file sorted by topic must not give a Fisher of its first topics only.
+    """
     if k >= n:
         return list(range(n))
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())

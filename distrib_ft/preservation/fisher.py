@@ -50,8 +50,10 @@ def _sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torc
 
 
 def _sample_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Replace every target token by a draw from the model's distribution at that position (only target
-    positions are sampled: prompt and padding positions cost nothing)."""
+    """Replace every target token by a draw from the model's distribution at that position.
+
+    Only target positions are sampled: prompt and padding positions cost nothing.
+    """
     tgt = labels[:, 1:]
     where = (tgt != -100).nonzero(as_tuple=True)
     probs = F.softmax(logits[:, :-1, :].detach()[where].float(), dim=-1)  # (n_targets, V)
@@ -74,9 +76,15 @@ def compute_fisher(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]
         collate_fn: list of examples -> batch dict of (B, T) tensors.
         estimator: ``empirical`` | ``sampled`` | ``batched``.
         batch_size: sequences per backward for ``sampled`` and ``batched``.
+        seed: seeds the per-rank generator of the ``sampled`` estimator's label draws (``seed * 1_000_003 + rank``).
+        device: where batches and the accumulators live; default ``dist.device()``.
+        progress: show a progress bar (main rank only).
 
     Returns:
         (F: name -> fp32 tensor with the parameter's full shape, info: sequences, target_tokens, estimator).
+
+    Raises:
+        ValueError: ``estimator`` is not one of ``ESTIMATORS``.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"ewc.estimator: {estimator!r} is not one of {', '.join(ESTIMATORS)}")
@@ -143,9 +151,11 @@ ANCHOR_PREFIX = "anchor::"
 
 def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], info: dict,
                 anchors: dict[str, torch.Tensor] | None = None) -> Path:
-    """One fp32 tensor per parameter, keyed by its ``named_parameters()`` name; anchors (theta*) under
-    ``anchor::NAME``; metadata: estimator, sequences, target_tokens, model, and the rest of ``info``.
-    Written to a temp file, then renamed."""
+    """Save a Fisher as safetensors: one fp32 tensor per parameter, keyed by its ``named_parameters()`` name.
+
+    Anchors (theta*) under ``anchor::NAME``; metadata: estimator, sequences, target_tokens, model, and the rest
+    of ``info``. Written to a temp file, then renamed.
+    """
     import os
     import tempfile
 

@@ -7,8 +7,8 @@ Before training (``generative_replay:``), on the job's workers:
 2. Responses: the base model answers each prompt (sampling at ``temperature`` / ``top_p``).
 3. Filters: empty or shorter than ``min_response_chars``; cut at ``max_new_tokens`` (length); a
    refusal ("I'm sorry", "As an AI", ...); a duplicate (the same response, after
-   normalising case and spaces; with self-instruct also a repeated task). Rejected ones are replaced by drawing more, for up to ``max_rounds``
-   rounds, until ``num_examples`` are valid.
+   normalising case and spaces; with self-instruct also a repeated task). Rejected ones are replaced by
+   drawing more, for up to ``max_rounds`` rounds, until ``num_examples`` are valid.
 
 Each rank generates every ``world``-th prompt of a round (ranks make the same number of ``generate``
 calls, so ZeRO-3 can gather together), the results are gathered and filtered identically on every
@@ -25,16 +25,15 @@ import json
 import math
 import random
 import re
-
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
-from distrib_ft.runtime import dist
 from distrib_ft.data import replay_buffer as rb
 from distrib_ft.data.formats import DataError, validate_record
 from distrib_ft.monitor.generation import _render, _user_prompt, generate_batch, normalize
+from distrib_ft.runtime import dist
 from distrib_ft.runtime.metrics import Progress
 from distrib_ft.schema import InputPath, StorePath, Strict
 
@@ -45,8 +44,10 @@ SELF_INSTRUCT = ("Here are some tasks for an assistant:\n\n{examples}\n\nWrite o
 
 
 class GenerativeReplayConfig(Strict):
-    """``generative_replay:``: before training, the base model writes pseudo-examples of what it can do into a
-    replay buffer (read it back with ``replay: {buffer: <the same>, ratio: ...}``)."""
+    """``generative_replay:``: before training, the base model writes pseudo-examples into a replay buffer.
+
+    The pseudo-examples show what it can do; read them back with ``replay: {buffer: <the same>, ratio: ...}``.
+    """
 
     buffer: StorePath | None = Field(None, description=(
         "The replay buffer to write into (a folder or fsspec URL; created when missing); usually replay.buffer."))
@@ -57,7 +58,8 @@ class GenerativeReplayConfig(Strict):
     seed_files: list[InputPath] = Field(default_factory=list, description=(
         "Self-instruct: a few example tasks (alpaca or chat records); the model writes new instructions in "
         "their style, then answers them. Used when prompts_files is empty."))
-    num_examples: int = Field(200, ge=1, description="Valid pseudo-examples to produce (more are drawn to replace rejected ones).")
+    num_examples: int = Field(200, ge=1, description=(
+        "Valid pseudo-examples to produce (more are drawn to replace rejected ones)."))
     max_new_tokens: int = Field(128, ge=1, description="Longest response; a response cut here is rejected (length).")
     keep_unfinished: bool = Field(False, description="Keep responses cut at max_new_tokens instead of rejecting them.")
     min_response_chars: int = Field(8, ge=1, description="Shorter responses are rejected (empty / too short).")
@@ -119,8 +121,10 @@ def ensure_generated(model, tokenizer, buffer: str, gen, *, seed: int, model_nam
 
 
 def prompt_conversations(files: list[str], fmt: str) -> list[list[dict]]:
-    """Prompts as conversations that end with a user turn: alpaca (instruction + input), text, or chat
-    records (every turn up to the last user message)."""
+    """Prompts as conversations that end with a user turn.
+
+    From alpaca (instruction + input), text, or chat records (every turn up to the last user message).
+    """
     out = []
     for url in files:
         for where, rec in rb.iter_records(url):
@@ -169,8 +173,11 @@ def reject_reason(prompt: str, response: str, finished: bool, seen: set[str], ge
 
 
 def generate_records(model, tokenizer, gen, *, seed: int) -> tuple[list[dict], dict[str, int]]:
-    """``num_examples`` valid pseudo-examples (alpaca records for one user turn, chat records otherwise) and
-    the count of rejections per reason. Collective: every rank calls it and gets the same result."""
+    """``num_examples`` valid pseudo-examples and the count of rejections per reason.
+
+    The examples are alpaca records for one user turn, chat records otherwise. Collective: every rank calls it
+    and gets the same result.
+    """
     user_prompts = prompt_conversations(gen.prompts_files, gen.prompts_format) if gen.prompts_files else None
     seeds = seed_tasks(gen.seed_files) if user_prompts is None else None
     rng = random.Random(seed)
@@ -207,9 +214,9 @@ def generate_records(model, tokenizer, gen, *, seed: int) -> tuple[list[dict], d
             progress_done = len(records)
     progress.close()
     if len(records) < gen.num_examples:
-        raise DataError(f"generative_replay: only {len(records)} of {gen.num_examples} pseudo-examples passed the filters "
-                        f"in {gen.max_rounds} rounds (rejected: {rejected}); raise max_rounds or max_new_tokens, or "
-                        "give more prompts")
+        raise DataError(f"generative_replay: only {len(records)} of {gen.num_examples} pseudo-examples passed the "
+                        f"filters in {gen.max_rounds} rounds (rejected: {rejected}); raise max_rounds or "
+                        "max_new_tokens, or give more prompts")
     return records, rejected
 
 

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path, PurePosixPath
-
-import torch
-
 from typing import ClassVar
 
+import torch
 from pydantic import Field
 
 from distrib_ft.data import replay_buffer as rb
@@ -34,7 +32,8 @@ from distrib_ft.schema import StorePath, Strict
 class ReplayConfig(Strict):
     """``replay:``: old examples streamed beside the new data at an exact ratio of every global batch."""
 
-    buffer: StorePath | None = Field(None, description="The replay buffer (distrib-ft replay build): a folder or fsspec URL.")
+    buffer: StorePath | None = Field(None, description=(
+        "The replay buffer (distrib-ft replay build): a folder or fsspec URL."))
     version: int | None = Field(None, description="Buffer version to read; default the newest.")
     ratio: float = Field(0.0, ge=0, lt=1, description=(
         "Share of every global batch that is replayed: 0.25 with a global batch of 16 = 4 old sequences per "
@@ -67,7 +66,8 @@ class Replay:
             return encode_record(record, fmt, where, tokenizer=ctx.tokenizer, max_seq_length=d.max_seq_length,
                                  prompt_template=d.prompt_template, text_field=d.text_field)
 
-        self.buffer, self.ratio, self.version, self.prefetch = config.buffer, config.ratio, config.version, config.prefetch
+        self.buffer, self.ratio = config.buffer, config.ratio
+        self.version, self.prefetch = config.version, config.prefetch
         self.batch_share = config.ratio
         self.per_rank, self.encode, self.seed = ctx.per_rank, encode, ctx.seed
         self.update_files = list(d.train_files) if config.update_after else []
@@ -76,12 +76,15 @@ class Replay:
         self.stream: rb.ReplayStream | None = None
         self.replayed = 0  # replay examples in the global batches trained so far
         self._resumed_state: dict | None = None
-        self._window = [0.0, 0, 0.0, 0, 0, 0]  # this rank's NLL, targets, replay NLL, replay targets; global replayed; steps
+        # this rank's NLL, targets, replay NLL, replay targets; global replayed; steps
+        self._window = [0.0, 0, 0.0, 0, 0, 0]
 
     @staticmethod
     def preflight(config: ReplayConfig) -> None:
-        """On the driver: the buffer version to read exists (DataError, exit 2, when not). A buffer that
-        generative replay is about to fill is checked when the job starts."""
+        """On the driver: the buffer version to read exists (DataError, exit 2, when not).
+
+        A buffer that generative replay is about to fill is checked when the job starts.
+        """
         if config.ratio > 0 and rb.list_versions(config.buffer):
             rb.read_manifest(config.buffer, config.version)
 
@@ -115,7 +118,8 @@ class Replay:
         rank, world = dist.rank(), dist.world_size()
         gb = self.per_rank * world
         if self.stream is None:
-            if self._resumed_state is not None and self._resumed_state["replayed"] != replay_before(step, self.ratio, gb):
+            if (self._resumed_state is not None
+                    and self._resumed_state["replayed"] != replay_before(step, self.ratio, gb)):
                 raise ValueError(f"replay: the checkpoint's replay position ({self._resumed_state['replayed']}) does "
                                  f"not match step {step} (replay.ratio or the global batch changed since it was saved)")
             self.stream = rb.ReplayStream(self.buffer, self.manifest, rank=rank, world=world, seed=self.seed,
@@ -139,10 +143,12 @@ class Replay:
         w[3] += int(targets[is_replay].sum())
 
     def metrics(self) -> dict:
-        """Since the last line: ``loss_new`` / ``loss_replay`` (token-weighted mean NLL of the new and the
-        replayed sequences, all ranks), ``new_sequences`` / ``replay_sequences`` (in the global batches), and
-        ``replay_wait_seconds`` (time rank 0's loop waited for replay examples; 0 = the prefetch kept up).
-        Collective."""
+        """The replay metrics since the last line. Collective.
+
+        ``loss_new`` / ``loss_replay`` (token-weighted mean NLL of the new and the replayed sequences, all ranks),
+        ``new_sequences`` / ``replay_sequences`` (in the global batches), and ``replay_wait_seconds`` (time rank 0's
+        loop waited for replay examples; 0 = the prefetch kept up).
+        """
         if self.stream is None:
             return {}
         nll, targets, replay_nll, replay_targets = dist.all_reduce_sum(self._window[:4])
@@ -179,8 +185,10 @@ class Replay:
 
 
 def _even_quotas(names: list[str], budget: int, prev: dict | None) -> dict[str, int]:
-    """``budget`` records split evenly over the new files (keyed by the source names update will give
-    them), and every old source keeps what it has."""
+    """``budget`` records split evenly over the new files, and every old source keeps what it has.
+
+    The new files are keyed by the source names update will give them.
+    """
     taken = {s["name"] for s in prev["sources"]} if prev else set()
     quotas = {s["name"]: s["selected"] for s in prev["sources"]} if prev else {}
     keys = []

@@ -21,26 +21,28 @@ import hashlib
 import math
 import os
 from pathlib import Path
-
 from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from distrib_ft.runtime import dist
 from distrib_ft.data.formats import IGNORE_INDEX, collate
+from distrib_ft.runtime import dist
 from distrib_ft.schema import Strict
 
 
 class TokenMaskingConfig(Strict):
-    """``token_masking:``: Selective Token Masking (Wu et al. 2025) of the new data's responses: drop from the
-    loss the tokens the base model finds surprising, which pull it furthest from what it knows."""
+    """``token_masking:``: Selective Token Masking (Wu et al. 2025) of the new data's responses.
+
+    Drop from the loss the tokens the base model finds surprising, which pull it furthest from what it knows.
+    """
 
     mode: Literal["off", "stm", "random"] = Field("off", description=(
         "stm: mask target tokens whose base-model perplexity exp(NLL) exceeds threshold; random: mask the same "
         "number of target tokens chosen at random (the control); off."))
-    threshold: float = Field(2.5, gt=1, description="tau: the perplexity above which a token is masked (2.5 in the paper).")
+    threshold: float = Field(2.5, gt=1, description=(
+        "tau: the perplexity above which a token is masked (2.5 in the paper)."))
     batch_size: int = Field(8, ge=1, description="Sequences per forward in the base-model pass.")
 
     @property
@@ -91,8 +93,11 @@ class TokenMasking:
 
 @torch.no_grad()
 def base_token_nll(model, dataset, *, batch_size: int, pad_token_id: int) -> list[np.ndarray]:
-    """Per example, the NLL of every label position (entry t scores label t given tokens < t; NaN where
-    label t is not a target, and at t = 0). Computed by all ranks together; every rank gets the whole list."""
+    """Per example, the NLL of every label position, as a float32 array of the example's length.
+
+    Entry t scores label t given tokens < t; NaN where label t is not a target, and at t = 0. Computed by all
+    ranks together; every rank gets the whole list.
+    """
     was_training = model.training
     model.eval()
     out: dict[int, np.ndarray] = {}
@@ -114,7 +119,8 @@ def choose_masks(nll: list[np.ndarray], *, mode: str, threshold: float, seed: in
     """Boolean masks (True = drop from the loss) over the target positions of each example.
 
     ``stm``: targets with exp(NLL) > threshold. ``random``: as many targets as ``stm`` would mask,
-    drawn uniformly from all target positions (seeded)."""
+    drawn uniformly from all target positions (seeded).
+    """
     above = [np.nan_to_num(x, nan=-np.inf) > math.log(threshold) for x in nll]
     if mode == "stm":
         return above
@@ -132,8 +138,10 @@ def choose_masks(nll: list[np.ndarray], *, mode: str, threshold: float, seed: in
 
 def apply_token_masking(model, dataset, *, mode: str, threshold: float, batch_size: int, pad_token_id: int,
                         output_dir: Path, model_name: str, seed: int):
-    """The dataset with masked labels, and ``{"mode", "threshold", "masked_tokens", "target_tokens",
-    "masked_fraction"}``. Runs on every rank."""
+    """The dataset with masked labels, and its statistics. Runs on every rank.
+
+    The statistics: ``{"mode", "threshold", "masked_tokens", "target_tokens", "masked_fraction"}``.
+    """
     key = hashlib.sha256(f"{model_name}|{dataset._fingerprint}".encode()).hexdigest()[:16]
     cache = Path(output_dir) / "token_masking" / f"base_nll-{key}.npz"
     cached = dist.all_reduce_sum([float(dist.is_main() and cache.exists())])[0] > 0
@@ -148,7 +156,8 @@ def apply_token_masking(model, dataset, *, mode: str, threshold: float, batch_si
     masks = choose_masks(nll, mode=mode, threshold=threshold, seed=seed)
     labels = [np.where(m, IGNORE_INDEX, np.asarray(ex["labels"])).tolist()
               for m, ex in zip(masks, dataset.select_columns(["labels"]))]
-    masked = dataset.remove_columns(["labels"]).add_column("labels", labels, new_fingerprint=f"{key}-{mode}-{threshold}")
+    masked = dataset.remove_columns(["labels"]).add_column("labels", labels,
+                                                           new_fingerprint=f"{key}-{mode}-{threshold}")
     targets = int(sum((~np.isnan(x)).sum() for x in nll))
     count = int(sum(m.sum() for m in masks))
     stats = {"mode": mode, "threshold": threshold, "masked_tokens": count, "target_tokens": targets,

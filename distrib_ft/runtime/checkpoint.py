@@ -47,6 +47,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def rng_state() -> dict:
+    """This process's RNG states: ``python``, ``numpy``, ``torch`` (CPU), and ``cuda`` when CUDA is available."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -54,6 +55,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore RNG states saved by :func:`rng_state`; ``cuda`` only when present and CUDA is available."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -72,14 +74,18 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under output_dir/checkpoints, or None when there is none."""
     ckpts = complete_checkpoints(output_dir)
     return ckpts[-1] if ckpts else None
 
 
 def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict, *,
                     exclude_frozen: bool, keep: int, protect: set[int] = frozenset()) -> Path:
-    """Collective: every rank calls it. Keeps the newest ``keep`` checkpoints and the steps in ``protect``
-    (e.g. the monitor's best model within budget). Returns the checkpoint folder."""
+    """Save a checkpoint of step ``step`` under output_dir/checkpoints. Collective: every rank calls it.
+
+    Keeps the newest ``keep`` checkpoints and the steps in ``protect`` (e.g. the monitor's best model within
+    budget). Returns the checkpoint folder.
+    """
     root = Path(output_dir) / "checkpoints"
     tag = f"step-{step}"
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
@@ -131,8 +137,10 @@ def gather_full_state_dict(model: torch.nn.Module, trainable_only: bool) -> dict
 
 def export_final(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, method,
                  name: str = "final") -> Path:
-    """Write output_dir/name (final/, or rejected/ for a model out of budget) as ``method`` exports it,
-    atomically (temp folder, then rename). Collective; rank 0 writes."""
+    """Write output_dir/name (final/, or rejected/ for a model out of budget) as ``method`` exports it.
+
+    Atomically (temp folder, then rename). Collective; rank 0 writes.
+    """
     state = gather_full_state_dict(model, trainable_only=checkpoint_trainable_only(method))
     final = Path(output_dir) / name
     if dist.is_main():

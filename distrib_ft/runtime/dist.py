@@ -38,19 +38,23 @@ def worker_env(threads: int, use_gpu: bool) -> dict[str, str]:
 
 
 def apply_env(env: dict[str, str]) -> None:
+    """Set each variable of ``env`` in ``os.environ`` unless it is already set (set values win)."""
     for k, v in env.items():
         os.environ.setdefault(k, v)
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it; the socket is closed again)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def quiet_third_party() -> None:
-    """Silence deprecation chatter that the stack prints at every start (not ours to fix), and
-    progress bars of loading steps on ranks other than 0."""
+    """Silence deprecation chatter that the stack prints at every start (not ours to fix).
+
+    Also the progress bars of loading steps on ranks other than 0.
+    """
     import logging
     import warnings
 
@@ -88,24 +92,28 @@ def init(backend: str = "auto") -> None:
 
 
 def rank() -> int:
+    """This process's rank; 0 when torch.distributed is not initialised."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def world_size() -> int:
+    """The number of ranks; 1 when torch.distributed is not initialised."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def is_main() -> bool:
+    """Whether this process is rank 0 (the one that writes files and prints)."""
     return rank() == 0
 
 
 def print0(*args, **kwargs) -> None:
-    """print on rank 0 only (to stderr, so that stdout stays clean for results)."""
+    """Print on rank 0 only (to stderr, so that stdout stays clean for results)."""
     if is_main():
         print(*args, file=sys.stderr, flush=True, **kwargs)
 
 
 def barrier() -> None:
+    """Wait for every rank; a no-op when torch.distributed is not initialised."""
     if dist.is_initialized():
         dist.barrier()
 
@@ -129,6 +137,7 @@ def all_reduce_sum(values: list[float], device: torch.device | None = None) -> l
 
 
 def device() -> torch.device:
+    """This rank's device: the current CUDA device when CUDA is available, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -153,10 +162,12 @@ def broadcast_object(obj):
 
 
 def share_batches(n: int, batch_size: int):
-    """This rank's share of ``n`` items (every ``world``-th) in batches: yields ``(idx, run)``. Every rank
-    yields the same number of batches, because under ZeRO-3 each forward gathers parameters from all
+    """This rank's share of ``n`` items (every ``world``-th) in batches: yields ``(idx, run)``.
+
+    Every rank yields the same number of batches, because under ZeRO-3 each forward gathers parameters from all
     ranks; a rank whose share has run out gets ``idx=[]`` and ``run`` = a repeat of its last item, to
-    compute and discard."""
+    compute and discard.
+    """
     r, world = rank(), world_size()
     mine = list(range(r, n, world))
     for b in range(math.ceil(math.ceil(n / world) / batch_size)):

@@ -121,6 +121,7 @@ def load_deepspeed_config(path: str | Path, *, micro_batch_size: int, gradient_a
 
 
 def zero_stage(ds_config: dict) -> int:
+    """The ZeRO stage of a DeepSpeed config dict (``zero_optimization.stage``); 0 when it sets none."""
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 

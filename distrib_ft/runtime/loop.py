@@ -251,6 +251,8 @@ def finish(run: Run, stop_reason: str | None) -> dict:
                     "within budget")
         ckpt.load_checkpoint(run.engine, out / "checkpoints" / f"step-{chosen}",
                              exclude_frozen=checkpoint_trainable_only(run.method))
+    if chosen is None:
+        dist.print0(f"no update stayed within the budget: the model of step {run.step} goes to rejected/ (exit code 3)")
     final = ckpt.export_final(run.engine.module, run.tokenizer, out, method=run.method,
                               name="final" if chosen is not None else "rejected")
     if chosen is not None:  # what the next round needs (e.g. the Fisher of the data just learned)

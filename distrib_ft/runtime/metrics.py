@@ -38,8 +38,11 @@ class StepWindow:
             self.start += time.time() - began
 
     def record(self, step: int, *, learning_rate: float, grad_norm, tokens_seen: int) -> dict:
-        """The line for ``step``: ``loss`` (mean target-token NLL over all ranks), ``learning_rate``,
-        ``grad_norm``, ``tokens_per_second`` (all ranks, training time only), ``tokens_seen``. Collective."""
+        """The metrics.jsonl line for ``step``. Collective.
+
+        Keys: ``loss`` (mean target-token NLL over all ranks), ``learning_rate``, ``grad_norm``,
+        ``tokens_per_second`` (all ranks, training time only), ``tokens_seen``.
+        """
         nll = dist.all_reduce_sum([self.nll])[0]
         return {"step": step, "loss": nll / max(self.targets, 1), "learning_rate": learning_rate,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -125,6 +128,7 @@ _LOGGERS = {"tensorboard": _TensorBoard, "mlflow": _MLflow}
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl file, one dict per non-blank line, in file order."""
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
@@ -152,8 +156,10 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
     def update(self, n: int, record: dict | None = None) -> None:
-        """Advance by ``n`` and show ``record`` (a metrics.jsonl line) if given. Without a bar, a log line
-        per record, or, for work without records, one at every tenth of the total."""
+        """Advance by ``n`` and show ``record`` (a metrics.jsonl line) if given.
+
+        Without a bar, a log line per record, or, for work without records, one at every tenth of the total.
+        """
         if not self.enabled:
             return
         before, self.done = self.done, self.done + n
