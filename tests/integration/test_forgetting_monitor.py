@@ -8,8 +8,8 @@ import json
 import pytest
 
 from distrib_ft.config import config_from_dict
-from distrib_ft.runtime.metrics import read_metrics
 from distrib_ft.runtime.loop import train
+from distrib_ft.runtime.metrics import read_metrics
 from tests.jobs import job_dict, set_in, toy_alpaca, toy_join
 
 
@@ -48,9 +48,13 @@ def test_stop_policy_ends_the_run_and_keeps_the_last_model_within_budget(tmp_pat
     assert next(e for e in old["evaluations"] if e["step"] == chosen)["within_budget"]
     assert (out / "final" / "model.safetensors").exists() and not (out / "rejected").exists()
     # The report holds the measured values: the same numbers as metrics.jsonl.
-    logged = {r["step"]: r["retention/old_skill"] for r in read_metrics(out / "metrics.jsonl") if "retention/old_skill" in r}
+    logged = {r["step"]: r["retention/old_skill"] for r in read_metrics(out / "metrics.jsonl")
+              if "retention/old_skill" in r}
     assert logged == {e["step"]: e["value"] for e in old["evaluations"]}
-    assert (out / "report.md").read_text().count("old_skill") >= 1
+    md = (out / "report.md").read_text().splitlines()
+    assert md[2] == (f"**Stopped**: training stopped when a retention budget was breached; final/ is step {chosen}, "
+                     "the last evaluated checkpoint within every budget")
+    assert any(line.startswith("| old_skill | nll | ") and line.endswith(" | yes |") for line in md), md
     assert (out / "plots" / "old_skill.png").stat().st_size > 5000 and (out / "plots" / "new_task.png").exists()
 
 
@@ -62,7 +66,9 @@ def test_rollback_goes_on_and_picks_the_best_checkpoint_within_budget(tmp_path, 
     within = [e["step"] for e in report["suites"]["old_skill"]["evaluations"] if e["within_budget"]]
     new = {e["step"]: e["value"] for e in report["new_task"]["evaluations"]}
     assert report["chosen_step"] == min(within, key=lambda s: new[s]) > 0
-    assert report["new_task"]["gain"] > 0
+    # the gain is the new task's improvement at the chosen step over its step-0 baseline
+    gain = report["new_task"]["baseline"] - new[report["chosen_step"]]
+    assert report["new_task"]["gain"] == pytest.approx(gain) and gain > 0
 
 
 def test_report_policy_rejects_a_model_out_of_budget_with_exit_code_3(tmp_path, old_skill_model):
@@ -70,4 +76,26 @@ def test_report_policy_rejects_a_model_out_of_budget_with_exit_code_3(tmp_path, 
     out = tmp_path / "out"
     assert summary["exit_code"] == 3 and summary["decision"] == "rejected"
     assert (out / "rejected" / "model.safetensors").exists() and not (out / "final").exists()
-    assert "Rejected" in (out / "report.md").read_text() or "rejected" in (out / "report.md").read_text()
+    report = json.loads((out / "report.json").read_text())
+    decision = (report["decision"], report["chosen_step"], report["exit_code"], report["policy"])
+    assert decision == ("rejected", None, 3, "report")
+    last = report["suites"]["old_skill"]["evaluations"][-1]
+    assert last["step"] == summary["steps"] == 30 and not last["within_budget"]  # the report policy trains on
+    md = (out / "report.md").read_text().splitlines()
+    assert md[2] == ("**Rejected** (exit code 3): no update stayed within the budget: no evaluated checkpoint after "
+                     "step 0 kept every retention suite within budget")
+    assert "Policy: `report`; chosen checkpoint: none" in md
+
+
+@pytest.mark.parametrize("policy", ["stop", "rollback"])
+def test_a_run_whose_every_update_breaks_the_budget_is_rejected(tmp_path, old_skill_model, policy):
+    """The old skill's NLL rises +43% by step 2 (the first evaluation after step 0): with a 2% budget no update
+    stays within it. Step 0, the untouched start, must not count as a model to keep (it used to: exit 0,
+    final/ = the start)."""
+    summary = train(config_from_dict(forget_job(tmp_path, old_skill_model, policy, budget=0.02)))
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert (summary["exit_code"], summary["decision"], report["chosen_step"]) == (3, "rejected", None)
+    assert all(not e["within_budget"] for e in report["suites"]["old_skill"]["evaluations"][1:])
+    assert (out / "rejected").is_dir() and not (out / "final").exists()
+    assert "no update stayed within the budget" in (out / "report.md").read_text().splitlines()[2]

@@ -1,5 +1,7 @@
 """The monitor's arithmetic: baselines, budgets, breaches, stop / rollback decisions, early stopping."""
 
+import pytest
+
 from distrib_ft.monitor.budget import EXIT_BUDGET, Monitor, Suite, is_eval_step
 
 
@@ -74,3 +76,16 @@ def test_early_stopping_on_a_new_task_plateau():
 def test_eval_schedule_is_dense_early():
     steps = [s for s in range(0, 101) if is_eval_step(s, eval_at=[0, 5, 10, 25, 50], eval_steps=40, max_steps=100)]
     assert steps == [0, 5, 10, 25, 40, 50, 80, 100]
+
+
+@pytest.mark.parametrize("policy", ["stop", "rollback", "report"])
+def test_a_run_that_kept_no_update_is_rejected(policy):
+    """Step 0 (the untouched start) is within budget by definition; when every later evaluation breaches,
+    the run produced nothing: rejected, exit code 3 (it used to end 'stopped'/'rolled_back' with the base)."""
+    m = mon(policy)
+    feed(m, [(0, 2.0, 0.8, 3.0), (5, 2.5, 0.8, 2.0), (10, 2.6, 0.8, 1.5)])
+    assert m.choose(10, [0, 5]) == (None, "rejected")
+    assert m.report(None, "rejected")["exit_code"] == EXIT_BUDGET
+    start_only = Monitor([])
+    start_only.record(0, {})
+    assert start_only.choose(0, [0]) == (0, "accepted")  # a run of no steps keeps its start
