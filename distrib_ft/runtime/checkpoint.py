@@ -3,7 +3,7 @@
 Layout under ``output_dir``::
 
     checkpoints/step-N/       DeepSpeed checkpoint (model, optimizer, scheduler; frozen weights
-                              excluded for LoRA), rng_rank{R}.pt per rank, and COMPLETE once every
+                              excluded for LoRA), rng_rank{R}.safetensors per rank (no pickle), and COMPLETE once every
                               rank has written; resume only considers complete checkpoints.
     final/                    peft adapter (adapter_config.json, adapter_model.safetensors) or the
                               full model (config.json, model.safetensors), plus the tokenizer.
@@ -13,6 +13,7 @@ The loop's own state (step, data position) travels in DeepSpeed's ``client_state
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from distrib_ft.methods import checkpoint_trainable_only
 from distrib_ft.runtime import dist
@@ -46,21 +49,33 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def rng_state() -> dict:
-    """This process's RNG states: ``python``, ``numpy``, ``torch`` (CPU), and ``cuda`` when CUDA is available."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def save_rng_state(path: str | Path) -> None:
+    """Write this process's RNG states to ``path`` in safetensors (no pickle): torch's CPU (and CUDA) state and
+    NumPy's key as tensors, Python's state and NumPy's other fields as JSON metadata."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_key": torch.from_numpy(key.astype(np.int64))}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    version, internal, gauss = random.getstate()
+    meta = {"python": json.dumps([version, list(internal), gauss]),
+            "numpy": json.dumps([kind, int(pos), int(has_gauss), float(cached)])}
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore RNG states saved by :func:`rng_state`; ``cuda`` only when present and CUDA is available."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def load_rng_state(path: str | Path) -> None:
+    """Restore the RNG states :func:`save_rng_state` wrote; CUDA's only when present and CUDA is available."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    version, internal, gauss = json.loads(meta["python"])
+    random.setstate((version, tuple(internal), gauss))
+    kind, pos, has_gauss, cached = json.loads(meta["numpy"])
+    np.random.set_state((kind, tensors["numpy_key"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -90,7 +105,7 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
     tag = f"step-{step}"
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=exclude_frozen)
-    torch.save(rng_state(), root / tag / f"rng_rank{dist.rank()}.pt")
+    save_rng_state(root / tag / f"rng_rank{dist.rank()}.safetensors")
     dist.barrier()
     if dist.is_main():
         atomic_write_text(root / tag / COMPLETE, f"{step}\n")
@@ -106,9 +121,9 @@ def load_checkpoint(engine, path: Path, *, exclude_frozen: bool) -> dict:
     _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=not exclude_frozen)
     if client_state is None:
         raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint; delete it to resume from an older one")
-    rng_file = path / f"rng_rank{dist.rank()}.pt"
+    rng_file = path / f"rng_rank{dist.rank()}.safetensors"
     if rng_file.exists():  # absent when resuming with more ranks than were saved
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        load_rng_state(rng_file)
     return client_state
 
 

@@ -84,3 +84,25 @@ def test_a_repeated_key_in_the_deepspeed_json_is_an_error(tmp_path):
     p.write_text('{"zero_optimization": {"stage": 2, "stage": 3}, "bf16": {"enabled": "auto"}}')
     with pytest.raises(DeepSpeedConfigError, match=r"ds.json: duplicate key 'stage' \(JSON keeps the last one"):
         load_deepspeed_config(p, **JOB)
+
+
+def test_rng_state_round_trips_through_safetensors_without_pickle(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    from distrib_ft.runtime.checkpoint import load_rng_state, save_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1)  # a cached gaussian is part of Python's state
+    np.random.standard_normal()
+    save_rng_state(tmp_path / "rng.safetensors")
+    expected = (random.random(), random.gauss(0, 1), np.random.random(), np.random.standard_normal(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    load_rng_state(tmp_path / "rng.safetensors")
+    got = (random.random(), random.gauss(0, 1), np.random.random(), np.random.standard_normal(), torch.rand(3))
+    assert got[:4] == expected[:4] and torch.equal(got[4], expected[4])
+    with safe_open(str(tmp_path / "rng.safetensors"), framework="pt") as f:  # a safe format, readable as data
+        assert set(f.keys()) >= {"torch", "numpy_key"} and set(f.metadata()) == {"python", "numpy"}
