@@ -124,6 +124,12 @@ def cmd_train(args) -> int:
     if not args.resume and ((out / "final").exists() or (out / "rejected").exists()):
         raise UsageError(f"{cfg.source}: training.output_dir: {out} already holds a finished run (final/); "
                          "use --resume, or another output_dir")
+    from distrib_ft.runtime.loop import check_output_dir
+
+    try:  # before any worker starts: another run's checkpoints are refused here, not after the model loads
+        check_output_dir(job, args.resume)
+    except ValueError as e:
+        raise UsageError(f"{cfg.source}: {e}") from None
     _run(job, args, "train", resume=args.resume)
     summary_file = out / "summary.json"
     if not summary_file.exists():

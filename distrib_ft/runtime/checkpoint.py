@@ -30,6 +30,7 @@ from distrib_ft.methods import checkpoint_trainable_only
 from distrib_ft.runtime import dist
 
 COMPLETE = "COMPLETE"
+OWNER = "job.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -95,11 +96,12 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict, *,
-                    exclude_frozen: bool, keep: int, protect: set[int] = frozenset()) -> Path:
+                    exclude_frozen: bool, keep: int, protect: set[int] = frozenset(), owner: dict | None = None) -> Path:
     """Save a checkpoint of step ``step`` under output_dir/checkpoints. Collective: every rank calls it.
 
-    Keeps the newest ``keep`` checkpoints and the steps in ``protect`` (e.g. the monitor's best model within
-    budget). Returns the checkpoint folder.
+    ``owner`` (``job.json``: the job's identity and geometry, see :func:`check_owner`) is written before the
+    COMPLETE marker. Keeps the newest ``keep`` checkpoints and the steps in ``protect`` (e.g. the monitor's
+    best model within budget). Returns the checkpoint folder.
     """
     root = Path(output_dir) / "checkpoints"
     tag = f"step-{step}"
@@ -108,12 +110,48 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
     save_rng_state(root / tag / f"rng_rank{dist.rank()}.safetensors")
     dist.barrier()
     if dist.is_main():
+        if owner is not None:
+            atomic_write_text(root / tag / OWNER, json.dumps(owner, indent=1, sort_keys=True) + "\n")
         atomic_write_text(root / tag / COMPLETE, f"{step}\n")
         for old in complete_checkpoints(output_dir)[:-keep]:
             if int(old.name.removeprefix("step-")) not in protect:
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return root / tag
+
+
+def check_owner(path: Path, owner: dict) -> None:
+    """Refuse a checkpoint that this job did not write: another job's settings, or another geometry.
+
+    ``owner`` is ``{"world_size", "global_batch", "job"}`` (``job``: the resolved job less the keys a resume
+    may change, see ``distrib_ft.job.Job.owner``).
+
+    Raises:
+        ValueError: one line naming the checkpoint and what differs (the first few keys).
+    """
+    file = Path(path) / OWNER
+    if not file.is_file():
+        raise ValueError(f"--resume: {path} has no {OWNER}: it was not written by this version of distrib-ft for "
+                         "this job; use another training.output_dir")
+    saved = json.loads(file.read_text())
+    if (saved.get("world_size"), saved.get("global_batch")) != (owner["world_size"], owner["global_batch"]):
+        raise ValueError(f"distributed.num_workers: --resume: {path} was written by {saved.get('world_size')} "
+                         f"worker(s) (global batch {saved.get('global_batch')}); this run has {owner['world_size']} "
+                         f"(global batch {owner['global_batch']}); set distributed.num_workers: "
+                         f"{saved.get('world_size')} (and the same batch sizes) to resume")
+    theirs, ours = _flat(saved.get("job", {})), _flat(owner["job"])
+    differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:3])
+        raise ValueError(f"--resume: {path} belongs to another job ({shown}"
+                         f"{'; ...' if len(differ) > 3 else ''}); use another training.output_dir")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def load_checkpoint(engine, path: Path, *, exclude_frozen: bool) -> dict:

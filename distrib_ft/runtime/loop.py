@@ -136,6 +136,7 @@ def setup(job: Job, resume: bool) -> Run:
 
     # Resume: engine, optimizer, scheduler, RNG, the defences' and the monitor's state, and the step
     # (the data position is a function of it).
+    check_output_dir(job, resume)
     latest = ckpt.latest_checkpoint(out) if resume else None
     state: dict = {}
     if latest is not None:
@@ -166,7 +167,7 @@ def setup(job: Job, resume: bool) -> Run:
                                replay_ratio=mixed_share),
               max_steps=max_steps, per_rank=per_rank, global_batch=global_batch, mixed_share=mixed_share,
               trainable=trainable, total=total, step=step, tokens_seen=state.get("tokens_seen", 0),
-              saved={int(p.name.removeprefix("step-")) for p in ckpt.complete_checkpoints(out)})
+              saved={int(p.name.removeprefix("step-")) for p in ckpt.complete_checkpoints(out)} if resume else set())
     if step == 0:
         start = merged(call(defences, "metrics"))  # e.g. the masked fraction of token masking
         if start:
@@ -301,8 +302,25 @@ def save(run: Run, at: int) -> None:
     keep_best = run.monitor.choose(at, sorted(run.saved | {at}))[0] if run.evaluating else None
     ckpt.save_checkpoint(run.engine, run.out, at, run.client_state(),
                          exclude_frozen=checkpoint_trainable_only(run.method),
-                         keep=run.job.config.training.save_total_limit, protect={keep_best} - {None})
+                         keep=run.job.config.training.save_total_limit, protect={keep_best} - {None},
+                         owner=run.job.owner())
     run.saved.add(at)
+
+
+def check_output_dir(job: Job, resume: bool) -> None:
+    """Refuse state on disk that belongs to another run: a fresh run in a folder with checkpoints, or a resume
+    from a checkpoint another job (or another number of workers) wrote.
+
+    Raises:
+        ValueError: one line naming ``training.output_dir`` or the checkpoint and what to do.
+    """
+    out = Path(job.config.training.output_dir)
+    found = ckpt.complete_checkpoints(out)
+    if not resume and found:
+        raise ValueError(f"training.output_dir: {out} holds checkpoints of an unfinished run ({found[-1].name}); "
+                         "use --resume to continue it, or another output_dir")
+    if resume and found:
+        ckpt.check_owner(found[-1], job.owner())
 
 
 def _epoch(run: Run) -> float:

@@ -118,18 +118,16 @@ def test_worker_data_error_is_one_line_exit_2(tmp_path, tiny_model_dir):
     assert_one_line_error(r, "bad.jsonl", "line 2", "output")
 
 
-@pytest.mark.parametrize("override, names_job, message", [
-    ("training.learning_rat=1", True, "training.learning_rat: unknown key"),
-    ("data.train_files=[nope.jsonl]", True, "data.train_files[0]: nope.jsonl not found"),
-    # the line names the missing file itself, and the key
-    ("distributed.deepspeed=missing.json", False, "job.yaml: distributed.deepspeed: missing.json not found"),
-    ("model.name_or_path=/nonexistent/model", True,
-     "model.name_or_path: /nonexistent/model is not a Hugging Face model folder"),
+@pytest.mark.parametrize("override, message", [
+    ("training.learning_rat=1", "training.learning_rat: unknown key"),
+    ("data.train_files=[nope.jsonl]", "data.train_files[0]: nope.jsonl not found"),
+    ("distributed.deepspeed=missing.json", "distributed.deepspeed: missing.json not found"),
+    ("model.name_or_path=/nonexistent/model", "model.name_or_path: /nonexistent/model is not a Hugging Face model folder"),
 ])
-def test_input_errors_fail_before_any_worker(tmp_path, tiny_model_dir, override, names_job, message):
+def test_input_errors_fail_before_any_worker(tmp_path, tiny_model_dir, override, message):
     job = write_job(tmp_path, job_dict(tmp_path, tiny_model_dir))
     r = cli("train", job, override, timeout=120)
-    assert_one_line_error(r, *([f"{job}: {message}"] if names_job else [message]))
+    assert_one_line_error(r, f"{job}: {message}")  # the line names the job file and the key
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -215,3 +213,16 @@ def test_budget_gate_exit_code_and_standalone_eval(tmp_path, tiny_model_dir):
     # suites is a list: the override path is refused with a clear error
     assert_one_line_error(r, f"{job}: override monitor.suites.0.max_relative_increase: suites is not a section")
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_fresh_job_in_a_folder_with_checkpoints_is_refused_before_any_worker(tmp_path, tiny_model_dir):
+    raw = job_dict(tmp_path, tiny_model_dir)
+    step = Path(raw["training"]["output_dir"]) / "checkpoints" / "step-2"
+    step.mkdir(parents=True)
+    (step / "COMPLETE").write_text("2\n")
+    job = write_job(tmp_path, raw)
+    r = cli("train", job, timeout=120)
+    assert_one_line_error(r, f"{job}: training.output_dir: ", "holds checkpoints of an unfinished run (step-2); "
+                          "use --resume to continue it, or another output_dir")
+    r = cli("train", job, "--resume", timeout=120)  # and it is no checkpoint of this job either
+    assert_one_line_error(r, f"{job}: --resume: ", "has no job.json")

@@ -106,3 +106,20 @@ def test_rng_state_round_trips_through_safetensors_without_pickle(tmp_path):
     assert got[:4] == expected[:4] and torch.equal(got[4], expected[4])
     with safe_open(str(tmp_path / "rng.safetensors"), framework="pt") as f:  # a safe format, readable as data
         assert set(f.keys()) >= {"torch", "numpy_key"} and set(f.metadata()) == {"python", "numpy"}
+
+
+def test_a_checkpoint_of_another_geometry_or_job_is_refused(tmp_path):
+    from distrib_ft.runtime.checkpoint import check_owner
+
+    ckpt = tmp_path / "step-8"
+    ckpt.mkdir()
+    with pytest.raises(ValueError, match=r"has no job.json: it was not written by this version"):
+        check_owner(ckpt, {"world_size": 1, "global_batch": 2, "job": {}})
+    (ckpt / "job.json").write_text(json.dumps({"world_size": 2, "global_batch": 4, "job": {"training": {"seed": 1}}}))
+    with pytest.raises(ValueError, match=r"distributed.num_workers: --resume: .*step-8 was written by 2 worker\(s\) "
+                                         r"\(global batch 4\); this run has 1 \(global batch 2\); set "
+                                         r"distributed.num_workers: 2"):
+        check_owner(ckpt, {"world_size": 1, "global_batch": 2, "job": {"training": {"seed": 1}}})
+    with pytest.raises(ValueError, match=r"belongs to another job \(training.seed: 1 there, 2 here\)"):
+        check_owner(ckpt, {"world_size": 2, "global_batch": 4, "job": {"training": {"seed": 2}}})
+    check_owner(ckpt, {"world_size": 2, "global_batch": 4, "job": {"training": {"seed": 1}}})  # its own: fine

@@ -1,0 +1,37 @@
+"""State on disk that belongs to another run is never taken as this run's (shared cases
+output-dir-stale-checkpoints and resume-different-world-size)."""
+
+import shutil
+
+import pytest
+
+from distrib_ft.config import config_from_dict
+from distrib_ft.runtime.loop import train
+from tests.jobs import job_dict, set_in
+
+
+@pytest.fixture
+def interrupted(tmp_path, tiny_model_dir):
+    """Job A, stopped after its step-2 checkpoint: checkpoints/ and no final/."""
+    raw = job_dict(tmp_path, tiny_model_dir, zero=2, max_steps=4, save_steps=2, save_total_limit=3, learning_rate=1e-2)
+    train(config_from_dict(raw))
+    out = tmp_path / "out"
+    for gone in ("final", "checkpoints/step-4", "summary.json"):
+        shutil.rmtree(out / gone) if (out / gone).is_dir() else (out / gone).unlink()
+    return raw
+
+
+def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(interrupted):
+    other = set_in(dict(interrupted), "training", {**interrupted["training"], "learning_rate": 1e-3})
+    with pytest.raises(ValueError, match=r"training.output_dir: .* holds checkpoints of an unfinished run \(step-2\); "
+                                         r"use --resume to continue it, or another output_dir"):
+        train(config_from_dict(other))
+
+
+def test_resume_refuses_another_jobs_checkpoint_and_continues_its_own(interrupted, tmp_path):
+    other = set_in(dict(interrupted), "training", {**interrupted["training"], "learning_rate": 1e-3})
+    with pytest.raises(ValueError, match=r"--resume: .*step-2 belongs to another job \(training.learning_rate: 0.01 "
+                                         r"there, 0.001 here\); use another training.output_dir"):
+        train(config_from_dict(other), resume=True)
+    longer = set_in(dict(interrupted), "training", {**interrupted["training"], "max_steps": 6})  # may change
+    assert train(config_from_dict(longer), resume=True)["steps"] == 6
