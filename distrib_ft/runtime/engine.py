@@ -117,6 +117,15 @@ def load_deepspeed_config(path: str | Path, *, micro_batch_size: int, gradient_a
     zero = cfg.get("zero_optimization", {})
     if not isinstance(zero.get("stage", 0), int) or zero.get("stage", 0) not in (0, 1, 2, 3):
         raise DeepSpeedConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3")
+    if zero.get("stage", 0) == 0 and cfg["bf16"]["enabled"]:
+        # Without ZeRO, DeepSpeed's bf16 wraps the optimizer in FP16_UnfusedOptimizer, which steps AdamW once with
+        # zero gradients at set-up (the first updates come out ~26% too small, weight decay is applied with no
+        # data) and keeps no fp32 copy to export. Mixed precision through torch autocast instead: fp32 weights
+        # and optimizer, bf16 matmuls (DeepSpeed's "torch_autocast" section).
+        cfg["bf16"]["enabled"] = False
+        _fill(cfg.setdefault("torch_autocast", {}), "enabled", True, "torch_autocast.enabled", where,
+              "training.bf16 with ZeRO-0")
+        _fill(cfg["torch_autocast"], "dtype", "bfloat16", "torch_autocast.dtype", where, "training.bf16 with ZeRO-0")
     return cfg
 
 
