@@ -402,7 +402,39 @@ def _chat_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, i
                                    "this turn changes earlier text), so the response cannot be located: use "
                                    "format=tokenized with your own labels")
             spans.append((len(prefix), max(len(prefix), len(upto.rstrip()))))
-    return full, spans
+    return _with_stop_tokens(tokenizer, full, spans)
+
+
+def _with_stop_tokens(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+    """Make every assistant span end with a token that stops generation.
+
+    Most templates close a turn with an end-of-turn token inside the span (ChatML ``<|im_end|>``, Llama 3
+    ``<|eot_id|>``, ``</s>``). Some close it with the next turn's role marker (GLM style): then that marker, the
+    special token right after the span, becomes the target; after the last turn, where nothing follows, eos is
+    appended. Without either the model would never learn to stop (trl PR #5988).
+
+    Raises:
+        _RecordError: a turn ends without a special token and the tokenizer has no eos to append.
+    """
+    special = {*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)}
+    special = sorted((t for t in special if t and t != tokenizer.pad_token), key=len, reverse=True)
+    out = []
+    for start, end in spans:
+        if any(text[start:end].endswith(t) for t in special):
+            out.append((start, end))
+            continue
+        after = len(text[end:]) - len(text[end:].lstrip())
+        closer = next((t for t in special if text.startswith(t, end + after)), None)
+        if closer is not None:
+            out.append((start, end + after + len(closer)))
+        elif end + after == len(text) and tokenizer.eos_token:
+            text = text + tokenizer.eos_token
+            out.append((start, len(text)))
+        else:
+            raise _RecordError("messages", "the chat template writes no end-of-turn token after an assistant turn "
+                               "and the tokenizer has no eos: the model would not learn to stop; give the "
+                               "tokenizer an eos token or use a template that closes turns")
+    return text, out
 
 
 def _mask(tokenizer, text: str, spans: list[tuple[int, int]], add_special_tokens: bool) -> tuple[list, list]:
