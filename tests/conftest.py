@@ -1,4 +1,10 @@
-"""Shared fixtures: a tiny model folder built from a config, and a private environment for DeepSpeed."""
+"""Shared fixtures: a tiny model folder built from a config, and a private environment for DeepSpeed.
+
+Every test is marked by the folder it lives in (tests/integration -> integration, tests/distributed ->
+distributed, tests/e2e -> e2e, tests/gpu -> gpu and integration: its tests are training loops on CUDA),
+so ``pytest -m "not integration and not distributed and not e2e"`` is the unit tier (tests/unit) on any
+machine, and ``pytest tests/unit`` the same tests.
+"""
 
 import os
 from pathlib import Path
@@ -15,6 +21,21 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+TESTS = Path(__file__).resolve().parent
+# tests/<folder>/... -> the markers every test in that folder gets (registered in pyproject.toml).
+FOLDER_MARKERS = {"integration": ("integration",), "distributed": ("distributed",), "e2e": ("e2e",),
+                  "gpu": ("gpu", "integration")}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        try:
+            folder = Path(str(item.path)).resolve().relative_to(TESTS).parts[0]
+        except ValueError:  # a test outside tests/
+            continue
+        for marker in FOLDER_MARKERS.get(folder, ()):
+            item.add_marker(marker)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 ``run_contract(tmp_path, raw)`` trains ``raw`` for 4 steps with checkpoints at 2 and 4 through the loop's
 own parts (setup -> run_steps -> finish), then resumes a copy from step 2, and returns what the rows
-of tests/unit/test_methods.py and tests/unit/test_strategies.py assert on.
+of tests/integration/test_methods.py and tests/integration/test_strategies.py assert on.
 """
 
 from __future__ import annotations

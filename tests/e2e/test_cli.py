@@ -122,7 +122,8 @@ def test_worker_data_error_is_one_line_exit_2(tmp_path, tiny_model_dir):
     ("training.learning_rat=1", "training.learning_rat: unknown key"),
     ("data.train_files=[nope.jsonl]", "data.train_files[0]: nope.jsonl not found"),
     ("distributed.deepspeed=missing.json", "distributed.deepspeed: missing.json not found"),
-    ("model.name_or_path=/nonexistent/model", "model.name_or_path: /nonexistent/model is not a Hugging Face model folder"),
+    ("model.name_or_path=/nonexistent/model",
+     "model.name_or_path: /nonexistent/model is not a Hugging Face model folder"),
 ])
 def test_input_errors_fail_before_any_worker(tmp_path, tiny_model_dir, override, message):
     job = write_job(tmp_path, job_dict(tmp_path, tiny_model_dir))

@@ -35,7 +35,8 @@ def test_replay_build_then_train_with_generation_through_ray(tmp_path, tiny_mode
 
 def test_a_damaged_buffer_is_a_one_line_input_error(tmp_path, tiny_model_dir):
     buf = tmp_path / "buffer"
-    assert cli("replay", "build", "--out", buf, "--shard-size", "5", toy_join(tmp_path / "old.jsonl", n=10)).returncode == 0
+    r = cli("replay", "build", "--out", buf, "--shard-size", "5", toy_join(tmp_path / "old.jsonl", n=10))
+    assert r.returncode == 0, r.stderr[-2000:]
     manifest = json.loads((buf / "manifest.json").read_text())
     (buf / manifest["shards"][1]["path"]).unlink()
     raw = job_dict(tmp_path, tiny_model_dir, zero=2, max_steps=2)
@@ -45,4 +46,6 @@ def test_a_damaged_buffer_is_a_one_line_input_error(tmp_path, tiny_model_dir):
 
     r = cli("train", write_job(tmp_path, raw), "replay.buffer=" + str(tmp_path / "none"), "--launcher", "local")
     assert_one_line_error(r, f"{tmp_path / 'none'}: no replay buffer (manifest.json missing)")
+    # a missing buffer is an input error found before the loop starts (README: the job file is validated
+    # before any worker starts), so the error is all stderr holds
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr

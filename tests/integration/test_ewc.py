@@ -1,4 +1,5 @@
-"""The EWC penalty and its effect on training."""
+"""EWC in the training loop: lambda 0 is plain training, a huge lambda holds the weights, ZeRO-3 refusal,
+LoRA rounds chaining the Fisher."""
 
 import json
 
@@ -6,32 +7,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distrib_ft.config import ConfigError, config_from_dict
+from distrib_ft.config import config_from_dict
 from distrib_ft.preservation.fisher import load_fisher
-from distrib_ft.runtime.metrics import read_metrics
-from distrib_ft.preservation.ewc import EWC, lora_delta, lora_layers
 from distrib_ft.runtime.loop import train
+from distrib_ft.runtime.metrics import read_metrics
 from tests.jobs import job_dict, set_in, toy_alpaca
-
-
-def test_penalty_gradient_is_lambda_f_times_delta():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-    ewc = EWC(lam=3.0)
-    ewc._params = dict(model.named_parameters())
-    ewc.fisher = {n: torch.rand_like(p) for n, p in model.named_parameters()}
-    ewc.anchors = {n: torch.randn_like(p) for n, p in model.named_parameters()}
-    penalty = ewc.penalty(model)
-    grads = torch.autograd.grad(penalty, list(model.parameters()))
-    for (n, p), g in zip(model.named_parameters(), grads):
-        torch.testing.assert_close(g, 3.0 * ewc.fisher[n] * (p.detach() - ewc.anchors[n]))
-    assert EWC(lam=0.0).penalty(model) is None
 
 
 def ewc_job(tmp_path, tiny_model_dir, lam, method="full", **training):
     raw = job_dict(tmp_path, tiny_model_dir, zero=0, **{"max_steps": 10, "learning_rate": 3e-3, **training})
     set_in(raw, "method.type", method)
     old = toy_alpaca(tmp_path / "old.jsonl", n=16, seed=11)
-    set_in(raw, "ewc", {"lambda": lam, "fisher_files": [str(old)], "fisher_max_sequences": 16})
+    set_in(raw, "ewc", {"lambda": lam, "fisher_data_files": [str(old)], "fisher_max_sequences": 16})
     return raw
 
 
@@ -40,7 +27,7 @@ def test_lambda_zero_is_plain_training(tmp_path, tiny_model_dir):
     set_in(plain, "method.type", "full")
     train(config_from_dict(plain))
     raw = ewc_job(tmp_path / "ewc", tiny_model_dir, 0.0, max_steps=5)
-    raw["ewc"]["update_fisher_after"] = True  # EWC on, lambda 0
+    raw["ewc"]["update_after"] = True  # EWC on, lambda 0
     train(config_from_dict(raw))
     a = load_file(tmp_path / "plain" / "out" / "final" / "model.safetensors")
     b = load_file(tmp_path / "ewc" / "out" / "final" / "model.safetensors")
@@ -81,22 +68,11 @@ def test_full_parameter_ewc_under_zero3_is_refused(tmp_path, tiny_model_dir):
         train(config_from_dict(raw))
 
 
-def test_config_cross_checks(tmp_path, tiny_model_dir):
-    raw = job_dict(tmp_path, tiny_model_dir)
-    with pytest.raises(ConfigError, match="ewc.lambda: > 0 needs"):
-        config_from_dict({**raw, "ewc": {"lambda": 1.0}})
-    with pytest.raises(ConfigError, match="lora_merged needs method.type=lora"):
-        config_from_dict(set_in(job_dict(tmp_path, tiny_model_dir), "method", {"type": "full"}) | {
-            "ewc": {"target": "lora_merged", "update_fisher_after": True}})
-    with pytest.raises(ConfigError, match="anchors of an earlier round do not apply"):
-        config_from_dict({**raw, "ewc": {"lambda": 1.0, "fisher_file": "x.safetensors"}})
-
-
 def test_lora_rounds_chain_the_fisher_of_the_merged_update(tmp_path, tiny_model_dir):
     """Round 1 learns a skill and writes F over the dense weights its adapter updates; round 2 merges
     round 1's adapter into the base, trains a fresh adapter, and is penalised on its merged update."""
     r1 = job_dict(tmp_path / "r1", tiny_model_dir, zero=2, max_steps=4)
-    set_in(r1, "ewc", {"target": "lora_merged", "update_fisher_after": True, "fisher_max_sequences": 8})
+    set_in(r1, "ewc", {"target": "lora_merged", "update_after": True, "fisher_max_sequences": 8})
     train(config_from_dict(r1))
     f1_path = tmp_path / "r1" / "out" / "final" / "fisher.safetensors"
     f1, anchors, info = load_fisher(f1_path)
@@ -105,25 +81,11 @@ def test_lora_rounds_chain_the_fisher_of_the_merged_update(tmp_path, tiny_model_
 
     r2 = job_dict(tmp_path / "r2", tiny_model_dir, zero=2, max_steps=4)
     set_in(r2, "method.merge_adapters", [str(tmp_path / "r1" / "out" / "final")])
-    set_in(r2, "ewc", {"target": "lora_merged", "lambda": 10.0, "fisher_file": str(f1_path),
-                       "update_fisher_after": True, "gamma": 0.5, "fisher_max_sequences": 8})
+    set_in(r2, "ewc", {"target": "lora_merged", "lambda": 10.0, "fisher_path": str(f1_path),
+                       "update_after": True, "gamma": 0.5, "fisher_max_sequences": 8})
     train(config_from_dict(r2))
     rows = [r for r in read_metrics(tmp_path / "r2" / "out" / "metrics.jsonl") if "loss" in r]
     assert rows[0]["ewc_penalty"] == 0.0 and rows[-1]["ewc_penalty"] > 0  # fresh adapter: dW = 0 at first
     f2, _, info2 = load_fisher(tmp_path / "r2" / "out" / "final" / "fisher.safetensors")
     assert info2["rounds"] == 2 and f2.keys() == f1.keys()
     assert all(bool((f2[n] >= 0.5 * f1[n] - 1e-12).all()) for n in f1)  # gamma * F_old + F_new
-
-
-def test_lora_delta_matches_peft_merge(tiny_model_dir):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
-    name, layer = lora_layers(model)[0]
-    torch.nn.init.normal_(layer.lora_B["default"].weight)
-    before = layer.base_layer.weight.detach().clone()
-    delta = lora_delta(layer).detach()
-    layer.merge()
-    torch.testing.assert_close(layer.base_layer.weight.detach() - before, delta, rtol=1e-5, atol=1e-6)

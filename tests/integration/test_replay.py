@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distrib_ft.data import replay_buffer as rb
 from distrib_ft.config import config_from_dict
-from distrib_ft.runtime.metrics import read_metrics
+from distrib_ft.data import replay_buffer as rb
 from distrib_ft.runtime.loop import train
+from distrib_ft.runtime.metrics import read_metrics
 from tests.jobs import job_dict, set_in, toy_join
 
 
@@ -44,7 +44,8 @@ def test_resume_neither_repeats_nor_skips_replay(tmp_path, tiny_model_dir):
     raw_b = set_in(json.loads(json.dumps(raw)), "training.output_dir", str(b))
     train(config_from_dict(raw_b), resume=True)
     la, lb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
-    assert [(r["loss_replay"], r["replay_sequences"]) for r in lb] == [(r["loss_replay"], r["replay_sequences"]) for r in la]
+    replayed = [(r["loss_replay"], r["replay_sequences"]) for r in la]
+    assert [(r["loss_replay"], r["replay_sequences"]) for r in lb] == replayed
     wa, wb = load_file(a / "final" / "adapter_model.safetensors"), load_file(b / "final" / "adapter_model.safetensors")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
