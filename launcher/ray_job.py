@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -58,7 +59,9 @@ def run_on_ray(job: Job, fn: Callable, *, address: str | None = None, kwargs: di
         WorkerError: a worker failed; carries the workers' first error.
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    trainer_cls = _trainer_class()
 
     dcfg = job.config.distributed
     needed = dcfg.num_workers * dcfg.cpus_per_worker
@@ -68,7 +71,7 @@ def run_on_ray(job: Job, fn: Callable, *, address: str | None = None, kwargs: di
             raise RuntimeError("distributed.use_gpu: true but the Ray cluster has no GPU; set it to auto or false")
         backend = dcfg.backend if dcfg.backend != "auto" else ("nccl" if use_gpu else "gloo")
         storage = Path(tempfile.mkdtemp(prefix="dft-train-"))
-        trainer = TorchTrainer(
+        trainer = trainer_cls(
             _worker_loop,
             train_loop_config={"job": job, "fn": fn, "kwargs": kwargs or {}},
             torch_config=TorchConfig(backend=backend),
@@ -83,9 +86,45 @@ def run_on_ray(job: Job, fn: Callable, *, address: str | None = None, kwargs: di
         try:
             trainer.fit()
         except Exception as e:  # Ray wraps the worker's exception; surface the first one
+            if trainer.interrupted:
+                raise KeyboardInterrupt from None
             raise WorkerError(_first_worker_error(e)) from e
         finally:
             shutil.rmtree(storage, ignore_errors=True)
+        if trainer.interrupted:  # aborted by Ctrl-C: the CLI prints "interrupted" and exits 130
+            raise KeyboardInterrupt
+
+
+def _trainer_class():
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        """Ray's TorchTrainer with our Ctrl-C: Ray's own SIGINT handler aborts the run, then exits the driver with
+        status 0/1 from inside the handler, so the CLI could not report 130 "interrupted". Ours aborts the same
+        way (the controller stops the workers; Ray's processes are cleaned up) and records it; a third Ctrl-C
+        stops waiting."""
+
+        interrupted = False
+
+        def _register_sigint_handler(self, controller) -> None:  # overrides Ray Train v2's (private) hook
+            import ray
+
+            def on_sigint(signum, frame):
+                self.interrupted = True
+                self._sigints = getattr(self, "_sigints", 0) + 1
+                if self._sigints >= 3:
+                    raise KeyboardInterrupt
+                if self._sigints == 1:
+                    print("distrib-ft: stopping the workers (Ctrl-C twice more to stop waiting)",
+                          file=sys.stderr, flush=True)
+                    try:
+                        ray.get(controller.abort.remote())
+                    except ray.exceptions.RayActorError:
+                        pass
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+    return Trainer
 
 
 class WorkerError(RuntimeError):

@@ -227,3 +227,31 @@ def test_a_fresh_job_in_a_folder_with_checkpoints_is_refused_before_any_worker(t
                           "use --resume to continue it, or another output_dir")
     r = cli("train", job, "--resume", timeout=120)  # and it is no checkpoint of this job either
     assert_one_line_error(r, f"{job}: --resume: ", "has no job.json")
+
+
+@pytest.mark.parametrize("launcher", ["ray", "local"])
+def test_ctrl_c_exits_130_with_a_message_on_both_launchers(tmp_path, tiny_model_dir, launcher):
+    """shared case ray-interrupt-exit-code: Ray Train's own SIGINT handler turned Ctrl-C into exit 1, silently."""
+    import signal
+    import time
+
+    raw = job_dict(tmp_path, tiny_model_dir, max_steps=100000, logging_steps=1)
+    job = write_job(tmp_path, raw)
+    env = clean_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    before = set(live_ray_processes("dft-ray-"))
+    p = subprocess.Popen([*CLI, "train", str(job), "--launcher", launcher], cwd=ROOT, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    metrics = Path(raw["training"]["output_dir"]) / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    assert p.poll() is None, p.communicate()[1][-3000:]
+    p.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, err = p.communicate(timeout=180)
+    assert p.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "distrib-ft: interrupted", err[-3000:]
+    deadline = time.time() + 30
+    while set(live_ray_processes("dft-ray-")) - before and time.time() < deadline:
+        time.sleep(1)
+    assert not set(live_ray_processes("dft-ray-")) - before, "an interrupted job left Ray processes behind"
