@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from distrib_ft.config import PROJECT_ROOT, JobConfig
+from distrib_ft.data.check import check_files
 from distrib_ft.methods import METHODS, build_method
 from distrib_ft.model import adaptable_modules
 from distrib_ft.preservation import DEFENCES
@@ -82,11 +83,36 @@ def resolve(config: JobConfig, world_size: int | None = None) -> Job:
                                                                      resolved.model.trust_remote_code))
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
+    tokenizer = _tokenizer(resolved.model.name_or_path, resolved.model.trust_remote_code)
+    _check_data(resolved, tokenizer)
     for defence in DEFENCES:
         section = getattr(resolved, defence.name)
         if section.enabled and hasattr(defence, "preflight"):
-            defence.preflight(section)
+            defence.preflight(section, resolved, tokenizer)
     return Job(config=resolved, deepspeed=ds, world_size=world)
+
+
+def _tokenizer(name_or_path: str, trust_remote_code: bool):
+    """The model's tokenizer for the driver's data check, or None when it cannot be loaded here (a hub id)."""
+    from distrib_ft.model import load_tokenizer
+
+    try:
+        return load_tokenizer(name_or_path, trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
+def _check_data(config: JobConfig, tokenizer) -> None:
+    """The first records of the new task's files and of every retention suite (DataError, exit 2)."""
+    d = config.data
+    common = dict(tokenizer=tokenizer, max_seq_length=d.max_seq_length, prompt_template=d.prompt_template,
+                  text_field=d.text_field)
+    check_files(d.train_files, d.format, key="data.train_files", **common)
+    if d.eval_files:
+        check_files(d.eval_files, d.format, key="data.eval_files", **common)
+    for i, suite in enumerate(config.monitor.suites):
+        check_files(suite.files, suite.format, key=f"monitor.suites[{i}].files",
+                    **{**common, "tokenizer": tokenizer if suite.metric == "nll" else None})
 
 
 def _path_kind(field) -> str | None:

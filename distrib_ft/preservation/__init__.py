@@ -27,8 +27,10 @@ ones it needs; there is no base class), in this order:
 - ``on_task_end(model, *, final_dir, train_examples)``: what the next round needs (written into final/,
   or the replay buffer); returns the files written.
 
-Also optional, on the driver before any worker starts: ``preflight(config)`` (a staticmethod) checks
-inputs that only the defence understands (e.g. that a replay buffer version exists).
+Also optional, on the driver before any worker starts: ``preflight(config, job, tokenizer)`` (a staticmethod;
+``job``: the resolved JobConfig, ``tokenizer`` None when it cannot be loaded there) checks
+inputs that only the defence understands (that a replay buffer version exists, the first records of
+its data files).
 
 To add a defence: a file here with its config class and its class, one line in ``DEFENCES``, one row in
 tests/unit/test_strategies.py (docs/architecture.md walks through a real one).

@@ -126,6 +126,17 @@ class EWC:
         self.info: dict = {}
         self._penalty_sum, self._penalty_steps = 0.0, 0
 
+    @staticmethod
+    def preflight(config: EWCConfig, job, tokenizer) -> None:
+        """On the driver: the first records of ``fisher_data_files`` (DataError naming the file and line)."""
+        from distrib_ft.data.check import check_files
+
+        if config.fisher_data_files:
+            d = job.data
+            check_files(config.fisher_data_files, config.fisher_data_format or d.format, key="ewc.fisher_data_files",
+                        tokenizer=tokenizer, max_seq_length=d.max_seq_length, prompt_template=d.prompt_template,
+                        text_field=d.text_field)
+
     def fisher_examples(self) -> list[dict]:
         """A uniform sample (``fisher_max_sequences``) of ``fisher_data_files``, tokenized like the job's data."""
         from distrib_ft.data.formats import build_dataset

@@ -80,7 +80,7 @@ class Replay:
         self._window = [0.0, 0, 0.0, 0, 0, 0]
 
     @staticmethod
-    def preflight(config: ReplayConfig) -> None:
+    def preflight(config: ReplayConfig, job, tokenizer) -> None:
         """On the driver: the buffer version to read exists (DataError, exit 2, when not).
 
         A buffer that generative replay is about to fill is checked when the job starts.

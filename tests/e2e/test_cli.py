@@ -57,6 +57,7 @@ def write_job(tmp_path, raw) -> Path:
 
 
 def live_ray_processes(tag: str) -> list[str]:
+    """Live processes of an embedded Ray started from this venv (other checkouts on a shared machine are not ours)."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -66,7 +67,7 @@ def live_ray_processes(tag: str) -> list[str]:
             state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[0]
         except OSError:
             continue
-        if tag in cmd and state != "Z":
+        if tag in cmd and sys.prefix in cmd and state != "Z":  # ours: started by this venv's interpreter
             found.append(f"{pid}: {cmd[:120]}")
     return found
 
@@ -106,16 +107,21 @@ def test_train_through_ray_with_two_workers(tmp_path, tiny_model_dir):
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_worker_data_error_is_one_line_exit_2(tmp_path, tiny_model_dir):
+def test_data_errors_are_one_line_exit_2_on_the_driver_and_on_the_workers(tmp_path, tiny_model_dir):
     raw = job_dict(tmp_path, tiny_model_dir)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    good = '{"instruction": "a", "output": "b"}\n'
+    bad.write_text(good + '{"instruction": "c"}\n')
     set_in(raw, "data.train_files", [str(bad)])
     set_in(raw, "distributed.num_workers", 2)
+    r = cli("train", write_job(tmp_path, raw))  # in the first records: found on the driver, no worker started
+    assert_one_line_error(r, f"{bad}: line 2: field 'output': missing")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    bad.write_text(good * 99 + '{"instruction": "c"}\n')  # past what the driver reads: the workers' full check
     before = set(live_ray_processes("dft-ray-"))
     r = cli("train", write_job(tmp_path, raw))
     assert set(live_ray_processes("dft-ray-")) <= before, "a failed job left Ray processes behind"
-    assert_one_line_error(r, "bad.jsonl", "line 2", "output")
+    assert_one_line_error(r, "bad.jsonl", "line 100", "output")
 
 
 @pytest.mark.parametrize("override, message", [

@@ -1,0 +1,44 @@
+"""The driver's look at the data before any worker starts: the first records of every file, with its format.
+
+Workers still check every record while they prepare the data (distrib_ft/data/formats.py); this catches the
+common mistakes -- a missing or empty file, a line that is not JSON, a record without the fields its format
+needs, a chat format without a chat template -- in seconds instead of after Ray has started the workers and
+loaded the model.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from distrib_ft.data.formats import DataError, encode_record, resolve_template, validate_record
+from distrib_ft.data.replay_buffer import iter_records
+
+FIRST = 64  # records checked per file
+
+
+def check_files(files: list[str], fmt: str, *, key: str, tokenizer=None, max_seq_length: int = 512,
+                prompt_template: str = "auto", text_field: str = "text") -> None:
+    """Validate the first :data:`FIRST` records of each file for ``fmt`` (and encode them when a tokenizer is
+    given: the chat template, the fields' types).
+
+    Args:
+        files: the files (absolute paths or URLs) of the job key ``key`` (e.g. ``data.train_files``).
+
+    Raises:
+        DataError: one line naming the file, the line (or record) and the field, or the key.
+    """
+    if tokenizer is not None and fmt in ("chat", "alpaca"):
+        template = resolve_template(tokenizer, prompt_template)
+        if (fmt == "chat" or template == "chat") and not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{files[0]}: {key}: format {fmt!r} needs a chat template but the tokenizer has none "
+                            "(use a chat model's tokenizer, or format=alpaca with data.prompt_template=alpaca)")
+    for path in files:
+        seen = 0
+        for where, record in itertools.islice(iter_records(path), FIRST):
+            validate_record(record, fmt, where, text_field)
+            if tokenizer is not None:
+                encode_record(record, fmt, where, tokenizer=tokenizer, max_seq_length=max_seq_length,
+                              prompt_template=prompt_template, text_field=text_field)
+            seen += 1
+        if not seen:
+            raise DataError(f"{path}: {key}: no records (the file is empty)")
