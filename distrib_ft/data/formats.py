@@ -179,17 +179,26 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
     Returns:
         LongTensors of shape (B, T): ``input_ids`` (``pad_token_id`` on padding), ``attention_mask``
-        (0 on padding) and ``labels`` (-100 on padding).
+        (0 on padding) and ``labels`` (-100 on padding). When any example is a packed block (it has
+        ``position_ids``), also ``position_ids``: the blocks' own, ``0..n-1`` for the other rows, and a new run
+        from 0 on padding, so that the model's block-diagonal mask keeps every example (and the padding) apart.
     """
     shape = (len(examples), max(len(e["input_ids"]) for e in examples))
     batch = {"input_ids": torch.full(shape, pad_token_id, dtype=torch.long),
              "attention_mask": torch.zeros(shape, dtype=torch.long),
              "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long)}
+    packed = any("position_ids" in e for e in examples)
+    if packed:
+        batch["position_ids"] = torch.zeros(shape, dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
         batch["input_ids"][row, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
         batch["labels"][row, :n] = torch.as_tensor(e["labels"], dtype=torch.long)
         batch["attention_mask"][row, :n] = 1
+        if packed:
+            batch["position_ids"][row, :n] = torch.as_tensor(e["position_ids"], dtype=torch.long) \
+                if "position_ids" in e else torch.arange(n)
+            batch["position_ids"][row, n:] = torch.arange(shape[1] - n)
     return batch
 
 
@@ -452,14 +461,27 @@ def _count_tokens(table: pa.Table) -> tuple[int, int]:
 
 
 def _pack_table(table: pa.Table, block: int) -> pa.Table:
-    """Concatenate all rows and cut rows of exactly ``block`` tokens (the remainder is dropped)."""
-    ids, labels = pc.list_flatten(table["input_ids"]), pc.list_flatten(table["labels"])
+    """Concatenate all rows and cut rows of exactly ``block`` tokens (the remainder is dropped).
+
+    Packed examples stay isolated: ``position_ids`` restart at 0 where each example starts (the model then
+    attends within an example only: Hugging Face builds a block-diagonal causal mask from them, or uses
+    flash-attn's varlen kernels), and an example's first token is never a target (it would be predicted
+    from the example before it).
+    """
+    lengths = pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    positions = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
+    ids = pc.list_flatten(table["input_ids"])
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    labels = pc.list_flatten(table["labels"]).to_numpy(zero_copy_only=False).copy()
+    labels[positions == 0] = IGNORE_INDEX
     n = len(ids) // block
     offsets = pa.array(np.arange(n + 1, dtype=np.int64) * block, pa.int32())  # raises past 2**31 tokens
 
     def cut(values):
-        return pa.ListArray.from_arrays(offsets, values.slice(0, n * block).combine_chunks())
-    return pa.table({"input_ids": cut(ids), "labels": cut(labels)})
+        values = values if isinstance(values, pa.Array) else pa.array(values, pa.int32())
+        return pa.ListArray.from_arrays(offsets, values.slice(0, n * block))
+    return pa.table({"input_ids": cut(ids), "labels": cut(labels), "position_ids": cut(positions)})
 
 
 def _stream(files: tuple[str, ...], stats: DataStats, packing: bool, kwargs: dict):
@@ -493,11 +515,14 @@ def _stream_file(path: str, stats: DataStats, kwargs: dict):
 
 
 def _pack_stream(examples, block: int, stats: DataStats):
-    ids, labels = [], []
+    """:func:`_pack_table` for a stream: blocks of ``block`` tokens with isolating ``position_ids``."""
+    ids, labels, positions = [], [], []
     for ex in examples:
-        ids, labels = ids + ex["input_ids"], labels + ex["labels"]
+        n = len(ex["input_ids"])
+        ids, labels = ids + ex["input_ids"], labels + [IGNORE_INDEX] + ex["labels"][1:]
+        positions += list(range(n))
         while len(ids) >= block:
-            yield {"input_ids": ids[:block], "labels": labels[:block]}
-            ids, labels = ids[block:], labels[block:]
+            yield {"input_ids": ids[:block], "labels": labels[:block], "position_ids": positions[:block]}
+            ids, labels, positions = ids[block:], labels[block:], positions[block:]
     if ids:
         stats.skipped[f"last partial block ({len(ids)} tokens) dropped by packing"] = 1

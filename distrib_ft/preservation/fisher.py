@@ -35,6 +35,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 
 from distrib_ft.runtime import dist
+from distrib_ft.runtime.loss import forward_logits
 from distrib_ft.runtime.metrics import Progress
 
 ESTIMATORS = ("empirical", "sampled", "batched")
@@ -112,7 +113,7 @@ def compute_fisher(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]
             batch = collate_fn([examples[j] for j in (idx or mine[:1] or [0])])
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.enable_grad():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = forward_logits(model, batch)
                 labels = batch["labels"]
                 if estimator == "sampled":
                     labels = _sample_labels(logits, labels, generator)

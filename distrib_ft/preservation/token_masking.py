@@ -28,6 +28,7 @@ import torch
 from pydantic import Field
 
 from distrib_ft.data.formats import IGNORE_INDEX, collate
+from distrib_ft.runtime.loss import forward_logits
 from distrib_ft.runtime import dist
 from distrib_ft.schema import Strict
 
@@ -103,7 +104,7 @@ def base_token_nll(model, dataset, *, batch_size: int, pad_token_id: int) -> lis
     out: dict[int, np.ndarray] = {}
     for idx, run in dist.share_batches(len(dataset), batch_size):
         batch = {k: v.to(dist.device()) for k, v in collate([dataset[i] for i in run], pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        logits = forward_logits(model, batch)[:, :-1].float()
         labels = batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
                                                 reduction="none")

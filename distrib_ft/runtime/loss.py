@@ -7,6 +7,18 @@ import torch
 from distrib_ft.data.formats import IGNORE_INDEX
 
 
+def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits, (B, T, V), for a collated batch.
+
+    A batch with ``position_ids`` holds packed examples: it goes in without ``attention_mask``, so that Hugging
+    Face derives a block-diagonal causal mask from the restarting positions (``masking_utils.
+    find_packed_sequence_indices``; flash-attn: varlen) and no example attends to another.
+    """
+    if "position_ids" in batch:
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
 def token_nll_rows(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the sum of next-token NLL over its target tokens (labels != -100), and their count.
 
@@ -17,7 +29,7 @@ def token_nll_rows(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     Returns:
         ``(nll, targets)``, each of shape (B,); ``nll`` in fp32 nats, differentiable.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    logits = forward_logits(model, batch)  # (B, T, V)
     shift_logits = logits[:, :-1, :].float()
     shift_labels = batch["labels"][:, 1:]
     nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
