@@ -89,8 +89,9 @@ def test_train_through_ray_with_two_workers(tmp_path, tiny_model_dir):
     metrics = read_metrics(out / "metrics.jsonl")
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == [2, 4]
-    # cosine from 1e-2 without warmup over 4 steps, logged after the step: 1e-2 * (1 + cos(pi * s / 4)) / 2
-    assert [m["learning_rate"] for m in steps] == pytest.approx([5e-3, 0.0], abs=1e-12)
+    # cosine from 1e-2 without warmup over 4 steps; each line logs the LR its step used, for step s (from 1)
+    # 1e-2 * (1 + cos(pi * (s - 1) / 4)) / 2: 8.536e-3 at step 2, 1.464e-3 at step 4
+    assert [m["learning_rate"] for m in steps] == pytest.approx([8.5355339e-3, 1.4644661e-3], rel=1e-6)
     for m in steps:
         assert m["loss"] > 0 and m["grad_norm"] > 0 and m["tokens_per_second"] > 0
     assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 4]  # the baseline and the end
