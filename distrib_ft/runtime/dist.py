@@ -37,6 +37,20 @@ def worker_env(threads: int, use_gpu: bool) -> dict[str, str]:
     return env
 
 
+def build_cpu_ops() -> None:
+    """Build DeepSpeed's CPU communication op (``deepspeed_shm_comm``) into the project's extensions folder now.
+
+    Every first CPU job would otherwise JIT-compile it while it starts (36 s idle, minutes on a loaded machine);
+    ``scripts/setup.sh`` calls this once. ``python -m distrib_ft.runtime.dist`` runs it.
+    """
+    apply_env(worker_env(threads=os.cpu_count() or 1, use_gpu=False))
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load(verbose=False)
+
+
 def apply_env(env: dict[str, str]) -> None:
     """Set each variable of ``env`` in ``os.environ`` unless it is already set (set values win)."""
     for k, v in env.items():
@@ -181,3 +195,7 @@ def gather_shares(local: dict, n: int) -> list:
     for part in all_gather_object(local):
         merged.update(part)
     return [merged[i] for i in range(n)]
+
+
+if __name__ == "__main__":
+    build_cpu_ops()

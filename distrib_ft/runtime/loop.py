@@ -36,7 +36,7 @@ from distrib_ft.preservation import Context, build_defences, call, chain, merged
 from distrib_ft.runtime import checkpoint as ckpt
 from distrib_ft.runtime import dist
 from distrib_ft.runtime.loss import token_nll_rows
-from distrib_ft.runtime.metrics import MetricsLog, Progress, StepWindow
+from distrib_ft.runtime.metrics import MetricsLog, Progress, StepWindow, Timings
 from distrib_ft.runtime.worker import build_model_engine, start_worker
 
 
@@ -67,6 +67,7 @@ class Run:
     step: int = 0
     tokens_seen: int = 0
     saved: set[int] = field(default_factory=set)
+    clock: Timings = field(default_factory=Timings)
 
     @property
     def evaluating(self) -> bool:
@@ -98,6 +99,8 @@ def setup(job: Job, resume: bool) -> Run:
     """
     cfg, t, d = job.config, job.config.training, job.config.data
     rank, world = dist.rank(), dist.world_size()
+    clock = Timings()
+    check_output_dir(job, resume)  # before anything is written there
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
@@ -115,6 +118,7 @@ def setup(job: Job, resume: bool) -> Run:
     dist.print0(f"train data: {train_summary}")
     if eval_stats is not None:
         dist.print0(f"eval data: {eval_stats.summary()}")
+    clock.lap("data")
 
     # The defences, then the schedule (a defence may mix its own examples into every batch).
     per_rank = t.per_device_train_batch_size * t.gradient_accumulation_steps
@@ -130,13 +134,13 @@ def setup(job: Job, resume: bool) -> Run:
     dist.print0(f"{method.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); "
                 f"ZeRO-{job.zero_stage}, bf16={t.bf16}, {world} worker(s), global batch {global_batch}, "
                 f"{max_steps} steps")
+    clock.lap("model and engine")
     call(defences, "check", zero_stage=job.zero_stage, model=engine.module, method=method)
     if not d.streaming:
         train_ds = chain(defences, "prepare_train_data", train_ds, engine.module)
 
     # Resume: engine, optimizer, scheduler, RNG, the defences' and the monitor's state, and the step
     # (the data position is a function of it).
-    check_output_dir(job, resume)
     latest = ckpt.latest_checkpoint(out) if resume else None
     state: dict = {}
     if latest is not None:
@@ -154,6 +158,7 @@ def setup(job: Job, resume: bool) -> Run:
     if "monitor" in state:
         monitor.load_state_dict(state["monitor"])
     call(defences, "on_task_start", engine.module, resumed=latest is not None)
+    clock.lap("defences and resume")
 
     step = state.get("step", 0)
     steps_fn = batching.streaming_steps if d.streaming else batching.map_style_steps
@@ -167,7 +172,8 @@ def setup(job: Job, resume: bool) -> Run:
                                replay_ratio=mixed_share),
               max_steps=max_steps, per_rank=per_rank, global_batch=global_batch, mixed_share=mixed_share,
               trainable=trainable, total=total, step=step, tokens_seen=state.get("tokens_seen", 0),
-              saved={int(p.name.removeprefix("step-")) for p in ckpt.complete_checkpoints(out)} if resume else set())
+              saved={int(p.name.removeprefix("step-")) for p in ckpt.complete_checkpoints(out)} if resume else set(),
+              clock=clock)
     if step == 0:
         start = merged(call(defences, "metrics"))  # e.g. the masked fraction of token masking
         if start:
@@ -233,6 +239,7 @@ def run_steps(run: Run) -> str | None:
         if stop_reason:
             dist.print0(f"stopping at step {run.step}: {stop_reason}")
             break
+    run.clock.lap("training")
     return stop_reason
 
 
@@ -269,9 +276,11 @@ def finish(run: Run, stop_reason: str | None) -> dict:
                "eval_loss_start": new_task.get("baseline"),
                "eval_loss": run.monitor.new_task_loss(chosen) if chosen is not None else None}
     run.log.close()
+    if dist.is_main() and run.evaluating:
+        write_report(report, out)
+    run.clock.lap("export and report")
+    summary["seconds"] = {k: round(v, 2) for k, v in run.clock.seconds.items()}
     if dist.is_main():
-        if run.evaluating:
-            write_report(report, out)
         ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     dist.barrier()
     return summary
@@ -283,22 +292,32 @@ def evaluate(run: Run, at: int) -> None:
     With policy stop/rollback the model is checkpointed to go back to.
     """
     t, mc = run.job.config.training, run.job.config.monitor
-    new = evaluate_nll(run.engine.module, run.eval_ds, batch_size=t.per_device_eval_batch_size,
+    with run.clock.phase("evaluation"):
+        _evaluate(run, at, t.per_device_eval_batch_size)
+    if mc.policy in ("stop", "rollback"):  # a model to go back to
+        save(run, at)
+
+
+def _evaluate(run: Run, at: int, batch_size: int) -> None:
+    new = evaluate_nll(run.engine.module, run.eval_ds, batch_size=batch_size,
                        pad_token_id=run.tokenizer.pad_token_id) if run.eval_ds is not None else {}
-    values = evaluate_suites(run.engine.module, run.tokenizer, run.suites, batch_size=t.per_device_eval_batch_size)
+    values = evaluate_suites(run.engine.module, run.tokenizer, run.suites, batch_size=batch_size)
     run.monitor.record(at, values, new.get("eval_loss"))
     run.log.write({"step": at, **new, **{f"retention/{k}": v for k, v in values.items()}})
     shown = {"eval_loss": new.get("eval_loss"), **values}
     dist.print0(f"step {at}: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None)
                 + ("" if run.monitor.within_budget(at) else "  [out of forgetting budget]"))
-    if mc.policy in ("stop", "rollback"):  # a model to go back to
-        save(run, at)
 
 
 def save(run: Run, at: int) -> None:
     """Checkpoint step ``at`` (once), keeping the monitor's best model within budget. Collective."""
     if at in run.saved:
         return
+    with run.clock.phase("checkpoints"):
+        _save(run, at)
+
+
+def _save(run: Run, at: int) -> None:
     keep_best = run.monitor.choose(at, sorted(run.saved | {at}))[0] if run.evaluating else None
     ckpt.save_checkpoint(run.engine, run.out, at, run.client_state(),
                          exclude_frozen=checkpoint_trainable_only(run.method),

@@ -132,6 +132,34 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
+class Timings:
+    """Wall-clock seconds per phase of a job on this rank, for the line at the end and summary.json.
+
+    ``lap(name)`` books the time since the previous lap; ``phase(name)`` books a block on its own and keeps it
+    out of the enclosing lap (evaluations and checkpoints inside the training lap).
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.last = time.time()
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+        self.last = now
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        began = time.time()
+        try:
+            yield
+        finally:
+            spent = time.time() - began
+            self.seconds[name] = self.seconds.get(name, 0.0) + spent
+            self.last += spent
+
+
+
 class Progress:
     """Progress on rank 0: a bar (step, loss, tokens/s, ETA) on a terminal, log lines otherwise.
 
