@@ -99,7 +99,7 @@ class SuiteConfig(Strict):
     """A held-out set of an old skill, measured from step 0 with a budget on how much it may degrade."""
 
     name: str = Field(description="Shown in metrics.jsonl (retention/<name>), the report and the plots.")
-    files: list[InputPath] = Field(description="Data files of the skill (any data format).")
+    files: list[InputPath] = Field(min_length=1, description="Data files of the skill (any data format).")
     format: Literal["alpaca", "chat", "text", "tokenized"] = Field("alpaca", description="Format of files.")
     metric: Literal["nll", "exact_match", "contains", "regex", "multiple_choice"] = Field(
         "nll", description=(
@@ -236,7 +236,7 @@ def _format_validation(err: ValidationError, source: str) -> str:
         loc = list(e["loc"])
         if loc[:1] == ["method"] and len(loc) > 1 and loc[1] in METHODS:  # the union's tag is not a key
             del loc[1]
-        key = ".".join(str(x) for x in loc) or "(top level)"
+        key = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".") or "(top level)"
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see the docs of this section)"
         elif e["type"] == "union_tag_invalid":

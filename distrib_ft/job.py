@@ -66,7 +66,8 @@ def resolve(config: JobConfig, world_size: int | None = None) -> Job:
     source = config.source or "<config>"
     raw = config.model_dump(mode="python", by_alias=True)
     _resolve_paths(type(config), raw, "", source)
-    raw["model"]["name_or_path"] = _model_folder(raw["model"]["name_or_path"], source)
+    raw["model"]["name_or_path"] = _model_folder(raw["model"]["name_or_path"], source,
+                                                 raw["model"].get("trust_remote_code", False))
     resolved = JobConfig.model_validate(raw)
     world = world_size or resolved.distributed.num_workers
     t = resolved.training
@@ -83,7 +84,7 @@ def resolve(config: JobConfig, world_size: int | None = None) -> Job:
                                                                      resolved.model.trust_remote_code))
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
-    tokenizer = _tokenizer(resolved.model.name_or_path, resolved.model.trust_remote_code)
+    tokenizer = _tokenizer(resolved.model.name_or_path, resolved.model.trust_remote_code, source)
     _check_data(resolved, tokenizer)
     for defence in DEFENCES:
         section = getattr(resolved, defence.name)
@@ -92,14 +93,24 @@ def resolve(config: JobConfig, world_size: int | None = None) -> Job:
     return Job(config=resolved, deepspeed=ds, world_size=world)
 
 
-def _tokenizer(name_or_path: str, trust_remote_code: bool):
-    """The model's tokenizer for the driver's data check, or None when it cannot be loaded here (a hub id)."""
+def _tokenizer(name_or_path: str, trust_remote_code: bool, source: str):
+    """The model's tokenizer for the driver's data check, or None when it cannot be loaded here (a hub id).
+
+    Raises:
+        ConfigError: a local model folder whose tokenizer does not load (the workers could not load it either).
+    """
     from distrib_ft.model import load_tokenizer
 
     try:
         return load_tokenizer(name_or_path, trust_remote_code)
-    except (OSError, ValueError):
-        return None
+    except Exception as e:
+        if Path(name_or_path).is_dir():
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ConfigError(f"{source}: model.name_or_path: the tokenizer in {name_or_path} does not load "
+                              f"({type(e).__name__}: {first}); save the model's tokenizer in that folder") from None
+        if isinstance(e, (OSError, ValueError)):
+            return None
+        raise
 
 
 def _check_data(config: JobConfig, tokenizer) -> None:
@@ -107,9 +118,9 @@ def _check_data(config: JobConfig, tokenizer) -> None:
     d = config.data
     common = dict(tokenizer=tokenizer, max_seq_length=d.max_seq_length, prompt_template=d.prompt_template,
                   text_field=d.text_field)
-    check_files(d.train_files, d.format, key="data.train_files", **common)
+    check_files(d.train_files, d.format, key="data.train_files", need_targets=True, **common)
     if d.eval_files:
-        check_files(d.eval_files, d.format, key="data.eval_files", **common)
+        check_files(d.eval_files, d.format, key="data.eval_files", need_targets=True, **common)
     for i, suite in enumerate(config.monitor.suites):
         check_files(suite.files, suite.format, key=f"monitor.suites[{i}].files",
                     **{**common, "tokenizer": tokenizer if suite.metric == "nll" else None})
@@ -177,7 +188,10 @@ def _resolve_one(value: str, kind: str, key: str, source: str) -> str:
     if "://" in value:  # a URL: the filesystem library resolves it
         return value
     if kind == "output":
-        return str((Path.cwd() / Path(value).expanduser()).resolve())
+        out = (Path.cwd() / Path(value).expanduser()).resolve()
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"{source}: {key}: {value} is a file, not a folder")
+        return str(out)
     found = next((c for c in _candidates(value, source) if c.exists()), None)
     if found is not None:
         return str(found.resolve())
@@ -186,11 +200,11 @@ def _resolve_one(value: str, kind: str, key: str, source: str) -> str:
     return str((Path.cwd() / Path(value).expanduser()).resolve())
 
 
-def _model_folder(name: str, source: str) -> str:
+def _model_folder(name: str, source: str, trust_remote_code: bool = False) -> str:
     """The model's folder or hub id, as the workers load it.
 
-    ``offline:NAME`` -> its converted folder; a local path -> absolute (it must hold config.json); a hub
-    id stays as it is.
+    ``offline:NAME`` -> its converted folder; a local path -> absolute (it must hold a config.json that
+    transformers reads); a hub id stays as it is.
     """
     if name.startswith("offline:"):
         from distrib_ft.model import resolve_offline_model
@@ -204,5 +218,13 @@ def _model_folder(name: str, source: str) -> str:
         if found is None or not (found / "config.json").is_file():
             raise ConfigError(f"{source}: model.name_or_path: {name} is not a Hugging Face model folder "
                               "(no config.json)")
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(found, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ConfigError(f"{source}: model.name_or_path: {found / 'config.json'} cannot be read "
+                              f"({type(e).__name__}: {first})") from None
         return str(found.resolve())
     return name

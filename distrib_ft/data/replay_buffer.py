@@ -94,7 +94,11 @@ def iter_records(url: str) -> Iterator[tuple[str, dict]]:
     if fs.isdir(path):
         from datasets import load_from_disk
 
-        ds = load_from_disk(path)
+        try:
+            ds = load_from_disk(path)
+        except FileNotFoundError:  # a folder, but not one save_to_disk wrote
+            raise DataError(f"{url}: a folder that is not a saved dataset (save_to_disk writes dataset_info.json "
+                            "and state.json); list the data files inside it instead") from None
         ds = ds["train"] if hasattr(ds, "keys") else ds
         for i, rec in enumerate(ds):
             yield f"{url}: record {i} (0-based)", rec
@@ -105,15 +109,22 @@ def iter_records(url: str) -> Iterator[tuple[str, dict]]:
                     continue
                 try:
                     rec = json.loads(line)
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{url}: line {lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the "
+                                    "line): save the file as UTF-8") from None
+                except json.JSONDecodeError as e:
                     raise DataError(f"{url}: line {lineno}: not a JSON object ({e}); each line must be one "
                                     "JSON object") from None
                 if not isinstance(rec, dict):
                     raise DataError(f"{url}: line {lineno}: not a JSON object; each line must be one JSON object")
                 yield f"{url}: line {lineno}", rec
     elif suffix == ".parquet":
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
+        try:
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+        except pa.ArrowException as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise DataError(f"{url}: not a readable Parquet file ({type(e).__name__}: {first})") from None
         for i, rec in enumerate(table.to_pylist()):
             yield f"{url}: record {i} (0-based)", rec
     else:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from distrib_ft.schema import InputPath, Strict
 
@@ -31,6 +31,13 @@ class LoRAConfig(Strict):
     merge_adapters: list[InputPath] = Field(default_factory=list, description=(
         "LoRA adapters of earlier rounds (their final/ folders), merged into the base weights in this order "
         "before the new adapter is added; the retraining chain of EWC-LoRA (ewc.target: lora_merged)."))
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value: list[str] | str) -> list[str] | str:
+        if not value:
+            raise ValueError("list at least one module name (e.g. q_proj), or 'all-linear'")
+        return value
 
 
 class LoRA:

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from distrib_ft.data import replay_buffer as rb
 from distrib_ft.data.batches import rank_replay_before, replay_before, replay_counts
-from distrib_ft.data.formats import encode_record
+from distrib_ft.data.formats import DataError, encode_record
 from distrib_ft.runtime import dist
 from distrib_ft.schema import StorePath, Strict
 
@@ -83,10 +83,15 @@ class Replay:
     def preflight(config: ReplayConfig, job, tokenizer) -> None:
         """On the driver: the buffer version to read exists (DataError, exit 2, when not).
 
-        A buffer that generative replay is about to fill is checked when the job starts.
+        A buffer that generative replay is about to fill (still empty) is checked when the job starts.
         """
-        if config.ratio > 0 and rb.list_versions(config.buffer):
-            rb.read_manifest(config.buffer, config.version)
+        gen = job.generative_replay
+        filled_here = gen.enabled and gen.buffer == config.buffer
+        if config.ratio > 0 and (rb.list_versions(config.buffer) or not filled_here):
+            try:
+                rb.read_manifest(config.buffer, config.version)
+            except DataError as e:
+                raise DataError(f"{job.source}: replay.buffer: {e}") from None
 
     def load_state_dict(self, state: dict) -> None:
         self._resumed_state = state or None

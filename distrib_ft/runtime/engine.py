@@ -92,6 +92,9 @@ def load_deepspeed_config(path: str | Path, *, micro_batch_size: int, gradient_a
     if unknown:
         raise DeepSpeedConfigError(f"{where}: unknown top-level key {unknown[0]!r} (DeepSpeed would ignore it "
                                    "silently); remove it or fix its spelling")
+    for key in ("zero_optimization", "bf16", "fp16", "optimizer", "torch_autocast"):
+        if key in raw and not isinstance(raw[key], dict):
+            raise DeepSpeedConfigError(f"{where}: {key}: expected a JSON object, got {raw[key]!r:.40}")
     cfg = copy.deepcopy(raw)
     _fill(cfg, "train_micro_batch_size_per_gpu", micro_batch_size, "train_micro_batch_size_per_gpu", where,
           "training.per_device_train_batch_size")
@@ -110,6 +113,8 @@ def load_deepspeed_config(path: str | Path, *, micro_batch_size: int, gradient_a
     opt = cfg.get("optimizer")
     if opt is not None:
         params = opt.setdefault("params", {})
+        if not isinstance(params, dict):
+            raise DeepSpeedConfigError(f"{where}: optimizer.params: expected a JSON object, got {params!r:.40}")
         _fill(params, "lr", learning_rate, "optimizer.params.lr", where, "training.learning_rate")
         _fill(params, "weight_decay", weight_decay, "optimizer.params.weight_decay", where, "training.weight_decay")
         _fill(params, "betas", list(betas), "optimizer.params.betas", where, "training.adam_beta1/adam_beta2")
