@@ -102,9 +102,6 @@ def setup(job: Job, resume: bool) -> Run:
     clock = Timings()
     check_output_dir(job, resume)  # before anything is written there
     out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if dist.is_main():
-        ckpt.atomic_write_text(out / "config.yaml", dump_config(cfg))
 
     # Data: rank 0 prepares (and caches) first, the others then read the cache.
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
@@ -119,6 +116,9 @@ def setup(job: Job, resume: bool) -> Run:
     if eval_stats is not None:
         dist.print0(f"eval data: {eval_stats.summary()}")
     clock.lap("data")
+    out.mkdir(parents=True, exist_ok=True)  # after the data: a bad record leaves output_dir as it was
+    if dist.is_main():
+        ckpt.atomic_write_text(out / "config.yaml", dump_config(cfg))
 
     # The defences, then the schedule (a defence may mix its own examples into every batch).
     per_rank = t.per_device_train_batch_size * t.gradient_accumulation_steps
