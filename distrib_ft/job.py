@@ -24,7 +24,6 @@ from distrib_ft.preservation import DEFENCES
 from distrib_ft.runtime.engine import load_deepspeed_config, zero_stage
 from distrib_ft.schema import ConfigError, PathKind
 
-
 # training keys a resumed run may change; everything else must match the checkpoint's job.
 RESUMABLE = {"output_dir", "max_steps", "num_train_epochs", "logging_steps", "save_steps", "save_total_limit",
              "eval_steps", "report_to", "per_device_eval_batch_size"}
@@ -48,10 +47,13 @@ class Job:
         return t.per_device_train_batch_size * t.gradient_accumulation_steps * self.world_size
 
     def owner(self) -> dict:
-        """What every checkpoint records of the job that wrote it (``job.json``): the geometry and the resolved
-        job less what a resume may change (where it writes, how long it runs, how often it logs and saves)."""
-        job = self.config.model_dump(mode="json", by_alias=True, exclude={"source": True, "training": RESUMABLE,
-                                                                          "distributed": {"num_workers", "cpus_per_worker"}})
+        """What every checkpoint records of the job that wrote it (``job.json``).
+
+        The geometry, and the resolved job less what a resume may change (where it writes, how long it runs,
+        how often it logs and saves).
+        """
+        free = {"source": True, "training": RESUMABLE, "distributed": {"num_workers", "cpus_per_worker"}}
+        job = self.config.model_dump(mode="json", by_alias=True, exclude=free)
         return {"world_size": self.world_size, "global_batch": self.global_batch, "job": job}
 
 

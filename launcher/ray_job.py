@@ -99,10 +99,12 @@ def _trainer_class():
     from ray.train.torch import TorchTrainer
 
     class Trainer(TorchTrainer):
-        """Ray's TorchTrainer with our Ctrl-C: Ray's own SIGINT handler aborts the run, then exits the driver with
-        status 0/1 from inside the handler, so the CLI could not report 130 "interrupted". Ours aborts the same
-        way (the controller stops the workers; Ray's processes are cleaned up) and records it; a third Ctrl-C
-        stops waiting."""
+        """Ray's TorchTrainer with our Ctrl-C.
+
+        Ray's own SIGINT handler aborts the run, then exits the driver with status 0/1 from inside the handler,
+        so the CLI could not report 130 "interrupted". Ours aborts the same way (the controller stops the
+        workers; Ray's processes are cleaned up) and records it; a third Ctrl-C stops waiting.
+        """
 
         interrupted = False
 

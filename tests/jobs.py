@@ -18,7 +18,8 @@ def toy_alpaca(path: Path, n: int = 64, seed: int = 0) -> Path:
     with open(path, "w") as f:
         for _ in range(n):
             a = rng.randint(1, 9)
-            f.write(json.dumps({"instruction": f"convert {a} km to m", "input": "", "output": f"{a} km = {a * 1000} m"}) + "\n")
+            record = {"instruction": f"convert {a} km to m", "input": "", "output": f"{a} km = {a * 1000} m"}
+            f.write(json.dumps(record) + "\n")
     return path
 
 
@@ -29,7 +30,8 @@ def toy_join(path: Path, n: int = 64, seed: int = 5) -> Path:
     with open(path, "w") as f:
         for _ in range(n):
             w = rng.sample(words, 2)
-            f.write(json.dumps({"instruction": f"join {w[0]} and {w[1]}", "input": "", "output": f"{w[0]}-{w[1]}"}) + "\n")
+            record = {"instruction": f"join {w[0]} and {w[1]}", "input": "", "output": f"{w[0]}-{w[1]}"}
+            f.write(json.dumps(record) + "\n")
     return path
 
 
@@ -91,7 +93,8 @@ def run_ranks(raw: dict, world: int, tmp_path: Path, timeout: float = 300, entry
     result_dir.mkdir()
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, raw, str(result_dir), entry, kwargs)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, raw, str(result_dir), entry, kwargs))
+             for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:

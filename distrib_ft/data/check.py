@@ -18,11 +18,16 @@ FIRST = 64  # records checked per file
 
 def check_files(files: list[str], fmt: str, *, key: str, tokenizer=None, max_seq_length: int = 512,
                 prompt_template: str = "auto", text_field: str = "text", need_targets: bool = False) -> None:
-    """Validate the first :data:`FIRST` records of each file for ``fmt`` (and encode them when a tokenizer is
-    given: the chat template, the fields' types).
+    """Validate the first :data:`FIRST` records of each file for ``fmt``; encode them too when a tokenizer is given.
 
     Args:
         files: the files (absolute paths or URLs) of the job key ``key`` (e.g. ``data.train_files``).
+        fmt: their data format (alpaca, chat, text, tokenized).
+        key: the job key that lists them, for the error line.
+        tokenizer: the model's tokenizer (checks the chat template and encodes), or None (fields only).
+        max_seq_length: ``data.max_seq_length``.
+        prompt_template: ``data.prompt_template``.
+        text_field: ``data.text_field``.
         need_targets: with a tokenizer, when every file was read whole, some record must keep a target token
             within ``max_seq_length`` (the workers would otherwise find no example to train or evaluate on).
 

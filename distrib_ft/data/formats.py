@@ -425,7 +425,8 @@ def _with_stop_tokens(tokenizer, text: str, spans: list[tuple[int, int]]) -> tup
     Raises:
         _RecordError: a turn ends without a special token and the tokenizer has no eos to append.
     """
-    special = {*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)}
+    added = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    special = {*tokenizer.all_special_tokens, *added}
     special = sorted((t for t in special if t and t != tokenizer.pad_token), key=len, reverse=True)
     out = []
     for start, end in spans:

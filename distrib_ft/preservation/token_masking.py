@@ -28,8 +28,8 @@ import torch
 from pydantic import Field
 
 from distrib_ft.data.formats import IGNORE_INDEX, collate
-from distrib_ft.runtime.loss import forward_logits
 from distrib_ft.runtime import dist
+from distrib_ft.runtime.loss import forward_logits
 from distrib_ft.schema import Strict
 
 

@@ -51,8 +51,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def save_rng_state(path: str | Path) -> None:
-    """Write this process's RNG states to ``path`` in safetensors (no pickle): torch's CPU (and CUDA) state and
-    NumPy's key as tensors, Python's state and NumPy's other fields as JSON metadata."""
+    """Write this process's RNG states to ``path`` in safetensors (no pickle).
+
+    Torch's CPU (and CUDA) state and NumPy's key are tensors; Python's state and NumPy's other fields JSON metadata.
+    """
     kind, key, pos, has_gauss, cached = np.random.get_state()
     tensors = {"torch": torch.get_rng_state(), "numpy_key": torch.from_numpy(key.astype(np.int64))}
     if torch.cuda.is_available():
@@ -96,7 +98,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict, *,
-                    exclude_frozen: bool, keep: int, protect: set[int] = frozenset(), owner: dict | None = None) -> Path:
+                    exclude_frozen: bool, keep: int, protect: set[int] = frozenset(),
+                    owner: dict | None = None) -> Path:
     """Save a checkpoint of step ``step`` under output_dir/checkpoints. Collective: every rank calls it.
 
     ``owner`` (``job.json``: the job's identity and geometry, see :func:`check_owner`) is written before the

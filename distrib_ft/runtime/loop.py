@@ -327,8 +327,10 @@ def _save(run: Run, at: int) -> None:
 
 
 def check_output_dir(job: Job, resume: bool) -> None:
-    """Refuse state on disk that belongs to another run: a fresh run in a folder with checkpoints, or a resume
-    from a checkpoint another job (or another number of workers) wrote.
+    """Refuse state on disk that belongs to another run.
+
+    A fresh run in a folder with checkpoints, or a resume from a checkpoint another job (or another number of
+    workers) wrote.
 
     Raises:
         ValueError: one line naming ``training.output_dir`` or the checkpoint and what to do.

@@ -64,9 +64,9 @@ def _rank_main(rank: int, port: int, model_dir: str, eos: list[int], cases: list
         dist.apply_env(dist.worker_env(threads=1, use_gpu=False))  # before DeepSpeed: its private JIT-op cache
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from distrib_ft.runtime.engine import build_engine, load_deepspeed_config
-        from distrib_ft.monitor.generation import score_generations
         from distrib_ft.model import load_model
+        from distrib_ft.monitor.generation import score_generations
+        from distrib_ft.runtime.engine import build_engine, load_deepspeed_config
 
         dist.init("gloo")
         tok = AutoTokenizer.from_pretrained(model_dir)
@@ -95,8 +95,8 @@ def _rank_main(rank: int, port: int, model_dir: str, eos: list[int], cases: list
 def test_two_ranks_score_like_one(tmp_path, tiny_model_dir, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from distrib_ft.runtime.dist import free_port
     from distrib_ft.monitor.generation import score_generations
+    from distrib_ft.runtime.dist import free_port
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     eos = [tiny_tokenizer.eos_token_id, _early_stop_token(model, tiny_tokenizer, _prompts(tiny_tokenizer))]

@@ -1,9 +1,9 @@
 """Replay, generative replay and token masking on 2 real gloo ranks."""
 
-from distrib_ft.data import replay_buffer as rb
 from distrib_ft.config import config_from_dict
-from distrib_ft.runtime.metrics import read_metrics
+from distrib_ft.data import replay_buffer as rb
 from distrib_ft.runtime.loop import train
+from distrib_ft.runtime.metrics import read_metrics
 from tests.jobs import job_dict, run_ranks, set_in, toy_join
 
 

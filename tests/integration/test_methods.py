@@ -16,12 +16,12 @@ from tests.contract import assert_common, run_contract
 from tests.jobs import job_dict
 
 # Tiny model: 2 layers, hidden 32, MLP 64, vocab 384 (distrib_ft/tiny.py).
-H, I, L = 32, 64, 2
+HIDDEN, MLP, LAYERS = 32, 64, 2
 
 
 def lora_count(r: int) -> int:
     """r * (in + out) for q, k, v, o (H->H) and gate, up (H->I), down (I->H), per layer."""
-    return L * r * (4 * (H + H) + 2 * (H + I) + (I + H))
+    return LAYERS * r * (4 * (HIDDEN + HIDDEN) + 2 * (HIDDEN + MLP) + (MLP + HIDDEN))
 
 
 ROWS = {

@@ -2,8 +2,15 @@
 
 import pytest
 
-from distrib_ft.data.batches import (deal, global_batch_indices, map_style_steps, rank_replay_before, replay_before,
-                                replay_counts, total_steps)
+from distrib_ft.data.batches import (
+    deal,
+    global_batch_indices,
+    map_style_steps,
+    rank_replay_before,
+    replay_before,
+    replay_counts,
+    total_steps,
+)
 
 
 def test_epoch_is_a_permutation_and_epochs_differ():

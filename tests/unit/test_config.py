@@ -72,7 +72,8 @@ def test_a_key_of_another_method_is_an_error_naming_it(tmp_path):
 
 
 @pytest.mark.parametrize("old,new", [("data.token_masking", "token_masking"), ("replay.generate", "generative_replay"),
-                                     ("ewc.fisher_file", "ewc.fisher_path"), ("ewc.fisher_files", "ewc.fisher_data_files"),
+                                     ("ewc.fisher_file", "ewc.fisher_path"),
+                                     ("ewc.fisher_files", "ewc.fisher_data_files"),
                                      ("ewc.update_fisher_after", "ewc.update_after")])
 def test_a_moved_key_names_its_new_place(tmp_path, old, new):
     with pytest.raises(ConfigError, match=rf"job.yaml: {old}: this key is now {new}"):

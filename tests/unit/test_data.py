@@ -8,8 +8,15 @@ import pytest
 import torch
 from datasets import Dataset, IterableDataset
 
-from distrib_ft.data.formats import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, DataError, DataStats,
-                             build_dataset, collate)
+from distrib_ft.data.formats import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_NO_INPUT,
+    IGNORE_INDEX,
+    DataError,
+    DataStats,
+    build_dataset,
+    collate,
+)
 
 ALPACA = [{"instruction": "convert 12 km to m", "input": "", "output": "12 km = 12000 m"},
           {"instruction": "say hello", "input": "to the world", "output": "hello world"}]

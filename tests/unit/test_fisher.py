@@ -92,7 +92,8 @@ def test_batched_is_the_square_of_the_mean_gradient(model):
     for i in (0, 2):
         batch = collate(data[i:i + 2], 0)
         model.zero_grad()
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out.loss.backward()
         for n, p in params.items():
             reference[n] += p.grad.pow(2) / 2
     for n in params:
