@@ -87,9 +87,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _job(args):
     """The job file, validated and resolved on this driver for the launcher's world size."""
+    import torch
+
     from distrib_ft.config import load_config
     from distrib_ft.job import resolve
 
+    if not torch.cuda.is_available():  # DeepSpeed (imported by the checks) would warn that it guessed CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     cfg = load_config(args.job, args.overrides)
     world = cfg.distributed.num_workers if args.launcher == "ray" else int(os.environ.get("WORLD_SIZE", "1"))
     return resolve(cfg, world_size=world)
