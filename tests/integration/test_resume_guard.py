@@ -35,3 +35,12 @@ def test_resume_refuses_another_jobs_checkpoint_and_continues_its_own(interrupte
         train(config_from_dict(other), resume=True)
     longer = set_in(dict(interrupted), "training", {**interrupted["training"], "max_steps": 6})  # may change
     assert train(config_from_dict(longer), resume=True)["steps"] == 6
+
+
+def test_resume_with_another_global_batch_is_refused_before_loading(interrupted):
+    """shared case resume-different-world-size: the data position is step x global batch, so another geometry
+    would repeat or skip examples; the checkpoint records its geometry and the resume is refused up front."""
+    other = set_in(dict(interrupted), "training", {**interrupted["training"], "per_device_train_batch_size": 2})
+    with pytest.raises(ValueError, match=r"distributed.num_workers: --resume: .*step-2 was written by 1 worker\(s\) "
+                                         r"\(global batch 4\); this run has 1 \(global batch 2\)"):
+        train(config_from_dict(other), resume=True)
