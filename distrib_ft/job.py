@@ -52,7 +52,10 @@ class Job:
         The geometry, and the resolved job less what a resume may change (where it writes, how long it runs,
         how often it logs and saves).
         """
-        free = {"source": True, "training": RESUMABLE, "distributed": {"num_workers", "cpus_per_worker"}}
+        free = {"source": True, "training": RESUMABLE, "distributed": {"num_workers", "cpus_per_worker"},
+                # keys a defence checks against its own checkpoint state (e.g. replay's buffer version)
+                **{d.name: set(d.config_class.resume_checked) for d in DEFENCES
+                   if getattr(d.config_class, "resume_checked", None)}}
         job = self.config.model_dump(mode="json", by_alias=True, exclude=free)
         return {"world_size": self.world_size, "global_batch": self.global_batch, "job": job}
 

@@ -104,6 +104,10 @@ def _run(job, args, name: str, **kwargs) -> None:
     from distrib_ft.jobs import JOBS
 
     if args.launcher == "local":
+        if "WORLD_SIZE" not in os.environ and job.config.distributed.num_workers > 1:
+            print(f"distrib-ft: --launcher local runs this process alone (distributed.num_workers: "
+                  f"{job.config.distributed.num_workers} is for the Ray launcher; torchrun sets its own)",
+                  file=sys.stderr)
         JOBS[name](job, **kwargs)
     else:
         from launcher.ray_job import run_on_ray
@@ -144,14 +148,15 @@ def cmd_train(args) -> int:
     s = json.loads(summary_file.read_text())
     if os.environ.get("RANK", "0") == "0":  # once under torchrun
         print(_summary_text(s, cfg, out))
-        print(_time_text(time.time() - began, checked - began, s.get("seconds", {})))
+        print(_time_text(time.time() - began, checked - began, s.get("seconds", {}), ray=args.launcher == "ray"))
     return s.get("exit_code", EXIT_OK)
 
 
-def _time_text(total: float, checks: float, phases: dict) -> str:
+def _time_text(total: float, checks: float, phases: dict, ray: bool) -> str:
     """``Time: 4 min 10 s: checks and model 3 s, start-up 20 s, data 2 s, ...``: where a run's time went."""
     start_up = max(total - checks - sum(phases.values()), 0.0)
-    parts = {"job check and model": checks, "start-up (Ray, workers, imports)": start_up, **phases}
+    parts = {"job check and model": checks, f"start-up ({'Ray, workers, ' if ray else ''}imports)": start_up,
+             **phases}
     return (f"Time: {int(total // 60)} min {total % 60:.0f} s: "
             + ", ".join(f"{k} {v:.0f} s" for k, v in parts.items() if v >= 0.5))
 

@@ -17,7 +17,7 @@ A method is a class with a pydantic config (one member of the job file's ``metho
   product ``B @ A * scale`` on base weights (what EWC's ``target: lora_merged`` reads).
 
 To add a method: a file here with its config class and its class, one line in ``METHODS``, one row in
-tests/unit/test_methods.py (docs/architecture.md walks through a real one).
+``ROWS`` of tests/integration/test_methods.py (docs/architecture.md walks through a real one).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ inputs that only the defence understands (that a replay buffer version exists, t
 its data files).
 
 To add a defence: a file here with its config class and its class, one line in ``DEFENCES``, one row in
-tests/unit/test_strategies.py (docs/architecture.md walks through a real one).
+``ROWS`` of tests/integration/test_strategies.py (docs/architecture.md walks through a real one).
 """
 
 from __future__ import annotations

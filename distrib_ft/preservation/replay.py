@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from distrib_ft.data import replay_buffer as rb
 from distrib_ft.data.batches import rank_replay_before, replay_before, replay_counts
@@ -31,6 +31,8 @@ from distrib_ft.schema import StorePath, Strict
 
 class ReplayConfig(Strict):
     """``replay:``: old examples streamed beside the new data at an exact ratio of every global batch."""
+
+    resume_checked: ClassVar[tuple[str, ...]] = ("version", "prefetch")  # the checkpoint's state says what fits
 
     buffer: StorePath | None = Field(None, description=(
         "The replay buffer (distrib-ft replay build): a folder or fsspec URL."))
@@ -47,6 +49,13 @@ class ReplayConfig(Strict):
     @property
     def enabled(self) -> bool:
         return self.ratio > 0 or self.update_after
+
+    @model_validator(mode="after")
+    def _used(self) -> ReplayConfig:
+        if self.buffer and not self.enabled:
+            raise ValueError("replay.buffer: is set but replay is off (ratio 0, update_after false); set replay.ratio "
+                             "(e.g. 0.25) to replay it, or remove the section")
+        return self
 
     def check_job(self, job) -> None:
         """Cross-checks with the rest of the job (ValueError naming the key)."""

@@ -145,6 +145,7 @@ def setup(job: Job, resume: bool) -> Run:
     state: dict = {}
     if latest is not None:
         state = ckpt.load_checkpoint(engine, latest, exclude_frozen=checkpoint_trainable_only(method))
+        _schedule_lr(engine)  # a resume may change max_steps: the restored LR is the old schedule's
         for x in defences:
             if hasattr(x, "load_state_dict"):
                 x.load_state_dict(state.get("strategies", {}).get(x.name, {}))
@@ -342,6 +343,17 @@ def check_output_dir(job: Job, resume: bool) -> None:
                          "use --resume to continue it, or another output_dir")
     if resume and found:
         ckpt.check_owner(found[-1], job.owner())
+    if resume and not found and ((out / "final").exists() or (out / "rejected").exists()):
+        raise ValueError(f"--resume: {out} holds a finished run and no checkpoint to continue from "
+                         "(training.save_steps was 0); use another training.output_dir")
+
+
+def _schedule_lr(engine) -> None:
+    """Set every param group's LR from the (restored) scheduler's step and this job's schedule."""
+    scheduler = engine.lr_scheduler
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
+        group["lr"] = lr
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
 
 
 def _epoch(run: Run) -> float:

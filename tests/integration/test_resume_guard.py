@@ -44,3 +44,23 @@ def test_resume_with_another_global_batch_is_refused_before_loading(interrupted)
     with pytest.raises(ValueError, match=r"distributed.num_workers: --resume: .*step-2 was written by 1 worker\(s\) "
                                          r"\(global batch 4\); this run has 1 \(global batch 2\)"):
         train(config_from_dict(other), resume=True)
+
+
+def test_a_longer_resume_follows_the_new_schedule_from_its_first_step(interrupted, tmp_path):
+    """Resuming step 2 of a 4-step cosine run as an 8-step run: step 3 uses the 8-step schedule's LR (it used the
+    LR restored from the checkpoint, the old schedule's)."""
+    from distrib_ft.runtime.engine import lr_factor
+    from distrib_ft.runtime.metrics import read_metrics
+
+    longer = set_in(dict(interrupted), "training", {**interrupted["training"], "max_steps": 8})
+    train(config_from_dict(longer), resume=True)
+    lines = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r and r["step"] > 2]
+    expected = [1e-2 * lr_factor(s - 1, warmup_steps=0, total_steps=8, kind="cosine") for s in range(3, 9)]
+    assert [r["learning_rate"] for r in lines] == pytest.approx(expected, rel=1e-9)
+
+
+def test_resume_of_a_finished_run_without_checkpoints_is_refused(tmp_path, tiny_model_dir):
+    raw = job_dict(tmp_path, tiny_model_dir, zero=2, max_steps=2)  # save_steps 0: final/ only
+    train(config_from_dict(raw))
+    with pytest.raises(ValueError, match=r"--resume: .* holds a finished run and no checkpoint to continue from"):
+        train(config_from_dict(raw), resume=True)

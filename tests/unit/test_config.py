@@ -148,3 +148,21 @@ def test_dora_under_zero3_is_refused_at_start_up(tmp_path, tiny_model_dir):
     raw["method"]["use_dora"] = True
     with pytest.raises(ConfigError, match=r"method.use_dora: DoRA is not supported under ZeRO-3; use zero2.json"):
         resolve(config_from_dict(raw))
+
+
+def test_set_but_unused_defence_inputs_are_errors_and_replay_version_is_checked_by_replay(tmp_path, tiny_model_dir):
+    from distrib_ft.data import replay_buffer as rb
+    from distrib_ft.job import resolve
+    from tests.jobs import job_dict, toy_join
+
+    raw = job_dict(tmp_path, tiny_model_dir)
+    with pytest.raises(ConfigError, match=r"replay.buffer: is set but replay is off \(ratio 0, update_after false\)"):
+        config_from_dict({**raw, "replay": {"buffer": "buf"}})
+    with pytest.raises(ConfigError, match=r"ewc.lambda: a Fisher is given but EWC is off"):
+        config_from_dict({**raw, "ewc": {"fisher_data_files": ["x.jsonl"]}})
+    # replay.version is the replay defence's to check against its checkpoint state (a resume after
+    # `replay update` sets replay.version to the checkpoint's version): not part of the job's identity
+    rb.build(str(tmp_path / "buf"), [str(toy_join(tmp_path / "old.jsonl", n=4))])
+    owners = [resolve(config_from_dict({**raw, "replay": {"buffer": str(tmp_path / "buf"), "ratio": 0.25,
+                                                          **version}})).owner() for version in ({}, {"version": 1})]
+    assert owners[0] == owners[1]
