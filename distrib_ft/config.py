@@ -11,12 +11,14 @@ raw YAML before validation; values are parsed as YAML (``training.bf16=false``,
 
 from __future__ import annotations
 
+import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
 from distrib_ft.methods import DEFAULT, METHODS
 from distrib_ft.preservation import DEFENCES
@@ -230,6 +232,41 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    """The config class that holds the last key of ``loc`` (a pydantic error location), or None."""
+    cls, parts = JobConfig, [p for p in loc[:-1] if not isinstance(p, int)]
+    while parts and cls is not None:
+        part = parts.pop(0)
+        if part == "method" and parts and parts[0] in METHODS:
+            cls = METHODS[parts.pop(0)].config_class
+            continue
+        field = next((f for n, f in cls.model_fields.items() if part in (n, f.alias)), None)
+        if field is None:
+            return None
+        todo, cls = [field.annotation], None
+        while todo and cls is None:
+            tp = todo.pop()
+            cls = tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+            todo += list(typing.get_args(tp))
+    return cls
+
+
+def _unknown_key(loc: tuple) -> str:
+    """What to say of an unknown key: the close spelling, or which method has it."""
+    key, cls = str(loc[-1]), _section_at(loc)
+    if cls is None:
+        return "unknown key (check the spelling)"
+    known = [f.alias or n for n, f in cls.model_fields.items() if n != "source"]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    if loc[:1] == ("method",) and len(loc) > 2:
+        owners = [name for name, m in METHODS.items() if key in m.config_class.model_fields]
+        if owners:
+            return f"not a key of method.type {loc[1]} (it is one of {', '.join(owners)}'s)"
+    return f"unknown key; the keys here are {', '.join(known)}"
+
+
 def _format_validation(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
@@ -238,7 +275,7 @@ def _format_validation(err: ValidationError, source: str) -> str:
             del loc[1]
         key = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".") or "(top level)"
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the docs of this section)"
+            msg = _unknown_key(tuple(e["loc"]))
         elif e["type"] == "union_tag_invalid":
             key, msg = f"{key}.type", f"{e['input'].get('type')!r} is not a method; known: {', '.join(METHODS)}"
         elif e["type"] == "missing":
@@ -248,7 +285,7 @@ def _format_validation(err: ValidationError, source: str) -> str:
             if "input" in e and not isinstance(e["input"], (dict, list)):
                 msg += f" (got {e['input']!r})"
         lines.append(f"{source}: {key}: {msg}" if loc else f"{source}: {msg}")
-    return "; ".join(lines)
+    return "; ".join(lines).replace(f"; {source}: ", "; ")
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:

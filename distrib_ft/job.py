@@ -201,7 +201,8 @@ def _resolve_one(value: str, kind: str, key: str, source: str) -> str:
     if found is not None:
         return str(found.resolve())
     if kind == "input":
-        raise ConfigError(f"{source}: {key}: {value} not found")
+        where = ", ".join(str(c.parent) for c in _candidates(value, source))
+        raise ConfigError(f"{source}: {key}: {value} not found (looked in {where})")
     return str((Path.cwd() / Path(value).expanduser()).resolve())
 
 

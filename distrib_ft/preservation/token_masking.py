@@ -165,6 +165,10 @@ def apply_token_masking(model, dataset, *, mode: str, threshold: float, batch_si
              "masked_fraction": count / max(targets, 1)}
     dist.print0(f"token masking ({mode}, tau={threshold}): {count:,} of {targets:,} target tokens masked "
                 f"({stats['masked_fraction']:.1%})")
+    if stats["masked_fraction"] > 0.9:
+        dist.print0("token masking: warning: over 90% of the targets are masked, so little is left to learn; the base "
+                    "model finds this data surprising (STM helps where it is partly competent): raise "
+                    "token_masking.threshold or turn it off")
     dist.barrier()
     return masked, stats
 

@@ -65,7 +65,7 @@ def test_overrides_are_yaml_typed(tmp_path):
 
 
 def test_a_key_of_another_method_is_an_error_naming_it(tmp_path):
-    with pytest.raises(ConfigError, match=r"job.yaml: method.r: unknown key"):
+    with pytest.raises(ConfigError, match=r"job.yaml: method.r: not a key of method.type full \(it is one of lora's\)"):
         load_config(write(tmp_path, BASE), ["method.type=full", "method.r=4"])
     with pytest.raises(ConfigError, match=r"job.yaml: method.type: 'qlorra' is not a method; known: full, lora"):
         load_config(write(tmp_path, BASE), ["method.type=qlorra"])
@@ -166,3 +166,10 @@ def test_set_but_unused_defence_inputs_are_errors_and_replay_version_is_checked_
     owners = [resolve(config_from_dict({**raw, "replay": {"buffer": str(tmp_path / "buf"), "ratio": 0.25,
                                                           **version}})).owner() for version in ({}, {"version": 1})]
     assert owners[0] == owners[1]
+
+
+def test_an_unknown_key_suggests_the_close_spelling(tmp_path):
+    with pytest.raises(ConfigError, match=r"training.learnig_rate: unknown key; did you mean 'learning_rate'\?$"):
+        load_config(write(tmp_path, BASE), ["training.learnig_rate=1e-4"])
+    with pytest.raises(ConfigError, match=r"job.yaml: ewc.lamda: unknown key; did you mean 'lambda'\?$"):
+        load_config(write(tmp_path, BASE), ["ewc.lamda=1"])
