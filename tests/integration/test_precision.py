@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from distrib_ft.config import config_from_dict
+from distrib_ft.runtime.metrics import read_metrics
 from distrib_ft.runtime.loop import run_steps, setup
 from distrib_ft.runtime.worker import start_worker
 from tests.jobs import job_dict
@@ -22,6 +23,8 @@ def test_first_update_and_export_are_the_same_on_every_zero_stage(tmp_path, tiny
     assert logits.dtype == torch.bfloat16
     run_steps(run)
     finish(run, None)
+    line = read_metrics(tmp_path / "out" / "metrics.jsonl")[-1]
+    assert line["step"] == 1 and line["grad_norm"] is not None and line["grad_norm"] > 0  # every stage logs it
     b = torch.cat([v.flatten() for k, v in load_file(tmp_path / "out" / "final" / "adapter_model.safetensors").items()
                    if "lora_B" in k])
     # Adam's first step moves every weight by lr (B starts at 0): |B| / lr = 1 (it was 0.745 on ZeRO-0).
