@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from distrib_ft.config import config_from_dict
-from distrib_ft.runtime.metrics import read_metrics
 from distrib_ft.runtime.loop import run_steps, setup
+from distrib_ft.runtime.metrics import read_metrics
 from distrib_ft.runtime.worker import start_worker
 from tests.jobs import job_dict
 
