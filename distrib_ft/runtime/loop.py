@@ -189,7 +189,7 @@ def run_steps(run: Run) -> str | None:
     t, engine, world = run.job.config.training, run.engine, dist.world_size()
     accum, micro_size, pad_id, device = t.gradient_accumulation_steps, t.per_device_train_batch_size, \
         run.tokenizer.pad_token_id, dist.device()
-    own_grad_norm = run.job.zero_stage == 0  # DeepSpeed tracks it in its ZeRO optimizers only (bf16 on ZeRO-0: autocast)
+    own_grad_norm = run.job.zero_stage == 0  # DeepSpeed tracks it in its ZeRO optimizers only
     window, grad_norm, stop_reason = StepWindow(), None, None
     engine.train()
     while run.step < run.max_steps:
