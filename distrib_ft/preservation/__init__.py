@@ -44,6 +44,7 @@ from typing import Any, ClassVar, Protocol
 
 from distrib_ft.preservation.ewc import EWC
 from distrib_ft.preservation.generative_replay import GenerativeReplay
+from distrib_ft.preservation.l2_sp import L2SP
 from distrib_ft.preservation.replay import Replay
 from distrib_ft.preservation.token_masking import TokenMasking
 from distrib_ft.schema import Strict
@@ -78,7 +79,7 @@ class Defence(Protocol):
 
 
 # Order matters where hooks depend on each other: generative replay fills the buffer that replay reads.
-DEFENCES: tuple[type[Defence], ...] = (TokenMasking, EWC, GenerativeReplay, Replay)
+DEFENCES: tuple[type[Defence], ...] = (TokenMasking, EWC, L2SP, GenerativeReplay, Replay)
 
 
 def build_defences(job_config, ctx: Context) -> list[Defence]:

@@ -41,6 +41,7 @@ def replay(tmp_path, raw):
 ROWS = {
     "token_masking": (token_masking, {"masked_fraction", "masked_tokens"}),
     "ewc": (ewc, {"ewc_penalty"}),
+    "l2_sp": (lambda tmp_path, raw: {"l2_sp": {"alpha": 10.0}}, {"l2_sp_penalty"}),
     "generative_replay": (generative_replay, set()),
     "replay": (replay, {"loss_new", "loss_replay", "new_sequences", "replay_sequences", "replay_wait_seconds"}),
 }
