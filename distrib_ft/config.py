@@ -137,6 +137,12 @@ class MonitorConfig(Strict):
         "Stop after this many evaluations without new-task improvement; 0 = off."))
     early_stopping_min_delta: float = Field(0.0, ge=0, description=(
         "Smallest new-task loss decrease that counts as improvement."))
+    kl_to_base: bool = Field(False, description=(
+        "Log kl_to_base at every evaluation: KL(base || current) per target token of data.eval_files, on the "
+        "base's top kl_top_k tokens (distrib_ft/monitor/drift.py); a forgetting signal that needs no old data."))
+    kl_top_k: int = Field(32, ge=1, description="Tokens of the base's distribution kept per position for kl_to_base.")
+    max_kl_to_base: float | None = Field(None, gt=0, description=(
+        "A budget on kl_to_base (nats per token), judged like a retention suite's; none = measured only."))
 
 
 # A union built from the registry at import time: `X | Y` cannot spell a union over a computed tuple.
@@ -167,8 +173,13 @@ class _JobSections(Strict):
         if self.data.streaming and self.training.max_steps <= 0:
             raise ValueError("training.max_steps: required with data.streaming=true (a stream has no known length)")
         names = [su.name for su in self.monitor.suites]
-        if len(set(names)) != len(names) or "new_task" in names:
-            raise ValueError("monitor.suites: names must be unique and not 'new_task'")
+        if len(set(names)) != len(names) or {"new_task", "kl_to_base"} & set(names):
+            raise ValueError("monitor.suites: names must be unique and not 'new_task' or 'kl_to_base'")
+        if self.monitor.kl_to_base and not self.data.eval_files:
+            raise ValueError("monitor.kl_to_base: needs data.eval_files (the KL is measured on the new task's "
+                             "eval set)")
+        if self.monitor.max_kl_to_base is not None and not self.monitor.kl_to_base:
+            raise ValueError("monitor.max_kl_to_base: set monitor.kl_to_base: true to measure it")
         if self.monitor.early_stopping_patience and not self.data.eval_files:
             raise ValueError("monitor.early_stopping_patience: needs data.eval_files (the new task's held-out set)")
         if self.data.packing and self.data.format == "tokenized":

@@ -28,10 +28,13 @@ class Suite:
     kind: str  # "loss" | "score"
     max_relative_increase: float | None = None
     max_absolute_drop: float | None = None
+    max_value: float | None = None  # an absolute ceiling (kl_to_base's budget), whatever the baseline
     baseline: float | None = None
     evaluations: list[dict] = field(default_factory=list)
 
     def limit(self) -> float | None:
+        if self.max_value is not None:
+            return self.max_value
         if self.baseline is None:
             return None
         if self.kind == "loss" and self.max_relative_increase is not None:
@@ -150,7 +153,7 @@ class Monitor:
         """The report dict (the schema distrib_ft.monitor.report writes)."""
         suites = {n: {"metric": s.metric, "kind": s.kind,
                       "budget": {"max_relative_increase": s.max_relative_increase,
-                                 "max_absolute_drop": s.max_absolute_drop},
+                                 "max_absolute_drop": s.max_absolute_drop, "max_value": s.max_value},
                       "baseline": s.baseline, "evaluations": s.evaluations} for n, s in self.suites.items()}
         new_task = None
         if self.new_task is not None:

@@ -48,6 +48,8 @@ def budget_limit(kind: str, baseline: float, budget: dict) -> float | None:
     ``baseline * (1 + max_relative_increase)`` for a loss (lower is better), ``baseline - max_absolute_drop`` for
     a score (higher is better).
     """
+    if budget.get("max_value") is not None:
+        return budget["max_value"]
     if kind == "loss" and budget.get("max_relative_increase") is not None:
         return baseline * (1.0 + budget["max_relative_increase"])
     if kind == "score" and budget.get("max_absolute_drop") is not None:
@@ -165,6 +167,8 @@ def _budget(suite: dict) -> str:
         parts.append(f"rise <= {100 * b['max_relative_increase']:.1f}%")
     if b.get("max_absolute_drop") is not None:
         parts.append(f"drop <= {b['max_absolute_drop']:.4g}")
+    if b.get("max_value") is not None:
+        parts.append(f"<= {b['max_value']:.4g}")
     return ", ".join(parts) or "none"
 
 

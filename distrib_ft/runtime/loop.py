@@ -29,7 +29,8 @@ from distrib_ft.data.formats import build_dataset, collate
 from distrib_ft.job import Job
 from distrib_ft.methods import checkpoint_trainable_only
 from distrib_ft.model import load_tokenizer
-from distrib_ft.monitor.budget import Monitor, is_eval_step
+from distrib_ft.monitor.budget import Monitor, Suite, is_eval_step
+from distrib_ft.monitor.drift import base_top_k, kl_to_base
 from distrib_ft.monitor.evaluation import evaluate_nll, evaluate_suites, load_suites
 from distrib_ft.monitor.report import write_report
 from distrib_ft.preservation import Context, build_defences, call, chain, merged
@@ -68,6 +69,7 @@ class Run:
     tokens_seen: int = 0
     saved: set[int] = field(default_factory=set)
     clock: Timings = field(default_factory=Timings)
+    kl_cache: list | None = None  # the base model's top-k next-token log-probs on this rank's eval share
 
     @property
     def evaluating(self) -> bool:
@@ -134,6 +136,9 @@ def setup(job: Job, resume: bool) -> Run:
     dist.print0(f"{method.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%); "
                 f"ZeRO-{job.zero_stage}, bf16={t.bf16}, {world} worker(s), global batch {global_batch}, "
                 f"{max_steps} steps")
+    mc = cfg.monitor
+    kl_cache = (base_top_k(engine.module, eval_ds, k=mc.kl_top_k, batch_size=t.per_device_eval_batch_size,
+                           pad_token_id=tokenizer.pad_token_id) if mc.kl_to_base else None)  # before any resume
     clock.lap("model and engine")
     call(defences, "check", zero_stage=job.zero_stage, model=engine.module, method=method)
     if not d.streaming:
@@ -152,9 +157,9 @@ def setup(job: Job, resume: bool) -> Run:
         dist.print0(f"resumed from {latest} at step {state['step']}")
     elif resume:
         dist.print0(f"no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
-    mc = cfg.monitor
     suites = load_suites(mc.suites, tokenizer, max_seq_length=d.max_seq_length, prompt_template=d.prompt_template)
-    monitor = Monitor([sd.suite for sd in suites], policy=mc.policy, patience=mc.early_stopping_patience,
+    drift = [Suite("kl_to_base", "kl", "loss", max_value=mc.max_kl_to_base)] if kl_cache is not None else []
+    monitor = Monitor([sd.suite for sd in suites] + drift, policy=mc.policy, patience=mc.early_stopping_patience,
                       min_delta=mc.early_stopping_min_delta)
     if "monitor" in state:
         monitor.load_state_dict(state["monitor"])
@@ -174,7 +179,7 @@ def setup(job: Job, resume: bool) -> Run:
               max_steps=max_steps, per_rank=per_rank, global_batch=global_batch, mixed_share=mixed_share,
               trainable=trainable, total=total, step=step, tokens_seen=state.get("tokens_seen", 0),
               saved={int(p.name.removeprefix("step-")) for p in ckpt.complete_checkpoints(out)} if resume else set(),
-              clock=clock)
+              clock=clock, kl_cache=kl_cache)
     if step == 0:
         start = merged(call(defences, "metrics"))  # e.g. the masked fraction of token masking
         if start:
@@ -303,9 +308,11 @@ def _evaluate(run: Run, at: int, batch_size: int) -> None:
     new = evaluate_nll(run.engine.module, run.eval_ds, batch_size=batch_size,
                        pad_token_id=run.tokenizer.pad_token_id) if run.eval_ds is not None else {}
     values = evaluate_suites(run.engine.module, run.tokenizer, run.suites, batch_size=batch_size)
-    run.monitor.record(at, values, new.get("eval_loss"))
-    run.log.write({"step": at, **new, **{f"retention/{k}": v for k, v in values.items()}})
-    shown = {"eval_loss": new.get("eval_loss"), **values}
+    drift = (kl_to_base(run.engine.module, run.eval_ds, run.kl_cache, batch_size=batch_size,
+                        pad_token_id=run.tokenizer.pad_token_id) if run.kl_cache is not None else {})
+    run.monitor.record(at, {**values, **({"kl_to_base": drift["kl_to_base"]} if drift else {})}, new.get("eval_loss"))
+    run.log.write({"step": at, **new, **{f"retention/{k}": v for k, v in values.items()}, **drift})
+    shown = {"eval_loss": new.get("eval_loss"), **values, **({"kl_to_base": drift["kl_to_base"]} if drift else {})}
     dist.print0(f"step {at}: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None)
                 + ("" if run.monitor.within_budget(at) else "  [out of forgetting budget]"))
 

@@ -173,3 +173,10 @@ def test_an_unknown_key_suggests_the_close_spelling(tmp_path):
         load_config(write(tmp_path, BASE), ["training.learnig_rate=1e-4"])
     with pytest.raises(ConfigError, match=r"job.yaml: ewc.lamda: unknown key; did you mean 'lambda'\?$"):
         load_config(write(tmp_path, BASE), ["ewc.lamda=1"])
+
+
+def test_kl_to_base_needs_eval_files_and_its_budget_needs_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"monitor.kl_to_base: needs data.eval_files"):
+        load_config(write(tmp_path, BASE), ["monitor.kl_to_base=true"])
+    with pytest.raises(ConfigError, match=r"monitor.max_kl_to_base: set monitor.kl_to_base: true"):
+        load_config(write(tmp_path, BASE), ["monitor.max_kl_to_base=0.1"])

@@ -89,3 +89,14 @@ def test_a_run_that_kept_no_update_is_rejected(policy):
     start_only = Monitor([])
     start_only.record(0, {})
     assert start_only.choose(0, [0]) == (0, "accepted")  # a run of no steps keeps its start
+
+
+def test_kl_to_base_budget_is_an_absolute_ceiling():
+    m = Monitor([Suite("kl_to_base", "kl", "loss", max_value=0.1)], policy="report")
+    m.record(0, {"kl_to_base": 0.0}, 3.0)
+    m.record(5, {"kl_to_base": 0.05}, 2.0)
+    assert m.choose(5, []) == (5, "accepted")
+    m.record(10, {"kl_to_base": 0.3}, 1.0)
+    assert m.breaches[-1] == {"step": 10, "suite": "kl_to_base", "value": 0.3, "limit": 0.1}
+    assert m.choose(10, []) == (None, "rejected")
+    assert m.report(None, "rejected")["suites"]["kl_to_base"]["budget"]["max_value"] == 0.1
