@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 
 from distrib_ft.data.formats import collate
 from distrib_ft.preservation.fisher import compute_fisher, load_fisher, merge_online, save_fisher
@@ -71,13 +71,6 @@ class EWCConfig(Strict):
     @property
     def enabled(self) -> bool:
         return self.lambda_ > 0 or self.update_after
-
-    @model_validator(mode="after")
-    def _used(self) -> EWCConfig:
-        if (self.fisher_path or self.fisher_data_files) and not self.enabled:
-            raise ValueError("ewc.lambda: a Fisher is given but EWC is off (lambda 0, update_after false); set "
-                             "ewc.lambda (its scale depends on the estimator), or remove the section")
-        return self
 
     def check_job(self, job) -> None:
         """Cross-checks with the rest of the job (ValueError naming the key)."""

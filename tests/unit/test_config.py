@@ -158,8 +158,6 @@ def test_set_but_unused_defence_inputs_are_errors_and_replay_version_is_checked_
     raw = job_dict(tmp_path, tiny_model_dir)
     with pytest.raises(ConfigError, match=r"replay.buffer: is set but replay is off \(ratio 0, update_after false\)"):
         config_from_dict({**raw, "replay": {"buffer": "buf"}})
-    with pytest.raises(ConfigError, match=r"ewc.lambda: a Fisher is given but EWC is off"):
-        config_from_dict({**raw, "ewc": {"fisher_data_files": ["x.jsonl"]}})
     # replay.version is the replay defence's to check against its checkpoint state (a resume after
     # `replay update` sets replay.version to the checkpoint's version): not part of the job's identity
     rb.build(str(tmp_path / "buf"), [str(toy_join(tmp_path / "old.jsonl", n=4))])
