@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -22,7 +21,15 @@ from pydantic import BaseModel, Field, ValidationError, create_model, model_vali
 
 from distrib_ft.methods import DEFAULT, METHODS
 from distrib_ft.preservation import DEFENCES
-from distrib_ft.schema import ConfigError, DuplicateKeyError, InputPath, OutputPath, Strict, load_yaml_unique
+from distrib_ft.schema import (
+    ConfigError,
+    DuplicateKeyError,
+    InputPath,
+    OutputPath,
+    Strict,
+    load_yaml_unique,
+    section_class,
+)
 
 
 class ModelConfig(Strict):
@@ -254,11 +261,7 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
         field = next((f for n, f in cls.model_fields.items() if part in (n, f.alias)), None)
         if field is None:
             return None
-        todo, cls = [field.annotation], None
-        while todo and cls is None:
-            tp = todo.pop()
-            cls = tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
-            todo += list(typing.get_args(tp))
+        cls = section_class(field.annotation)
     return cls
 
 

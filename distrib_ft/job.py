@@ -22,7 +22,7 @@ from distrib_ft.methods import METHODS, build_method
 from distrib_ft.model import adaptable_modules
 from distrib_ft.preservation import DEFENCES
 from distrib_ft.runtime.engine import load_deepspeed_config, zero_stage
-from distrib_ft.schema import ConfigError, PathKind
+from distrib_ft.schema import ConfigError, PathKind, section_class
 
 # training keys a resumed run may change; everything else must match the checkpoint's job.
 RESUMABLE = {"output_dir", "max_steps", "num_train_epochs", "logging_steps", "save_steps", "save_total_limit",
@@ -147,17 +147,10 @@ def _path_kind(field) -> str | None:
 
 def _section_class(field, value: dict) -> type[BaseModel] | None:
     """The config class of a nested section (for the method union: the member named by ``type``)."""
-    if isinstance(value, dict) and value.get("type") in METHODS and field.annotation is not None \
-            and any(a is METHODS[value["type"]].config_class for a in _all_args(field.annotation)):
-        return METHODS[value["type"]].config_class
-    return next((a for a in _all_args(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-
-
-def _all_args(tp) -> list:
-    out = [tp]
-    for a in typing.get_args(tp):
-        out += _all_args(a)
-    return out
+    cls = section_class(field.annotation)
+    if cls in {m.config_class for m in METHODS.values()}:
+        return METHODS[value["type"]].config_class if value.get("type") in METHODS else None
+    return cls
 
 
 def _resolve_paths(cls: type[BaseModel], raw: dict, prefix: str, source: str) -> None:

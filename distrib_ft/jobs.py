@@ -6,8 +6,6 @@ worker) and keyword arguments, runs on every rank, and returns a JSON-able dict 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from distrib_ft.data.formats import build_dataset
 from distrib_ft.methods import load_trained
 from distrib_ft.model import load_model, load_tokenizer
@@ -31,10 +29,7 @@ def fisher(job, out: str) -> dict:
     cfg = job.config
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     engine, _, _, _ = build_model_engine(job, total_steps=1, warmup_steps=0)
-    t = cfg.training
-    ewc = EWC(cfg.ewc, Context(tokenizer=tokenizer, output_dir=Path(t.output_dir), data=cfg.data,
-                               per_rank=t.per_device_train_batch_size * t.gradient_accumulation_steps, seed=t.seed,
-                               model_name=cfg.model.name_or_path))
+    ewc = EWC(cfg.ewc, Context.of(cfg, tokenizer))
     fisher_values, info = ewc.compute(engine.module, ewc.fisher_examples())
     anchors = ewc.current_anchors(engine.module)
     if dist.is_main():

@@ -6,6 +6,7 @@ code, in its own file) without importing the job config that collects them.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -84,4 +85,23 @@ def json_pairs_unique(pairs: list[tuple[str, object]]) -> dict:
         if key in out:
             raise DuplicateKeyError(f"duplicate key {key!r}")
         out[key] = value
+    return out
+
+
+def section_class(annotation) -> type[BaseModel] | None:
+    """The first config class inside a field's annotation (``Section``, ``Section | None``, ``list[Section]``)."""
+    todo = [annotation]
+    while todo:
+        tp = todo.pop(0)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            return tp
+        todo += list(typing.get_args(tp))
+    return None
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"training": {"seed": 1}}`` -> ``{"training.seed": 1}`` (nested dicts to dotted keys)."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out

@@ -70,6 +70,14 @@ class Context:
     seed: int
     model_name: str
 
+    @classmethod
+    def of(cls, job_config, tokenizer) -> Context:
+        """The context of a (resolved) JobConfig."""
+        t = job_config.training
+        return cls(tokenizer=tokenizer, output_dir=Path(t.output_dir), data=job_config.data,
+                   per_rank=t.per_device_train_batch_size * t.gradient_accumulation_steps, seed=t.seed,
+                   model_name=job_config.model.name_or_path)
+
 
 class Defence(Protocol):
     name: ClassVar[str]

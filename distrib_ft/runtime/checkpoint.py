@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from distrib_ft.methods import checkpoint_trainable_only
 from distrib_ft.runtime import dist
+from distrib_ft.schema import flatten
 
 COMPLETE = "COMPLETE"
 OWNER = "job.json"
@@ -142,19 +143,13 @@ def check_owner(path: Path, owner: dict) -> None:
                          f"worker(s) (global batch {saved.get('global_batch')}); this run has {owner['world_size']} "
                          f"(global batch {owner['global_batch']}); set distributed.num_workers: "
                          f"{saved.get('world_size')} (and the same batch sizes) to resume")
-    theirs, ours = _flat(saved.get("job", {})), _flat(owner["job"])
+    theirs, ours = flatten(saved.get("job", {})), flatten(owner["job"])
     differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
     if differ:
         shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:3])
         raise ValueError(f"--resume: {path} belongs to another job ({shown}"
                          f"{'; ...' if len(differ) > 3 else ''}); use another training.output_dir")
 
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def load_checkpoint(engine, path: Path, *, exclude_frozen: bool) -> dict:

@@ -39,6 +39,7 @@ from distrib_ft.runtime import dist
 from distrib_ft.runtime.loss import token_nll_rows
 from distrib_ft.runtime.metrics import MetricsLog, Progress, StepWindow, Timings
 from distrib_ft.runtime.worker import build_model_engine, start_worker
+from distrib_ft.schema import flatten
 
 
 @dataclass
@@ -124,8 +125,7 @@ def setup(job: Job, resume: bool) -> Run:
 
     # The defences, then the schedule (a defence may mix its own examples into every batch).
     per_rank = t.per_device_train_batch_size * t.gradient_accumulation_steps
-    defences = build_defences(cfg, Context(tokenizer=tokenizer, output_dir=out, data=d, per_rank=per_rank,
-                                           seed=t.seed, model_name=cfg.model.name_or_path))
+    defences = build_defences(cfg, Context.of(cfg, tokenizer))
     mixed_share = sum(getattr(x, "batch_share", 0.0) for x in defences)
     global_batch = per_rank * world
     max_steps = batching.total_steps(t.max_steps, t.num_train_epochs, None if d.streaming else len(train_ds),
@@ -172,7 +172,7 @@ def setup(job: Job, resume: bool) -> Run:
               train_stats=train_stats, eval_ds=eval_ds, suites=suites, defences=defences, monitor=monitor,
               log=MetricsLog(out / "metrics.jsonl", enabled=dist.is_main(), resume_step=step if latest else None,
                              report_to=t.report_to, run_name=out.name,
-                             params=_flat(cfg.model_dump(mode="json", by_alias=True))),
+                             params=flatten(cfg.model_dump(mode="json", by_alias=True))),
               progress=Progress(total=max_steps, initial=step, enabled=dist.is_main()),
               batches=steps_fn(train_ds, start_step=step, per_rank=per_rank, rank=rank, world=world, seed=t.seed,
                                replay_ratio=mixed_share),
@@ -372,11 +372,3 @@ def _epoch(run: Run) -> float:
 def _grad_norm(model: torch.nn.Module) -> float:
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """{"training": {"seed": 1}} -> {"training.seed": 1}, for loggers' parameters."""
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
