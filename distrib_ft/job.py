@@ -86,7 +86,8 @@ def resolve(config: JobConfig, world_size: int | None = None) -> Job:
             raise ValueError(f"method.type: {method.name} supports ZeRO stages {sorted(method.zero_stages)}; "
                              f"distributed.deepspeed is ZeRO-{stage}")
         method.check(zero_stage=stage, module_names=adaptable_modules(resolved.model.name_or_path,
-                                                                     resolved.model.trust_remote_code))
+                                                                     resolved.model.trust_remote_code),
+                     config=resolved)
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
     tokenizer = _tokenizer(resolved.model.name_or_path, resolved.model.trust_remote_code, source)

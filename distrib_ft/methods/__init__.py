@@ -4,9 +4,10 @@ A method is a class with a pydantic config (one member of the job file's ``metho
 ``method.type``) and these members; nothing outside its file names it:
 
 - ``name``, ``config_class``: the ``method.type`` value and the config it reads;
-- ``artifact``: what ``final/`` holds, ``"adapter"`` (the trained parameters only, in peft's format) or
-  ``"model"`` (a whole Hugging Face model); it also decides what a checkpoint holds (an adapter's
-  checkpoints leave the frozen base out; ``checkpoint_trainable_only``);
+- ``artifact``: what ``final/`` holds, ``"adapter"`` (the trained parameters only, in peft's format or the
+  method's own) or ``"model"`` (a whole Hugging Face model);
+- ``checkpoint_trainable_only``: checkpoints leave the frozen weights out (they are rebuilt from the base
+  model on resume): true for every method that freezes something;
 - ``zero_stages``: the ZeRO stages it supports; ``check(zero_stage=...)`` refuses the others, and any
   other combination it cannot run, with a ValueError that names the key;
 - ``apply(model)``: the model with the method in place and ``requires_grad`` set on what trains;
@@ -15,6 +16,14 @@ A method is a class with a pydantic config (one member of the job file's ``metho
 - ``new_parameters``: the trained parameters are created by the method (an adapter), so their values at
   the start of another job are no anchor for EWC; ``merged_update``: the update is a dense low-rank
   product ``B @ A * scale`` on base weights (what EWC's ``target: lora_merged`` reads).
+
+Optional members:
+
+- ``lr_scale(name) -> float``: the multiplier of ``training.learning_rate`` for the trainable parameter
+  ``name`` (layer-wise learning rates); the optimizer gets one parameter group per scale, and the schedule
+  scales every group together;
+- ``owns_final(path) -> bool`` and ``load_final(base, path) -> module`` (static): a ``final/`` in the
+  method's own format (neither a peft adapter nor a Hugging Face model), loaded for evaluation.
 
 To add a method: a file here with its config class and its class, one line in ``METHODS``, one row in
 ``ROWS`` of tests/integration/test_methods.py (docs/architecture.md walks through a real one).
@@ -36,11 +45,12 @@ class Method(Protocol):
     name: ClassVar[str]
     config_class: ClassVar[type[Strict]]
     artifact: ClassVar[str]
+    checkpoint_trainable_only: ClassVar[bool]
     zero_stages: ClassVar[frozenset[int]]
     new_parameters: bool
     merged_update: bool
 
-    def check(self, *, zero_stage: int, module_names: list[str] | None = None) -> None: ...
+    def check(self, *, zero_stage: int, module_names: list[str] | None = None, config=None) -> None: ...
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module: ...
 
@@ -57,20 +67,28 @@ def build_method(config: Strict) -> Method:
 
 
 def checkpoint_trainable_only(method: Method) -> bool:
-    """Whether checkpoints (and final/) hold the trained parameters only (adapters) or the whole model."""
+    """Whether checkpoints hold the trained parameters only (the frozen ones come from the base on resume)."""
+    return method.checkpoint_trainable_only
+
+
+def exports_trainable_only(method: Method) -> bool:
+    """Whether final/ holds the trained parameters only (an adapter) or the whole model."""
     return method.artifact == "adapter"
 
 
 def load_trained(base: str, path: str | Path, *, load_model) -> torch.nn.Module:
     """A ``final/`` folder as a model for evaluation.
 
-    Either a peft adapter on ``base`` (adapter_config.json), or a whole Hugging Face model. ``load_model(path)``
-    loads a plain model folder.
+    A method's own format (its ``owns_final``), a peft adapter on ``base`` (adapter_config.json), or a whole
+    Hugging Face model. ``load_model(path)`` loads a plain model folder.
 
     Raises:
         ValueError: ``path`` holds neither.
     """
     path = Path(path)
+    for cls in METHODS.values():
+        if hasattr(cls, "owns_final") and cls.owns_final(path):
+            return cls.load_final(base, path, load_model=load_model)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 

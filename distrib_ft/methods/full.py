@@ -20,6 +20,7 @@ class FullConfig(Strict):
 class Full:
     name: ClassVar[str] = "full"
     config_class: ClassVar[type[Strict]] = FullConfig
+    checkpoint_trainable_only: ClassVar[bool] = False
     artifact: ClassVar[str] = "model"
     zero_stages: ClassVar[frozenset[int]] = frozenset({0, 1, 2, 3})
     new_parameters = False
@@ -28,7 +29,7 @@ class Full:
     def __init__(self, config: FullConfig):
         self.config = config
 
-    def check(self, *, zero_stage: int, module_names: list[str] | None = None) -> None:
+    def check(self, *, zero_stage: int, module_names: list[str] | None = None, config=None) -> None:
         return None
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:

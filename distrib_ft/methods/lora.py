@@ -43,6 +43,7 @@ class LoRAConfig(Strict):
 class LoRA:
     name: ClassVar[str] = "lora"
     config_class: ClassVar[type[Strict]] = LoRAConfig
+    checkpoint_trainable_only: ClassVar[bool] = True
     artifact: ClassVar[str] = "adapter"
     zero_stages: ClassVar[frozenset[int]] = frozenset({0, 1, 2, 3})
     new_parameters = True
@@ -51,7 +52,7 @@ class LoRA:
         self.config = config
         self.merged_update = not config.use_dora  # DoRA's update also rescales W's column norms
 
-    def check(self, *, zero_stage: int, module_names: list[str] | None = None) -> None:
+    def check(self, *, zero_stage: int, module_names: list[str] | None = None, config=None) -> None:
         c = self.config
         if zero_stage == 3 and c.merge_adapters:
             raise ValueError("method.merge_adapters: not supported under ZeRO-3 (merging needs whole weights); "

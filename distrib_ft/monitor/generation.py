@@ -36,6 +36,7 @@ from distrib_ft.data.formats import (
     _text,
 )
 from distrib_ft.runtime import dist
+from distrib_ft.runtime.loss import drop_virtual_tokens
 
 METRICS = ("exact_match", "contains", "regex", "multiple_choice")
 _MC_HINT = "multiple-choice records need instruction (or question), choices (list of str) and answer (str or index)"
@@ -177,7 +178,8 @@ def _choose(model, tokenizer, batch: list[dict], device) -> list[str]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in seqs], dtype=torch.long, device=device)
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], dtype=torch.long, device=device)
-    logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), dim=-1)  # (B, T, V)
+    logits = drop_virtual_tokens(model(input_ids=input_ids, attention_mask=mask).logits, input_ids)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     scores = [float(logprobs[r, s - 1:e - 1].gather(-1, input_ids[r, s:e, None]).sum()) for r, s, e in spans]
     starts = [sum(len(x["choices"]) for x in batch[:i]) for i in range(len(batch))]
     return [e["choices"][max(range(len(e["choices"])), key=lambda j: scores[k + j])] for e, k in zip(batch, starts)]

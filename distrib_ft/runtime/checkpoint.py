@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from distrib_ft.methods import checkpoint_trainable_only
+from distrib_ft.methods import exports_trainable_only
 from distrib_ft.runtime import dist
 from distrib_ft.schema import flatten
 
@@ -192,7 +192,7 @@ def export_final(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, m
 
     Atomically (temp folder, then rename). Collective; rank 0 writes.
     """
-    state = gather_full_state_dict(model, trainable_only=checkpoint_trainable_only(method))
+    state = gather_full_state_dict(model, trainable_only=exports_trainable_only(method))
     final = Path(output_dir) / name
     if dist.is_main():
         tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))

@@ -157,28 +157,36 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, kind: str) -> f
     raise ValueError(f"unknown lr_scheduler_type {kind!r}")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two groups: no weight decay on biases and norms (1-D tensors)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def param_groups(model: torch.nn.Module, weight_decay: float, learning_rate: float,
+                 lr_scale=None) -> list[dict]:
+    """The trainable parameters as optimizer groups.
+
+    No weight decay on biases and norms (1-D tensors). ``lr_scale(name) -> float`` (a method's layer-wise
+    learning rates) splits them further: one group per scale, with ``lr = learning_rate * scale``; the LR
+    schedule multiplies every group's starting LR by the same factor (LambdaLR), so the ratios stay fixed.
+    Groups come highest LR first.
+    """
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        scale = float(lr_scale(name)) if lr_scale is not None else 1.0
+        groups.setdefault((scale, p.ndim < 2), []).append(p)
+    return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr": learning_rate * scale}
+            for (scale, no_decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1]))]
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict, *, learning_rate: float, weight_decay: float,
                  betas: tuple[float, float], eps: float, warmup_steps: int, total_steps: int,
-                 scheduler_type: str):
+                 scheduler_type: str, lr_scale=None):
     """``deepspeed.initialize`` with AdamW and the job's LR schedule; returns the engine.
 
     Without an ``optimizer`` section in the JSON, ``torch.optim.AdamW`` is the client optimizer
-    (DeepSpeed's FusedAdam/CPUAdam would JIT-compile for minutes on CPU).
+    (DeepSpeed's FusedAdam/CPUAdam would JIT-compile for minutes on CPU). ``lr_scale``: see :func:`param_groups`.
     """
     import deepspeed
 
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, learning_rate, lr_scale)
     if not groups:
         raise ValueError("the model has no trainable parameters: check method.type and its target modules")
     optimizer = None

@@ -207,7 +207,7 @@ def run_steps(run: Run) -> str | None:
              sum(int(b["attention_mask"].sum()) for b in micro)])
         scale = world * accum / max(global_targets, 1)
         logging_step = (run.step + 1) % t.logging_steps == 0 or run.step + 1 == run.max_steps
-        learning_rate = engine.get_lr()[0]  # this step's: the scheduler advances inside engine.step()
+        learning_rate = max(engine.get_lr())  # this step's (the top group's): the scheduler advances in step()
         for i, (chunk, batch) in enumerate(zip(chunks, micro)):
             nll, targets = token_nll_rows(engine, batch)  # forward: per-sequence NLL sums, (B,)
             call(run.defences, "observe", chunk, nll, targets)

@@ -15,8 +15,20 @@ def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     find_packed_sequence_indices``; flash-attn: varlen) and no example attends to another.
     """
     if "position_ids" in batch:
-        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return drop_virtual_tokens(logits, batch["input_ids"])
+
+
+def drop_virtual_tokens(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The logits of the real tokens only, (B, T, V).
+
+    A method that prepends virtual tokens (peft's prompt tuning) returns (B, P + T, V); the first P positions
+    are the virtual tokens' and predict nothing of the input.
+    """
+    extra = logits.size(1) - input_ids.size(1)
+    return logits[:, extra:] if extra > 0 else logits
 
 
 def token_nll_rows(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,6 +62,7 @@ def build_model_engine(job: Job, *, total_steps: int, warmup_steps: int):
     trainable, total = count_parameters(model)
     engine = build_engine(model, job.deepspeed, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
                           betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, warmup_steps=warmup_steps,
-                          total_steps=total_steps, scheduler_type=t.lr_scheduler_type)
+                          total_steps=total_steps, scheduler_type=t.lr_scheduler_type,
+                          lr_scale=getattr(method, "lr_scale", None))
     return engine, method, trainable, total
 

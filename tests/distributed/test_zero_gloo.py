@@ -66,3 +66,37 @@ def test_lora_bf16_zero3_two_ranks(tmp_path, tiny_model_dir):
         assert adapter.keys() == adapters[1].keys() and all(v.dtype == torch.float32 for v in adapter.values())
         moved = max(float(v.abs().max()) for k, v in adapter.items() if "lora_B" in k)  # lora_B starts at 0
         assert moved > 1e-3, "training did not change the adapter"
+
+
+# The methods matrix across ranks: method -> (method section, learning rate). One 1-rank run, then 2 ranks under each
+# ZeRO stage the method supports (of 2 and 3); final/ (every tensor) and every logged loss agree.
+METHOD_ROWS: dict[str, tuple[dict, float]] = {
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_ROWS))
+def test_method_two_ranks_match_one_rank(tmp_path, tiny_model_dir, name):
+    from distrib_ft.methods import METHODS
+
+    section, lr = METHOD_ROWS[name]
+    stages = sorted({2, 3} & METHODS[name].zero_stages)
+    runs = {}
+    for world, micro, zero in [(1, 4, 2)] + [(WORLD_SIZE, 2, z) for z in stages]:
+        d = tmp_path / f"w{world}-z{zero}"
+        raw = job_dict(d, tiny_model_dir, zero=zero, per_device_train_batch_size=micro, learning_rate=lr, max_steps=4)
+        raw["method"] = dict(section)
+        run_ranks(raw, world, d)
+        runs[(world, zero)] = d / "out"
+    one = runs[(1, 2)]
+    want = {f.name: load_file(f) for f in sorted((one / "final").glob("*.safetensors"))}
+    loss1 = [r["loss"] for r in read_metrics(one / "metrics.jsonl") if "loss" in r]
+    assert want and len(loss1) == 4
+    for key, out in runs.items():
+        got = {f.name: load_file(f) for f in sorted((out / "final").glob("*.safetensors"))}
+        assert got.keys() == want.keys(), key
+        for f in want:
+            assert got[f].keys() == want[f].keys(), (key, f)
+            for k in want[f]:
+                torch.testing.assert_close(got[f][k], want[f][k], rtol=1e-4, atol=1e-5, msg=f"{key} {f} {k}")
+        loss = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+        torch.testing.assert_close(torch.tensor(loss), torch.tensor(loss1), rtol=1e-5, atol=1e-6, msg=str(key))
