@@ -13,6 +13,7 @@ A method is a class with a pydantic config (one member of the job file's ``metho
 - ``apply(model)``: the model with the method in place and ``requires_grad`` set on what trains;
 - ``export(model, state_dict, folder)``: write ``final/`` (``state_dict``: the full fp32 values of the
   parameters ``final/`` holds, gathered from every rank);
+- ``mergeable``: final/ is, or can become, a plain Hugging Face model (``distrib-ft export --merge``);
 - ``new_parameters``: the trained parameters are created by the method (an adapter), so their values at
   the start of another job are no anchor for EWC; ``merged_update``: the update is a dense low-rank
   product ``B @ A * scale`` on base weights (what EWC's ``target: lora_merged`` reads).
@@ -36,8 +37,13 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from distrib_ft.methods.bitfit import BitFit
+from distrib_ft.methods.bottleneck import Bottleneck
 from distrib_ft.methods.full import Full
 from distrib_ft.methods.lora import LoRA
+from distrib_ft.methods.partial import Partial
+from distrib_ft.methods.prompt_tuning import PromptTuning
+from distrib_ft.methods.qlora import QLoRA
 from distrib_ft.schema import Strict
 
 
@@ -46,6 +52,7 @@ class Method(Protocol):
     config_class: ClassVar[type[Strict]]
     artifact: ClassVar[str]
     checkpoint_trainable_only: ClassVar[bool]
+    mergeable: ClassVar[bool]
     zero_stages: ClassVar[frozenset[int]]
     new_parameters: bool
     merged_update: bool
@@ -57,7 +64,7 @@ class Method(Protocol):
     def export(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor], folder: Path) -> None: ...
 
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Full, LoRA)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Full, LoRA, Partial, Bottleneck, BitFit, QLoRA, PromptTuning)}
 DEFAULT = "lora"
 
 

@@ -16,7 +16,9 @@ from tests.contract import assert_common, run_contract
 from tests.jobs import job_dict
 
 # Tiny model: 2 layers, hidden 32, MLP 64, vocab 384 (distrib_ft/tiny.py).
-HIDDEN, MLP, LAYERS = 32, 64, 2
+HIDDEN, MLP, LAYERS, VOCAB = 32, 64, 2, 384
+LAYER = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * MLP + 2 * HIDDEN  # q, k, v, o; gate, up, down; two norms
+HEAD = VOCAB * HIDDEN + HIDDEN  # lm_head and the final norm
 
 
 def lora_count(r: int) -> int:
@@ -26,8 +28,13 @@ def lora_count(r: int) -> int:
 
 ROWS = {
     # method: (method section, expected trainable parameters (None: all), what final/ holds)
+    "adapter": ({"type": "adapter", "reduction_factor": 4}, LAYERS * (34 * HIDDEN + 16), "adapter_model.safetensors"),
+    "bitfit": ({"type": "bitfit", "add_bias": True}, LAYERS * (5 * HIDDEN + 2 * MLP), "adapter_model.safetensors"),
     "full": ({"type": "full"}, None, "model.safetensors"),
     "lora": ({"type": "lora", "r": 4, "lora_alpha": 8}, lora_count(4), "adapter_model.safetensors"),
+    "qlora": ({"type": "qlora", "r": 4, "lora_alpha": 8}, lora_count(4), "adapter_model.safetensors"),
+    "partial": ({"type": "partial", "top_k_layers": 1, "layerwise_lr_decay": 0.5}, LAYER + HEAD, "model.safetensors"),
+    "prompt_tuning": ({"type": "prompt_tuning", "num_virtual_tokens": 4}, 4 * HIDDEN, "adapter_model.safetensors"),
 }
 
 
@@ -47,3 +54,39 @@ def test_method_contract(tmp_path, tiny_model_dir, name):
         assert c.trainable_names <= c.checkpoint_keys
     assert c.summary["method"] == name and c.summary["artifact"] == method.artifact
     assert torch.isfinite(c.trained_logits).all()
+
+
+@pytest.mark.parametrize("section", [{"type": "partial", "top_k_layers": 1, "freeze_embeddings": False},
+                                     {"type": "full"}])
+def test_layerwise_learning_rates_reach_the_optimizer(tmp_path, tiny_model_dir, section):
+    """lr * d^(L-1-l) per decoder layer, lr for the head, lr * d^L for the embeddings: read back from the DeepSpeed
+    engine's optimizer groups at step 0 and after 2 steps of a cosine schedule (the ratios stay)."""
+    from distrib_ft.config import config_from_dict
+    from distrib_ft.runtime.loop import run_steps, setup
+    from distrib_ft.runtime.worker import start_worker
+
+    raw = job_dict(tmp_path, tiny_model_dir, zero=2, learning_rate=1e-3, max_steps=2, save_steps=0,
+                   lr_scheduler_type="cosine")
+    raw["method"] = {**section, "layerwise_lr_decay": 0.5}
+    run = setup(start_worker(config_from_dict(raw)), resume=False)
+    named = {p: n for n, p in run.engine.module.named_parameters()}
+
+    def lrs():  # ZeRO-1/2 optimizers hold flat fp32 partitions: bit16_groups[i] are group i's module parameters
+        opt = run.engine.optimizer
+        params = getattr(opt, "bit16_groups", None) or [g["params"] for g in opt.param_groups]
+        return {named[p]: g["lr"] for g, ps in zip(opt.param_groups, params) for p in ps}
+
+    def expected(name):
+        if "embed_tokens" in name:
+            return 0.25
+        return 0.5 ** (1 - int(name.split(".layers.")[1].split(".")[0])) if ".layers." in name else 1.0
+
+    start = lrs()
+    assert set(start) == {n for n, p in run.engine.module.named_parameters() if p.requires_grad}
+    for name, lr in start.items():
+        assert lr == pytest.approx(1e-3 * expected(name), rel=1e-12), name
+    run_steps(run)
+    factor = lrs()["lm_head.weight"] / 1e-3
+    assert 0 < factor < 1
+    for name, lr in lrs().items():
+        assert lr == pytest.approx(1e-3 * factor * expected(name), rel=1e-9), name
