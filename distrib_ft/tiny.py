@@ -46,8 +46,11 @@ def build_tokenizer(vocab_size: int = 384):
 
 
 def build_tiny_model(out_dir: str | Path, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4,
-                     vocab_size: int = 384, seed: int = 0, max_position_embeddings: int = 512) -> Path:
-    """Write a tiny Llama model and its tokenizer to ``out_dir`` and return the folder."""
+                     vocab_size: int = 384, seed: int = 0, max_position_embeddings: int = 512, **config) -> Path:
+    """Write a tiny Llama model and its tokenizer to ``out_dir`` and return the folder.
+
+    ``config``: more LlamaConfig keys (e.g. ``tie_word_embeddings=True``, ``attention_bias=True``).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -57,7 +60,7 @@ def build_tiny_model(out_dir: str | Path, hidden_size: int = 32, num_layers: int
                       num_hidden_layers=num_layers, num_attention_heads=num_heads,
                       num_key_value_heads=num_heads, max_position_embeddings=max_position_embeddings,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
-                      tie_word_embeddings=False, attention_dropout=0.0)
+                      **{"tie_word_embeddings": False, "attention_dropout": 0.0, **config})
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out, safe_serialization=True)

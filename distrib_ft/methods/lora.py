@@ -46,6 +46,7 @@ class LoRA:
     checkpoint_trainable_only: ClassVar[bool] = True
     artifact: ClassVar[str] = "adapter"
     zero_stages: ClassVar[frozenset[int]] = frozenset({0, 1, 2, 3})
+    mergeable: ClassVar[bool] = True
     new_parameters = True
 
     def __init__(self, config: LoRAConfig):
