@@ -7,6 +7,7 @@ worker) and keyword arguments, runs on every rank, and returns a JSON-able dict 
 from __future__ import annotations
 
 from distrib_ft.data.formats import build_dataset
+from distrib_ft.export import load_merged
 from distrib_ft.methods import load_trained
 from distrib_ft.model import load_model, load_tokenizer
 from distrib_ft.monitor.budget import Monitor
@@ -40,11 +41,12 @@ def fisher(job, out: str) -> dict:
     return info
 
 
-def evaluate(job, model_path: str | None, out: str) -> dict:
+def evaluate(job, model_path: str | list[str] | None, out: str) -> dict:
     """``distrib-ft eval``: the job's retention suites and new-task eval set, before and after, against its budgets.
 
     Evaluated on the base model (step 0, "before") and on ``model_path`` (step 1, "after": a final/ folder with a
-    peft adapter or a full model), with the job's budgets; writes report.json/md and plots to ``out``. Rank 0 writes.
+    peft adapter or a full model; a list: peft adapters of the base merged into it in order, their updates summed),
+    with the job's budgets; writes report.json/md and plots to ``out``. Rank 0 writes.
 
     The models are plain Hugging Face models on each rank (no DeepSpeed sharding), evaluated on each
     rank's share of every set with the sums all-reduced. Returns ``{"exit_code", "decision"}``.
@@ -67,8 +69,13 @@ def evaluate(job, model_path: str | None, out: str) -> dict:
                           trust_remote_code=cfg.model.trust_remote_code)
 
     models = [("base", lambda: load(cfg.model.name_or_path))]
-    if model_path is not None:
+    if isinstance(model_path, (list, tuple)) and len(model_path) > 1:
+        models.append(("candidate", lambda: load_merged(load(cfg.model.name_or_path), model_path)))
+        candidate = " + ".join(map(str, model_path)) + " (adapters merged into the base in this order)"
+    elif model_path is not None:
+        model_path = model_path[0] if isinstance(model_path, (list, tuple)) else model_path
         models.append(("candidate", lambda: load_trained(cfg.model.name_or_path, model_path, load_model=load)))
+        candidate = str(model_path)
     for step, (label, make) in enumerate(models):
         model = make().to(dist.device())
         new = evaluate_nll(model, eval_ds, batch_size=t.per_device_eval_batch_size,
@@ -79,7 +86,7 @@ def evaluate(job, model_path: str | None, out: str) -> dict:
                                             if k not in ("eval_tokens", "eval_perplexity")))
     chosen, decision = monitor.choose(monitor.steps[-1], [])
     report = monitor.report(chosen, decision, notes=[f"step 0 = {cfg.model.name_or_path}",
-                                                      f"step 1 = {model_path}" if model_path else "base model only"])
+                                                      f"step 1 = {candidate}" if model_path else "base model only"])
     if dist.is_main():
         write_report(report, out)
     dist.barrier()

@@ -2,7 +2,12 @@
 
     distrib-ft train JOB.yaml [section.key=value ...] [--resume] [--address ADDR] [--launcher ray|local]
     distrib-ft fisher JOB.yaml [section.key=value ...] --out FILE.safetensors [--address ADDR] [--launcher ...]
-    distrib-ft eval JOB.yaml [section.key=value ...] [--model PATH] [--out DIR] [--address ADDR] [--launcher ...]
+    distrib-ft eval JOB.yaml [section.key=value ...] [--model PATH [--model PATH ...]] [--out DIR] [--address ADDR]
+                    [--launcher ...]
+    distrib-ft export RUN_DIR_OR_FINAL --out DIR [--merge] [--dtype float32|bfloat16|float16] [--base MODEL]
+                      [--overwrite]
+    distrib-ft merge --adapters A B ... --method linear|cat|ties|dare_ties [--weights W ...] [--density D]
+                     --out DIR [--base MODEL] [--seed N] [--overwrite]
     distrib-ft replay build --out DIR [--format FMT] [--budget N] [--policy uniform|reservoir] [--quota NAME=N]
                             [--weight NAME=W] [--shard-size N] [--seed N] FILE...
     distrib-ft replay update DIR [--budget N] [--policy ...] [--quota NAME=N] [--weight NAME=W] FILE...
@@ -54,11 +59,38 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model or adapter on the job's retention suites against its base")
     e.add_argument("job", help="job YAML file")
     e.add_argument("overrides", nargs="*", metavar="section.key=value", help="override keys of the job file")
-    e.add_argument("--model", default=None, help="a final/ folder (peft adapter or full model); default: the "
-                   "job's final/ if it exists, else only the base model")
+    e.add_argument("--model", action="append", default=None,
+                   help="a final/ folder (peft adapter or full model); default: the job's final/ if it exists, else "
+                   "only the base model. Repeated: LoRA adapters of the job's base, merged into it in this order "
+                   "(their updates summed) and evaluated as one model")
     e.add_argument("--out", default=None, help="where the report goes (default: OUTPUT_DIR/eval)")
     e.add_argument("--address", default=None, help="Ray cluster to run on; default: an embedded local Ray")
     e.add_argument("--launcher", choices=["ray", "local"], default="ray", help="local: in this process")
+    x = sub.add_parser("export", help="a run's final/ (or an adapter or model folder) as a plain Hugging Face folder")
+    x.add_argument("path", metavar="RUN_DIR_OR_FINAL", help="a job's training.output_dir (its final/ is exported), a "
+                   "final/ folder, a peft adapter folder or a model folder")
+    x.add_argument("--out", required=True, help="the folder to write (written beside it first, then renamed)")
+    x.add_argument("--merge", action="store_true", help="merge a LoRA/DoRA adapter into its base (loaded in fp32) "
+                   "and write the whole model; adapters that cannot merge are exported as they are")
+    x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of a written model (default: the base model's saved dtype)")
+    x.add_argument("--base", default=None, help="the base model to merge into (default: the adapter's "
+                   "base_model_name_or_path)")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    m = sub.add_parser("merge", help="combine LoRA adapters of one base into one adapter (peft add_weighted_adapter)")
+    m.add_argument("--adapters", nargs="+", required=True, metavar="ADAPTER",
+                   help="LoRA adapter folders (or run folders: their final/)")
+    m.add_argument("--method", required=True, choices=["linear", "cat", "ties", "dare_ties"],
+                   help="cat: exact sum of the updates (rank = sum of ranks); linear: A's and B's averaged (same "
+                   "ranks, approximate); ties / dare_ties: sign-consensus merging of A's and B's with --density")
+    m.add_argument("--weights", nargs="+", type=float, default=None, metavar="W",
+                   help="one weight per adapter (default: 1 each)")
+    m.add_argument("--density", type=float, default=None,
+                   help="share of entries kept by ties / dare_ties (default 0.5)")
+    m.add_argument("--out", required=True, help="the folder of the combined adapter")
+    m.add_argument("--base", default=None, help="the base model (default: the adapters' base_model_name_or_path)")
+    m.add_argument("--seed", type=int, default=0, help="seed of dare_ties' random drop")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     r = sub.add_parser("replay", help="build, update or show a replay buffer of old examples")
     rsub = r.add_subparsers(dest="action", required=True)
     rb = rsub.add_parser("build", help="make a buffer (version 1) from old data files")
@@ -211,8 +243,9 @@ def cmd_fisher(args) -> int:
 def cmd_eval(args) -> int:
     """``distrib-ft eval``: evaluate a model against the job's base model and budgets; print the decision.
 
-    The model is ``--model``, else the job's final/ when it exists, else none (the base model only). The report
-    goes to ``--out``, default OUTPUT_DIR/eval.
+    The model is ``--model``, else the job's final/ when it exists, else none (the base model only). Several
+    ``--model``: peft adapters of the job's base, merged into it in order (LoRA: W + sum_i B_i A_i s_i) and
+    evaluated as one model. The report goes to ``--out``, default OUTPUT_DIR/eval.
 
     Args:
         args: the parsed ``eval`` arguments (job, overrides, ``--model``, ``--out``, ``--address``, ``--launcher``).
@@ -221,20 +254,72 @@ def cmd_eval(args) -> int:
         The report's exit code.
 
     Raises:
-        UsageError: ``--model`` holds neither a peft adapter nor a Hugging Face model.
+        UsageError: ``--model`` holds neither a peft adapter nor a Hugging Face model; one of several ``--model``
+            is no adapter that merges into the base weights.
     """
     job = _job(args)
     out_dir = Path(job.config.training.output_dir)
-    model = args.model or (str(out_dir / "final") if (out_dir / "final").exists() else None)
-    if model is not None:
-        model = str(Path(model).expanduser().resolve())
+    models = args.model or ([str(out_dir / "final")] if (out_dir / "final").exists() else [])
+    models = [str(Path(m).expanduser().resolve()) for m in models]
+    for model in models:
         if not (Path(model) / "config.json").exists() and not (Path(model) / "adapter_config.json").exists():
             raise UsageError(f"--model: {model} holds neither a peft adapter nor a Hugging Face model")
+    if len(models) > 1:
+        from distrib_ft.export import ExportError, describe
+
+        for model in models:
+            try:
+                a = describe(model)
+            except ExportError as e:
+                raise UsageError(str(e)) from None
+            if a.kind != "peft" or a.not_mergeable:
+                raise UsageError(f"--model: {model} cannot be merged into the base weights "
+                                 f"({a.not_mergeable or 'a whole model, not an adapter'}); several --model must all "
+                                 "be adapters that merge (LoRA, DoRA)")
+    model = models if len(models) > 1 else (models[0] if models else None)
     out = str(Path(args.out).expanduser().resolve()) if args.out else str(out_dir / "eval")
     _run(job, args, "eval", model_path=model, out=out)
     report = json.loads((Path(out) / "report.json").read_text())
     print(f"Decision: {report['decision']}; report: {Path(out) / 'report.md'}")
     return report["exit_code"]
+
+
+def cmd_export(args) -> int:
+    """``distrib-ft export``: write a run's final/ (or an adapter / model folder) to ``--out``; print one line.
+
+    Args:
+        args: the parsed ``export`` arguments (path, ``--out``, ``--merge``, ``--dtype``, ``--base``, ``--overwrite``).
+
+    Returns:
+        ``EXIT_OK`` (also when an adapter cannot merge: it is exported as it is, and the line says so).
+
+    Raises:
+        ExportError: a missing folder, no adapter or model in it, its base model not found, ``--out`` taken.
+    """
+    from distrib_ft.export import export
+
+    print(export(args.path, args.out, merge=args.merge, dtype=args.dtype, overwrite=args.overwrite, base=args.base))
+    return EXIT_OK
+
+
+def cmd_merge(args) -> int:
+    """``distrib-ft merge``: combine LoRA adapters of one base into one peft adapter in ``--out``; print one line.
+
+    Args:
+        args: the parsed ``merge`` arguments (``--adapters``, ``--method``, ``--weights``, ``--density``, ``--out``,
+            ``--base``, ``--seed``, ``--overwrite``).
+
+    Returns:
+        ``EXIT_OK``.
+
+    Raises:
+        ExportError: adapters of different bases, a non-LoRA adapter, ranks the method cannot combine, bad weights.
+    """
+    from distrib_ft.export import merge_adapters
+
+    print(merge_adapters(args.adapters, args.out, method=args.method, weights=args.weights, density=args.density,
+                         overwrite=args.overwrite, base=args.base, seed=args.seed))
+    return EXIT_OK
 
 
 def _pairs(items: list[str], flag: str, cast) -> dict:
@@ -310,18 +395,20 @@ def main(argv: list[str] | None = None) -> int:
     """
     from distrib_ft.config import ConfigError
     from distrib_ft.data.formats import DataError
+    from distrib_ft.export import ExportError
     from distrib_ft.runtime.engine import DeepSpeedConfigError
 
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may also come after the options
-    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*getattr(args, "overrides", []), *extra]
-    input_errors = (UsageError, ConfigError, DataError, DeepSpeedConfigError, FileNotFoundError)
+    input_errors = (UsageError, ConfigError, DataError, DeepSpeedConfigError, FileNotFoundError, ExportError)
     try:
-        return {"train": cmd_train, "fisher": cmd_fisher, "eval": cmd_eval, "replay": cmd_replay}[args.command](args)
+        return {"train": cmd_train, "fisher": cmd_fisher, "eval": cmd_eval, "export": cmd_export, "merge": cmd_merge,
+                "replay": cmd_replay}[args.command](args)
     except input_errors as e:
         print(f"distrib-ft: error: {e}", file=sys.stderr)
         return EXIT_USAGE
