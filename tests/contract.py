@@ -19,6 +19,7 @@ from distrib_ft.config import config_from_dict
 from distrib_ft.methods import load_trained
 from distrib_ft.model import load_model
 from distrib_ft.runtime.loop import finish, run_steps, setup, train
+from distrib_ft.runtime.loss import drop_virtual_tokens
 from distrib_ft.runtime.metrics import read_metrics
 from distrib_ft.runtime.worker import start_worker
 from tests.jobs import set_in
@@ -61,7 +62,7 @@ def run_contract(tmp_path: Path, raw: dict) -> Contract:
     run_steps(run)
     frozen_after = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     with torch.no_grad():
-        trained_logits = module.eval()(input_ids=IDS).logits.clone()
+        trained_logits = drop_virtual_tokens(module.eval()(input_ids=IDS).logits, IDS).clone()  # prompt tuning
     module.train()
     summary = finish(run, None)
     a = Path(raw["training"]["output_dir"])
@@ -75,7 +76,8 @@ def run_contract(tmp_path: Path, raw: dict) -> Contract:
 
     base = raw["model"]["name_or_path"]
     with torch.no_grad():
-        final_logits = load_trained(base, a / "final", load_model=load_model).eval()(input_ids=IDS).logits
+        final = load_trained(base, a / "final", load_model=load_model).eval()
+        final_logits = drop_virtual_tokens(final(input_ids=IDS).logits, IDS)
         base_logits = load_model(base).eval()(input_ids=IDS).logits
     return Contract(trainable=summary["trainable_parameters"], total=summary["total_parameters"],
                     trainable_names={n for n, p in module.named_parameters() if p.requires_grad},
