@@ -136,6 +136,8 @@ def describe(path: str | Path) -> Artifact:
                      owner=owner_name, earlier=earlier)
         a.quantised = owner_name == "qlora" or (run.get("method") or {}).get("type") == "qlora" or any(
             "quant" in f.name.lower() for f in folder.iterdir() if f.name != PEFT_CONFIG)
+        if not earlier and (folder / "qlora.json").is_file():  # QLoRA records its merge_adapters in final/
+            a.earlier = [str(p) for p in _read_json(folder / "qlora.json").get("merge_adapters") or []]
         if owner is not None and getattr(owner, "mergeable", True) is False:
             a.not_mergeable = f"a {owner_name} adapter does not change the base weights linearly"
         elif _is_prompt_learning(peft_type):
@@ -284,7 +286,8 @@ def _readme(a: Artifact, base: str | None, out: Path, reason: str | None) -> str
                   f"    model = load_trained({base!r}, {str(out)!r},",
                   "                         load_model=AutoModelForCausalLM.from_pretrained)", ""]
         if a.owner in (None, "adapter"):
-            lines += ["(bottleneck adapters: distrib_ft/methods/bottleneck.py, load_bottleneck, does the same.)", ""]
+            lines += ["(For a bottleneck adapter this is distrib_ft.methods.bottleneck.load_bottleneck(base_model, "
+                      "folder).)", ""]
     if a.earlier:
         lines += ["The run merged these adapters into the base before it trained; merge them first, in order:",
                   *[f"    {p}" for p in a.earlier], ""]

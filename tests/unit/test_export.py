@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from distrib_ft import export as ex
 
@@ -133,6 +132,21 @@ def test_run_folder_exports_final_with_the_runs_earlier_adapters(tmp_path, tiny_
     assert f"merge them first, in order:\n    {first}" in (tmp_path / "plain" / "README.txt").read_text()
 
 
+def test_a_qlora_adapter_merges_into_the_unquantised_base(tmp_path, tiny_model_dir):
+    """QLoRA's final/ is a peft LoRA adapter plus qlora.json (its quantisation, its merge_adapters)."""
+    from transformers import AutoModelForCausalLM
+
+    first = make_lora(tiny_model_dir, tmp_path / "first", seed=5)
+    adapter = make_lora(tiny_model_dir, tmp_path / "final", seed=1)
+    (adapter / "qlora.json").write_text(json.dumps({"bits": 4, "quant_type": "nf4", "double_quant": True,
+                                                    "compute_dtype": "float32", "merge_adapters": [str(first)]}))
+    line = ex.export(adapter, tmp_path / "merged", merge=True)
+    assert line.startswith(f"Exported the merged model to {tmp_path / 'merged'} (float32): the unquantised base "
+                           f"{tiny_model_dir} + the QLoRA adapter after the run's 1 earlier adapter(s)"), line
+    expected = _logits(ex.load_merged(_base(tiny_model_dir), [first, adapter]))
+    assert (_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")) - expected).abs().max() <= TOL
+
+
 def test_export_without_merge_copies_the_adapter_as_it_is(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
@@ -141,10 +155,8 @@ def test_export_without_merge_copies_the_adapter_as_it_is(tmp_path, tiny_model_d
     assert line == f"Exported the adapter {adapter} as it is to {tmp_path / 'out'} (how to load it: README.txt)"
     for f in adapter.iterdir():
         assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes()
-    readme = (tmp_path / "out" / "README.txt").read_text()
-    assert "PeftModel.from_pretrained" in readme and str(tiny_model_dir) in readme
     AutoTokenizer.from_pretrained(tmp_path / "out")
-    assert (_logits(_peft(tiny_model_dir, tmp_path / "out")) - _logits(_peft(tiny_model_dir, adapter))).abs().max() == 0
+    assert (_logits(_run_readme(tmp_path / "out")) - _logits(_peft(tiny_model_dir, adapter))).abs().max() == 0
 
 
 def test_a_whole_model_is_resaved_in_the_dtype(tmp_path, tiny_model_dir):
@@ -167,7 +179,7 @@ def test_prompt_tuning_is_not_merged_but_exported(tmp_path, tiny_model_dir):
     assert "It is not merged into the base weights" in readme and "num_virtual_tokens" in readme
     assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors"
                                                                               ).read_bytes()
-    _peft(tiny_model_dir, tmp_path / "out")  # loads as it is
+    assert type(_run_readme(tmp_path / "out")).__name__ == "PeftModelForCausalLM"  # README.txt's code loads it
 
 
 def test_beft_merges_only_into_layers_with_biases(tmp_path, tiny_model_dir, biased_model_dir):
@@ -186,19 +198,30 @@ def test_beft_merges_only_into_layers_with_biases(tmp_path, tiny_model_dir, bias
     assert (_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")) - expected).abs().max() <= TOL
 
 
-def test_a_bottleneck_adapter_folder_is_exported_with_its_loader(tmp_path, tiny_model_dir):
-    folder = tmp_path / "bn"
-    folder.mkdir()
-    (folder / ex.BOTTLENECK_CONFIG).write_text(json.dumps({"adapter_type": "houlsby", "reduction_factor": 16,
-                                                           "non_linearity": "relu",
-                                                           "base_model_name_or_path": str(tiny_model_dir)}))
-    save_file({"model.layers.0.mlp.bottleneck_adapter.down.weight": torch.ones(2, 32)},
-              folder / "adapter_model.safetensors")
-    line = ex.export(folder, tmp_path / "out", merge=True)
-    assert line.startswith("Not merged: a bottleneck adapter adds non-linear blocks"), line
-    readme = (tmp_path / "out" / "README.txt").read_text()
-    assert "from distrib_ft.methods import load_trained" in readme and str(tiny_model_dir) in readme
+def _run_readme(folder: Path):
+    """Run the loading code README.txt shows (its indented lines); return its ``model``."""
+    code = "\n".join(line[4:] for line in (folder / "README.txt").read_text().splitlines() if line.startswith("    "))
+    scope = {}
+    exec(code, scope)
+    return scope["model"]
+
+
+def test_a_bottleneck_adapter_is_exported_with_a_loader_that_works(tmp_path, tiny_model_dir):
+    from distrib_ft.methods.bottleneck import Bottleneck, BottleneckConfig
+
+    method = Bottleneck(BottleneckConfig(type="adapter", adapter_type="houlsby", reduction_factor=8))
+    model = method.apply(_base(tiny_model_dir))
+    torch.manual_seed(0)
+    trained = {n: torch.randn_like(p) * 0.3 for n, p in model.named_parameters() if p.requires_grad}
+    model.load_state_dict(trained, strict=False)
+    method.export(model, trained, tmp_path / "final")
+    line = ex.export(tmp_path / "final", tmp_path / "out", merge=True)
+    assert line.startswith("Not merged: a bottleneck adapter adds non-linear blocks; they cannot be folded into the "
+                           f"base weights; exported the adapter as it is to {tmp_path / 'out'}"), line
     assert (tmp_path / "out" / "tokenizer.json").exists()  # the base's tokenizer, for a self-contained folder
+    loaded = _run_readme(tmp_path / "out")
+    assert (_logits(loaded) - _logits(model)).abs().max() == 0
+    assert (_logits(model) - _logits(_base(tiny_model_dir))).abs().max() > 0.05
 
 
 def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, tiny_model_dir):
