@@ -35,7 +35,7 @@ from distrib_ft.schema import Strict
 
 SETTINGS = "qlora.json"  # in final/: the quantisation the adapter was trained under
 COMPUTE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
-FOUR_BIT_ONLY = ("quant_type", "double_quant", "compute_dtype")
+FOUR_BIT_ONLY = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"}  # and their defaults
 
 
 class QLoRAConfig(LoRAConfig):
@@ -73,8 +73,8 @@ def quantise(model: torch.nn.Module, *, bits: int, quant_type: str = "nf4", doub
                                           quant_type=quant_type, device="meta")
                 layer.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=double_quant,
                                                  quant_type=quant_type, module=layer)
-                # bitsandbytes repacks a 4-bit weight in place for its AVX512-BF16 CPU kernel at the first
-                # no-grad eval forward; keep one layout for training and evaluation.
+                # On an AVX512-BF16 CPU, bitsandbytes repacks the weight in place at the first no-grad eval
+                # forward (and fails when in_features < its block size, 64): one layout for training and eval.
                 layer.support_avx512bf16_for_cpu = False
             else:
                 layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
@@ -118,9 +118,10 @@ class QLoRA(LoRA):
             raise ValueError("method.type: qlora is not supported under ZeRO-3 (it would partition the packed "
                              "quantised weights); use zero2.json")
         if c.bits == 8:
-            given = [k for k in FOUR_BIT_ONLY if k in c.model_fields_set]
+            given = [k for k, default in FOUR_BIT_ONLY.items() if getattr(c, k) != default]
             if given:
-                raise ValueError(f"method.{given[0]}: applies to bits: 4 only; remove it (this job has bits: 8)")
+                raise ValueError(f"method.{given[0]}: {getattr(c, given[0])!r} applies to bits: 4 only; remove it "
+                                 "(this job has bits: 8)")
         if c.use_dora:
             raise ValueError("method.use_dora: DoRA is not supported with type qlora; use type: lora for DoRA")
         super().check(zero_stage=zero_stage, module_names=module_names, config=config)

@@ -71,6 +71,7 @@ def test_lora_bf16_zero3_two_ranks(tmp_path, tiny_model_dir):
 # The methods matrix across ranks: method -> (method section, learning rate). One 1-rank run, then 2 ranks under each
 # ZeRO stage the method supports (of 2 and 3); final/ (every tensor) and every logged loss agree.
 METHOD_ROWS: dict[str, tuple[dict, float]] = {
+    "qlora": ({"type": "qlora", "r": 4, "lora_alpha": 8}, 3e-3),  # ZeRO-2 only (it refuses ZeRO-3)
     "adapter": ({"type": "adapter", "reduction_factor": 4}, 1e-2),
     "bitfit": ({"type": "bitfit", "add_bias": True}, 1e-2),
     "partial": ({"type": "partial", "top_k_layers": 1, "layerwise_lr_decay": 0.5}, 3e-3),
