@@ -69,10 +69,6 @@ class Artifact:
     earlier: list[str] = field(default_factory=list)  # the run's method.merge_adapters (merged before it trained)
     not_mergeable: str | None = None  # why it cannot be merged into the base weights (None: it can, or a model)
 
-    @property
-    def is_adapter(self) -> bool:
-        return self.kind != "model"
-
 
 def _read_json(path: Path) -> dict:
     try:
@@ -138,11 +134,11 @@ def describe(path: str | Path) -> Artifact:
             "quant" in f.name.lower() for f in folder.iterdir() if f.name != PEFT_CONFIG)
         if not earlier and (folder / "qlora.json").is_file():  # QLoRA records its merge_adapters in final/
             a.earlier = [str(p) for p in _read_json(folder / "qlora.json").get("merge_adapters") or []]
-        if owner is not None and getattr(owner, "mergeable", True) is False:
-            a.not_mergeable = f"a {owner_name} adapter does not change the base weights linearly"
-        elif _is_prompt_learning(peft_type):
+        if _is_prompt_learning(peft_type):
             a.not_mergeable = (f"{peft_type.lower()} prepends virtual tokens to the input; there is no weight to "
                                "merge them into")
+        elif owner is not None and getattr(owner, "mergeable", True) is False:
+            a.not_mergeable = f"a {owner_name} adapter does not change the base weights linearly"
         return a
     if owner is not None or (folder / BOTTLENECK_CONFIG).is_file():
         name = owner_name or "adapter"
@@ -150,9 +146,10 @@ def describe(path: str | Path) -> Artifact:
         if (folder / BOTTLENECK_CONFIG).is_file():
             base = _read_json(folder / BOTTLENECK_CONFIG).get("base_model_name_or_path")
         a = Artifact(folder, "own", base=base or run_base, owner=name, earlier=earlier)
-        if owner is None or getattr(owner, "mergeable", False) is False:
-            a.not_mergeable = (f"a {'bottleneck' if name == 'adapter' else name} adapter adds non-linear blocks; "
-                               "they cannot be folded into the base weights")
+        if name == "adapter":  # method.type adapter: bottleneck adapters
+            a.not_mergeable = "a bottleneck adapter adds non-linear blocks; they cannot be folded into the base weights"
+        elif getattr(owner, "mergeable", False) is False:
+            a.not_mergeable = f"a {name} adapter in its own format does not change the base weights linearly"
         return a
     if (folder / "config.json").is_file():
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
@@ -274,8 +271,14 @@ def _readme(a: Artifact, base: str | None, out: Path, reason: str | None) -> str
                   f"    tokenizer = AutoTokenizer.from_pretrained({str(out)!r})", ""]
         if a.not_mergeable and _is_prompt_learning(a.peft_type or ""):
             lines += ["The model's logits have the virtual tokens' positions in front of the input's: drop the first",
-                      "num_virtual_tokens positions (adapter_config.json); model.generate returns the new tokens after",
-                      "the input as usual.", ""]
+                      "num_virtual_tokens positions (adapter_config.json).", ""]
+        if a.owner is not None:
+            lines += [f"With distrib-ft installed, this loads it as its method ({a.owner}) does"
+                      + (" (peft 0.21's generate for prompt tuning is fixed there)" if a.owner == "prompt_tuning"
+                         else " (on the quantised base it trained on)" if a.quantised else "") + ":", "",
+                      "    # from distrib_ft.methods import load_trained",
+                      f"    # model = load_trained({base!r}, {str(out)!r}, "
+                      "load_model=AutoModelForCausalLM.from_pretrained)", ""]
         if a.quantised:
             lines += ["It was trained on a quantised base (QLoRA): on the full-precision base above its logits differ",
                       "from the trained model's by the quantisation error.", ""]
