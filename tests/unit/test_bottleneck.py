@@ -146,3 +146,18 @@ def test_job_resolution_refuses_a_bottleneck_wider_than_nothing(tmp_path, tiny_m
     raw["method"]["reduction_factor"] = 33
     with pytest.raises(ConfigError, match=r"method\.reduction_factor: 33 leaves no bottleneck on hidden size 32"):
         resolve(config_from_dict(raw))
+
+
+def test_gradient_checkpointing_recomputes_through_the_hooks(tiny_model_dir):
+    """The adapters' gradients are the same with activation recomputation (the hooks run again in backward)."""
+    grads = []
+    for checkpointing in (False, True):
+        method = Bottleneck(BottleneckConfig(reduction_factor=4))
+        model = method.apply(load_model(str(tiny_model_dir), gradient_checkpointing=checkpointing))
+        randomise(model)
+        model.train()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(g.abs().sum() > 0 for g in grads[0].values())
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
