@@ -261,9 +261,14 @@ def cmd_eval(args) -> int:
     out_dir = Path(job.config.training.output_dir)
     models = args.model or ([str(out_dir / "final")] if (out_dir / "final").exists() else [])
     models = [str(Path(m).expanduser().resolve()) for m in models]
+    from distrib_ft.methods import METHODS
+
     for model in models:
-        if not (Path(model) / "config.json").exists() and not (Path(model) / "adapter_config.json").exists():
-            raise UsageError(f"--model: {model} holds neither a peft adapter nor a Hugging Face model")
+        folder = Path(model)
+        own = any(hasattr(m, "owns_final") and m.owns_final(folder) for m in METHODS.values())
+        if not own and not (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
+            raise UsageError(f"--model: {model} holds neither a peft adapter, a Hugging Face model nor a method's own "
+                             "final/ (e.g. bottleneck_config.json)")
     if len(models) > 1:
         from distrib_ft.export import ExportError, describe
 

@@ -64,7 +64,8 @@ class Method(Protocol):
     def export(self, model: torch.nn.Module, state_dict: dict[str, torch.Tensor], folder: Path) -> None: ...
 
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Full, LoRA, Partial, Bottleneck, BitFit, QLoRA, PromptTuning)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
+    Full, LoRA, QLoRA, Bottleneck, BitFit, PromptTuning, Partial)}
 DEFAULT = "lora"
 
 
