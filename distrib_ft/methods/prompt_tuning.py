@@ -11,6 +11,14 @@ and drops ``position_ids`` (positions run 0..P+T-1 over the virtual tokens, then
 batches (``data.packing``: restarting positions, no mask) are refused: the packed examples would attend to each
 other.
 
+Generation goes through peft's ``generate``, repaired by :func:`fix_generation` (peft 0.21 under transformers 5
+prepended the prompt again at every decoding step). ZeRO-3 runs: the soft prompt is small enough to stay whole on
+every rank (below ``stage3_param_persistence_threshold``); the text init reads the partitioned embedding matrix
+inside a gather.
+
+Unlike LoRA (B = 0), the model at step 0 is not the base model: the initial prompt already changes its outputs, and
+the step-0 baselines of the monitor are those of the model with its initial prompt.
+
 final/ is a peft adapter (adapter_config.json, adapter_model.safetensors with ``prompt_embeddings``): written here
 from the gathered fp32 values (peft's ``save_pretrained`` reads the module's weight, which is bf16 under DeepSpeed's
 bf16 and partitioned under ZeRO-3) and loaded back by ``PeftModel.from_pretrained``. It cannot be merged into the
@@ -23,6 +31,7 @@ import contextlib
 import copy
 import json
 import types
+import warnings
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -157,7 +166,9 @@ def _prepare_inputs_for_generation(self, *args, **kwargs):
 
     self.base_model_prepare_inputs_for_generation = under_peft_name
     try:
-        out = type(self).prepare_inputs_for_generation(self, *args, **kwargs)
+        with warnings.catch_warnings():  # peft drops them; they are rebuilt below
+            warnings.filterwarnings("ignore", message="Position ids are not supported")
+            out = type(self).prepare_inputs_for_generation(self, *args, **kwargs)
     finally:
         self.base_model_prepare_inputs_for_generation = original
     if renamed and "past_key_values" in out:  # back to the name the model's forward takes
