@@ -12,6 +12,7 @@
                             [--weight NAME=W] [--shard-size N] [--seed N] FILE...
     distrib-ft replay update DIR [--budget N] [--policy ...] [--quota NAME=N] [--weight NAME=W] FILE...
     distrib-ft replay show DIR [--version N]
+    distrib-ft status OUTPUT_DIR [--json]
 
 Exit codes (stable; schedulers may rely on them):
     0  the job finished and final/ is within the forgetting budget
@@ -19,6 +20,9 @@ Exit codes (stable; schedulers may rely on them):
     2  usage or input error: bad arguments, job file, DeepSpeed JSON, data or model path (nothing ran)
     3  forgetting budget breached and no checkpoint qualifies: the model is in rejected/, not final/
   130  interrupted (Ctrl-C)
+
+Every train (and eval) that ran writes OUTPUT_DIR/verdict.json (distrib_ft/runtime/verdict.py) and prints its path
+last; ``distrib-ft status OUTPUT_DIR`` prints it and exits with the job's code (2: no verdict there).
 """
 
 from __future__ import annotations
@@ -91,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--base", default=None, help="the base model (default: the adapters' base_model_name_or_path)")
     m.add_argument("--seed", type=int, default=0, help="seed of dare_ties' random drop")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    st = sub.add_parser("status", help="print a job's verdict (output_dir/verdict.json) and exit with the job's code")
+    st.add_argument("output_dir", metavar="OUTPUT_DIR", help="the job's training.output_dir (or an eval --out)")
+    st.add_argument("--json", action="store_true", help="print verdict.json as it is")
     r = sub.add_parser("replay", help="build, update or show a replay buffer of old examples")
     rsub = r.add_subparsers(dest="action", required=True)
     rb = rsub.add_parser("build", help="make a buffer (version 1) from old data files")
@@ -150,6 +157,12 @@ def _run(job, args, name: str, **kwargs) -> None:
 def cmd_train(args) -> int:
     """``distrib-ft train``: run the job, then print its results table and decision (once under torchrun).
 
+    Idempotent by output_dir: the same job (same resolved settings, see
+    :func:`distrib_ft.runtime.verdict.job_sha256`) submitted again after it finished prints ``already finished:
+    <verdict line>`` and exits with the recorded code without training; on checkpoints of an unfinished run of
+    the same job (their ``job.json``) it resumes as ``--resume`` would, and says so. Every run that started ends
+    with output_dir/verdict.json (also on a failure) and prints its location last.
+
     Args:
         args: the parsed ``train`` arguments (job, overrides, ``--resume``, ``--address``, ``--launcher``).
 
@@ -157,31 +170,128 @@ def cmd_train(args) -> int:
         The run's exit code from output_dir/summary.json; ``EXIT_OK`` when the run wrote none.
 
     Raises:
-        UsageError: output_dir already holds a finished run (final/ or rejected/) and ``--resume`` is not given.
+        UsageError: output_dir already holds a finished run (final/ or rejected/) of another job, or of this job
+            with other settings, and ``--resume`` is not given; or checkpoints of another job.
     """
-    began = time.time()
+    from distrib_ft.runtime import checkpoint as ckpt
+    from distrib_ft.runtime import verdict as vd
+
+    began, started = time.time(), vd.now()
     job = _job(args)
     checked = time.time()
     cfg = job.config
     out = Path(cfg.training.output_dir)
-    if not args.resume and ((out / "final").exists() or (out / "rejected").exists()):
-        raise UsageError(f"{cfg.source}: training.output_dir: {out} already holds a finished run (final/); "
+    main_rank = os.environ.get("RANK", "0") == "0"  # once under torchrun
+    try:
+        prior = vd.read(out)
+    except ValueError:
+        prior = None  # not ours to trust; the checks below decide from final/ and the checkpoints
+    same = prior is not None and prior.get("command") == "train" and prior.get("job_sha256") == vd.job_sha256(cfg)
+    if same and not args.resume and prior["exit_code"] in vd.FINISHED_CODES \
+            and Path(prior.get("final") or prior.get("rejected") or out / "final").exists():
+        if main_rank:
+            print(f"already finished: {vd.line(prior)}")
+            print(f"Verdict: {out / vd.VERDICT}")
+        return prior["exit_code"]
+    finished = (out / "final").exists() or (out / "rejected").exists()
+    if not args.resume and finished:
+        raise UsageError(f"{cfg.source}: training.output_dir: {out} already holds a finished run (final/)"
+                         f"{' of this job with other settings' if prior and prior.get('job') == cfg.source else ''}; "
                          "use --resume, or another output_dir")
+    resume, resumed_from = args.resume, None
+    found = ckpt.complete_checkpoints(out)
+    if not resume and found and (found[-1] / ckpt.OWNER).is_file():
+        try:  # the same job's unfinished run: continue it
+            ckpt.check_owner(found[-1], job.owner())
+        except ValueError as e:
+            raise UsageError(f"{cfg.source}: {str(e).replace('--resume: ', 'training.output_dir: ', 1)}") from None
+        resume = True
+        if main_rank:
+            print(f"distrib-ft: {out} holds an unfinished run of this job: resuming it from {found[-1].name} "
+                  "(as --resume)", file=sys.stderr, flush=True)
+    if resume and found:
+        resumed_from = found[-1].name
     from distrib_ft.runtime.loop import check_output_dir
 
     try:  # before any worker starts: another run's checkpoints are refused here, not after the model loads
-        check_output_dir(job, args.resume)
+        check_output_dir(job, resume)
     except ValueError as e:
         raise UsageError(f"{cfg.source}: {e}") from None
-    _run(job, args, "train", resume=args.resume)
+    earlier = prior if same else None
+
+    def verdict(code: int, **kw) -> Path | None:
+        if not main_rank:
+            return None
+        try:
+            return vd.write(out, vd.build(command="train", config=cfg, output_dir=out, exit_code=code,
+                                          started=started, began=began, resumed_from=resumed_from,
+                                          earlier=earlier, **kw))
+        except OSError as e:  # the output_dir cannot be written: the exit code still says what happened
+            print(f"distrib-ft: could not write {out / vd.VERDICT}: {e}", file=sys.stderr)
+            return None
+
+    _ensure_cpu_op(args)
+    try:
+        _run(job, args, "train", resume=resume)
+    except KeyboardInterrupt:
+        verdict(EXIT_INTERRUPTED, decision="interrupted", error="interrupted (Ctrl-C)")
+        raise
+    except Exception as e:
+        code, message = _failure(e)
+        if code == EXIT_FAILED:  # an input error found on a worker (exit 2) ran nothing worth a verdict
+            path = verdict(EXIT_FAILED, decision="failed", error=message)
+            if path is not None:
+                print(f"Verdict: {path}", flush=True)
+        raise
     summary_file = out / "summary.json"
-    if not summary_file.exists():
-        return EXIT_OK
-    s = json.loads(summary_file.read_text())
-    if os.environ.get("RANK", "0") == "0":  # once under torchrun
-        print(_summary_text(s, cfg, out))
-        print(_time_text(time.time() - began, checked - began, s.get("seconds", {}), ray=args.launcher == "ray"))
-    return s.get("exit_code", EXIT_OK)
+    s = json.loads(summary_file.read_text()) if summary_file.exists() else None
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+    code = s.get("exit_code", EXIT_OK) if s else EXIT_OK
+    path = verdict(code, summary=s, report=report)
+    if main_rank:
+        if s is not None:
+            print(_summary_text(s, cfg, out))
+            print(_time_text(time.time() - began, checked - began, s.get("seconds", {}), ray=args.launcher == "ray"))
+        if path is not None:
+            print(f"Verdict: {path}")
+    return code
+
+
+def _ensure_cpu_op(args) -> None:
+    """Build DeepSpeed's CPU op on the driver, announced, when the workers run on this machine (no GPU).
+
+    A stale lock of a killed build is removed first (distrib_ft.runtime.dist.ensure_cpu_ops); the workers then
+    load the op without building. On a remote cluster (``--address``) each worker does this itself.
+    """
+    import torch
+
+    if torch.cuda.is_available() or (args.launcher == "ray" and args.address not in (None, "local")):
+        return
+    from distrib_ft.runtime import dist
+
+    dist.ensure_cpu_ops()
+
+
+def _input_errors() -> tuple:
+    from distrib_ft.config import ConfigError
+    from distrib_ft.data.formats import DataError
+    from distrib_ft.export import ExportError
+    from distrib_ft.runtime.engine import DeepSpeedConfigError
+
+    return UsageError, ConfigError, DataError, DeepSpeedConfigError, FileNotFoundError, ExportError
+
+
+def _failure(e: BaseException) -> tuple[int, str]:
+    """(exit code, the line printed) of an exception a command raised.
+
+    2 for an input error (also one a worker raised), else 1.
+    """
+    from launcher.ray_job import WorkerError
+
+    cause = e.cause if isinstance(e, WorkerError) else e
+    if isinstance(cause, _input_errors()):
+        return EXIT_USAGE, f"distrib-ft: error: {cause}"
+    return EXIT_FAILED, f"{type(cause).__name__}: {cause}"
 
 
 def _time_text(total: float, checks: float, phases: dict, ray: bool) -> str:
@@ -235,6 +345,7 @@ def cmd_fisher(args) -> int:
     if not job.config.ewc.fisher_data_files:
         raise UsageError(f"{job.config.source}: ewc.fisher_data_files: list the data to compute the Fisher on")
     out = str(Path(args.out).expanduser().resolve())
+    _ensure_cpu_op(args)
     _run(job, args, "fisher", out=out)
     print(f"Fisher written to {out}")
     return EXIT_OK
@@ -283,9 +394,23 @@ def cmd_eval(args) -> int:
                                  "be adapters that merge (LoRA, DoRA)")
     model = models if len(models) > 1 else (models[0] if models else None)
     out = str(Path(args.out).expanduser().resolve()) if args.out else str(out_dir / "eval")
+    from distrib_ft.runtime import verdict as vd
+
+    began, started = time.time(), vd.now()
+    _ensure_cpu_op(args)
     _run(job, args, "eval", model_path=model, out=out)
     report = json.loads((Path(out) / "report.json").read_text())
     print(f"Decision: {report['decision']}; report: {Path(out) / 'report.md'}")
+    if os.environ.get("RANK", "0") == "0":  # the eval's own verdict, beside its report (not the training's)
+        new_task = report.get("new_task") or {}
+        summary = {"decision": report["decision"], "chosen_step": report.get("chosen_step"),
+                   "final": model if isinstance(model, str) else None, "eval_loss_start": new_task.get("baseline"),
+                   "eval_loss": (new_task["baseline"] - new_task["gain"]) if new_task.get("gain") is not None
+                   else None}
+        path = vd.write(out, vd.build(command="eval", config=job.config, output_dir=out,
+                                      exit_code=report["exit_code"], started=started, began=began, summary=summary,
+                                      report=report))
+        print(f"Verdict: {path}")
     return report["exit_code"]
 
 
@@ -325,6 +450,33 @@ def cmd_merge(args) -> int:
     print(merge_adapters(args.adapters, args.out, method=args.method, weights=args.weights, density=args.density,
                          overwrite=args.overwrite, base=args.base, seed=args.seed))
     return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    """``distrib-ft status OUTPUT_DIR``: print the job's verdict and exit with its code.
+
+    So a wrapper that loses the job's own exit code (``ray job submit`` reports every failure as 1) can recover it.
+
+    Args:
+        args: the parsed ``status`` arguments (``output_dir``, ``--json``).
+
+    Returns:
+        The verdict's ``exit_code``.
+
+    Raises:
+        UsageError: no verdict.json in OUTPUT_DIR (the job has not ended, or never ran there), or not a verdict.
+    """
+    from distrib_ft.runtime import verdict as vd
+
+    folder = Path(args.output_dir).expanduser()
+    try:
+        v = vd.read(folder)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if v is None:
+        raise UsageError(f"{folder}: no {vd.VERDICT} (the job has not ended, or never ran with this output_dir)")
+    print((folder / vd.VERDICT).read_text().rstrip() if args.json else vd.text(v, folder / vd.VERDICT))
+    return v["exit_code"]
 
 
 def _pairs(items: list[str], flag: str, cast) -> dict:
@@ -398,11 +550,6 @@ def main(argv: list[str] | None = None) -> int:
         The exit code (see the module docstring): the command's, 2 for an input error, 1 when the job failed,
         130 when interrupted.
     """
-    from distrib_ft.config import ConfigError
-    from distrib_ft.data.formats import DataError
-    from distrib_ft.export import ExportError
-    from distrib_ft.runtime.engine import DeepSpeedConfigError
-
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may also come after the options
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
@@ -410,25 +557,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*getattr(args, "overrides", []), *extra]
-    input_errors = (UsageError, ConfigError, DataError, DeepSpeedConfigError, FileNotFoundError, ExportError)
     try:
         return {"train": cmd_train, "fisher": cmd_fisher, "eval": cmd_eval, "export": cmd_export, "merge": cmd_merge,
-                "replay": cmd_replay}[args.command](args)
-    except input_errors as e:
+                "replay": cmd_replay, "status": cmd_status}[args.command](args)
+    except _input_errors() as e:
         print(f"distrib-ft: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("distrib-ft: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
-        from launcher.ray_job import WorkerError
-
-        cause = e.cause if isinstance(e, WorkerError) else e
-        if isinstance(cause, input_errors):
-            print(f"distrib-ft: error: {cause}", file=sys.stderr)
-            return EXIT_USAGE
-        print(f"distrib-ft: the job failed: {type(cause).__name__}: {cause}", file=sys.stderr)
-        return EXIT_FAILED
+        code, message = _failure(e)
+        print(message if code == EXIT_USAGE else f"distrib-ft: the job failed: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -37,18 +37,144 @@ def worker_env(threads: int, use_gpu: bool) -> dict[str, str]:
     return env
 
 
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's JIT-built CPU communication op (ShareMemCommBuilder)
+BUILD_NOTICE = "building DeepSpeed's CPU communication op once (~1-2 min on 2 cores) into {}"
+
+
+def extensions_dir() -> Path:
+    """Where torch builds JIT extensions for this process: TORCH_EXTENSIONS_DIR, set (if unset) to the project's."""
+    import platform
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                          str(cache_dir() / "torch_extensions" / f"py{platform.python_version()}"))
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
+def lock_holders(lock: Path) -> list[int]:
+    """PIDs of live processes that hold ``lock`` open or run in its folder (Linux /proc; others' are skipped).
+
+    torch's FileBaton keeps its ``lock`` file open from creation to release, and runs ninja (and ninja the
+    compiler) in the build folder: a build in progress shows up either way.
+    """
+    lock = Path(lock).resolve()
+    target, folder, holders = str(lock), str(lock.parent), []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") == folder:
+                holders.append(int(pid))
+                continue
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    holders.append(int(pid))
+                    break
+            except OSError:
+                continue
+    return holders
+
+
+def clear_stale_lock(build_dir: Path, say=print) -> bool:
+    """Remove torch's ``lock`` in ``build_dir`` when no live process holds it (a build that was killed).
+
+    Call with the project's build lock held (:func:`ensure_cpu_ops`): then no build of ours is running, and a
+    ``lock`` no live process holds open can only be a dead builder's. A half-built ``.so`` of that build is
+    removed too, so that torch relinks it. Waits while a live (foreign) process holds the lock.
+
+    Returns:
+        True when a stale lock was removed.
+    """
+    import time
+
+    lock, waited = build_dir / "lock", False
+    while lock.exists():
+        holders = lock_holders(lock) if Path("/proc/self/fd").is_dir() else []
+        if not holders:
+            age = time.time() - lock.stat().st_mtime if lock.exists() else 0.0
+            lock.unlink(missing_ok=True)
+            (build_dir / f"{build_dir.name}.so").unlink(missing_ok=True)
+            say(f"distrib-ft: removed a stale build lock {lock} ({age:.0f} s old, no live process holds it: a build "
+                "was killed); rebuilding")
+            return True
+        if not waited:
+            say(f"distrib-ft: waiting for process {holders[0]}, which is building {build_dir.name} in {build_dir}")
+            waited = True
+        time.sleep(1.0)
+    return False
+
+
+def ensure_cpu_ops(say=None) -> None:
+    """Load (building it first when needed) DeepSpeed's CPU communication op; never wait on a dead build's lock.
+
+    torch's JIT build guards each extension folder with a ``lock`` file that holds no PID; a build killed
+    midway leaves it behind and every later load waits forever (torch's ``FileBaton.wait``). Here the build
+    runs under a ``fcntl`` lock of our own (``.<op>.build-lock`` beside the folder; the kernel drops it
+    when its holder dies), so a torch ``lock`` found while holding ours, with no live process holding it open,
+    is a dead builder's: it is removed with a line, and the op rebuilt. A build that is needed is announced
+    before it starts. A ``.so`` that fails to load (half-written) is removed and rebuilt once. DeepSpeed keeps
+    the loaded op, so its own load in ``init_distributed`` does not build again. No-op with CUDA.
+
+    Args:
+        say: where lines go (default: stderr).
+    """
+    import fcntl
+
+    if torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
+        return
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    root = extensions_dir()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False) \
+            or builder.name in OpBuilder._loaded_ops:
+        return
+    build_dir = root / builder.name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{builder.name}.build-lock", "a+") as guard:
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            guard.seek(0)
+            say(f"distrib-ft: waiting for {guard.read().strip() or 'another process'} to build {builder.name} "
+                f"in {build_dir}")
+            fcntl.flock(guard, fcntl.LOCK_EX)
+        guard.seek(0)
+        guard.truncate()
+        guard.write(f"process {os.getpid()}")
+        guard.flush()
+        clear_stale_lock(build_dir, say)
+        so = build_dir / f"{builder.name}.so"
+        if not so.exists():
+            say(f"distrib-ft: {BUILD_NOTICE.format(build_dir)}")
+        try:
+            builder.load(verbose=False)
+        except ImportError as e:  # a .so that was cut short: ninja saw it as up to date
+            say(f"distrib-ft: {so} does not load ({str(e).splitlines()[0]}); rebuilding it")
+            so.unlink(missing_ok=True)
+            from torch.utils.cpp_extension import JIT_EXTENSION_VERSIONER
+
+            JIT_EXTENSION_VERSIONER.entries.pop(builder.name, None)  # else torch skips the build in this process
+            builder.load(verbose=False)
+
+
 def build_cpu_ops() -> None:
     """Build DeepSpeed's CPU communication op (``deepspeed_shm_comm``) into the project's extensions folder now.
 
     Every first CPU job would otherwise JIT-compile it while it starts (36 s idle, minutes on a loaded machine);
-    ``scripts/setup.sh`` calls this once. ``python -m distrib_ft.runtime.dist`` runs it.
+    ``scripts/setup.sh`` calls this once. ``python -m distrib_ft.runtime.dist`` runs it and prints one line:
+    where the op is. A stale lock of a killed build is removed (see :func:`ensure_cpu_ops`).
     """
     apply_env(worker_env(threads=os.cpu_count() or 1, use_gpu=False))
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None:
-        builder.load(verbose=False)
+    ensure_cpu_ops()
+    print(f"distrib-ft: DeepSpeed's CPU communication op is ready in {extensions_dir() / SHM_OP}", flush=True)
 
 
 def apply_env(env: dict[str, str]) -> None:
@@ -93,6 +219,9 @@ def init(backend: str = "auto") -> None:
 
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":  # DeepSpeed loads its CPU op in init_distributed: built here, past any stale lock
+        ensure_cpu_ops(say=lambda line: print(f"[rank {os.environ.get('RANK', '0')}] {line}", file=sys.stderr,
+                                                flush=True))
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
