@@ -53,3 +53,31 @@ def test_eight_bits_with_the_defaults_resolves(tmp_path, tiny_model_dir):
     raw = job_dict(tmp_path, tiny_model_dir, zero=2)
     raw["method"] = {"type": "qlora", "bits": 8}
     assert resolve(config_from_dict(raw)).config.method.bits == 8
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merge_adapters_go_into_the_full_precision_base_before_quantising(tmp_path, tiny_model_dir, bits):
+    """method.merge_adapters with QLoRA: the earlier round's LoRA adapter is merged into the fp32 base, then the
+    merged weights are quantised; final/'s qlora.json records it and load_final rebuilds the same base."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from distrib_ft.methods import build_method
+    from distrib_ft.methods.qlora import QLoRA, QLoRAConfig
+
+    torch.manual_seed(0)
+    earlier = get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # B != 0: a real update
+    earlier.save_pretrained(tmp_path / "round1")
+    method = build_method(QLoRAConfig(r=4, lora_alpha=8, bits=bits, merge_adapters=[str(tmp_path / "round1")]))
+    model = method.apply(load_model(str(tiny_model_dir))).eval()
+    want = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(tmp_path / "round1")).merge_and_unload()
+    want = quantise(want, bits=bits).eval()
+    plain = quantise(load_model(str(tiny_model_dir)), bits=bits).eval()
+    with torch.no_grad():
+        got = model(input_ids=IDS).logits  # the new adapter starts at B = 0: the merged, quantised base
+        torch.testing.assert_close(got, want(input_ids=IDS).logits, rtol=0, atol=0)
+        assert not torch.allclose(got, plain(input_ids=IDS).logits, atol=1e-3)  # the earlier round is in it
+    method.export(model, {k: v for k, v in model.state_dict().items() if "lora_" in k}, tmp_path / "final")
+    with torch.no_grad():
+        loaded = QLoRA.load_final(str(tiny_model_dir), tmp_path / "final", load_model=load_model).eval()
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, got, rtol=0, atol=0)
