@@ -247,7 +247,7 @@ def cmd_train(args) -> int:
     s = json.loads(summary_file.read_text()) if summary_file.exists() else None
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
     code = s.get("exit_code", EXIT_OK) if s else EXIT_OK
-    path = verdict(code, summary=s, report=report)
+    path = verdict(code, summary=s, report=report, decision=None if s else "no_summary")  # written elsewhere
     if main_rank:
         if s is not None:
             print(_summary_text(s, cfg, out))

@@ -115,7 +115,8 @@ def ensure_cpu_ops(say=None) -> None:
     runs under a ``fcntl`` lock of our own (``.<op>.build-lock`` beside the folder; the kernel drops it
     when its holder dies), so a torch ``lock`` found while holding ours, with no live process holding it open,
     is a dead builder's: it is removed with a line, and the op rebuilt. A build that is needed is announced
-    before it starts. A ``.so`` that fails to load (half-written) is removed and rebuilt once. DeepSpeed keeps
+    before it starts. A ``.so`` that fails to load (half-written) is removed and rebuilt once; a failed build is
+    started again from the sources once. DeepSpeed keeps
     the loaded op, so its own load in ``init_distributed`` does not build again. No-op with CUDA.
 
     Args:
@@ -139,13 +140,20 @@ def ensure_cpu_ops(say=None) -> None:
     build_dir = root / builder.name
     build_dir.mkdir(parents=True, exist_ok=True)
     with open(root / f".{builder.name}.build-lock", "a+") as guard:
-        try:
-            fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            guard.seek(0)
-            say(f"distrib-ft: waiting for {guard.read().strip() or 'another process'} to build {builder.name} "
-                f"in {build_dir}")
-            fcntl.flock(guard, fcntl.LOCK_EX)
+        import time
+
+        since = time.time()
+        while True:  # another process of ours loads or builds it: wait (a line if that takes a while)
+            try:
+                fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if since is not None and time.time() - since > 3:
+                    guard.seek(0)
+                    say(f"distrib-ft: waiting for {guard.read().strip() or 'another process'} to build "
+                        f"{builder.name} in {build_dir}")
+                    since = None
+                time.sleep(0.2)
         guard.seek(0)
         guard.truncate()
         guard.write(f"process {os.getpid()}")
@@ -156,9 +164,16 @@ def ensure_cpu_ops(say=None) -> None:
             say(f"distrib-ft: {BUILD_NOTICE.format(build_dir)}")
         try:
             builder.load(verbose=False)
-        except ImportError as e:  # a .so that was cut short: ninja saw it as up to date
-            say(f"distrib-ft: {so} does not load ({str(e).splitlines()[0]}); rebuilding it")
-            so.unlink(missing_ok=True)
+        except (ImportError, RuntimeError) as e:
+            if isinstance(e, ImportError):  # a .so that was cut short: ninja saw it as up to date
+                say(f"distrib-ft: {so} does not load ({str(e).splitlines()[0]}); rebuilding it")
+                so.unlink(missing_ok=True)
+            else:  # the build failed: start it again from nothing (a killed build's objects included)
+                say(f"distrib-ft: building {builder.name} failed ({str(e).splitlines()[0]}); rebuilding it from "
+                    "its sources")
+                for f in build_dir.iterdir():
+                    if f.is_file() and f.name != "lock":
+                        f.unlink(missing_ok=True)
             from torch.utils.cpp_extension import JIT_EXTENSION_VERSIONER
 
             JIT_EXTENSION_VERSIONER.entries.pop(builder.name, None)  # else torch skips the build in this process

@@ -98,7 +98,7 @@ def test_a_crash_writes_a_failed_verdict_and_status_exits_1(tmp_path, tiny_model
     assert _last_line(r.stdout) == f"Verdict: {out / 'verdict.json'}"
     v = json.loads((out / "verdict.json").read_text())
     assert (v["exit_code"], v["decision"], v["final"]) == (1, "failed", None)
-    assert v["error"] and "\n" not in v["error"] and v["error"] in _last_line(r.stderr)
+    assert v["error"] and "\n" not in v["error"] and v["error"] in r.stderr
     r = cli("status", out, timeout=120)
     assert r.returncode == 1 and f"error: {v['error']}" in r.stdout
 
