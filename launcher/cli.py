@@ -230,8 +230,8 @@ def cmd_train(args) -> int:
             print(f"distrib-ft: could not write {out / vd.VERDICT}: {e}", file=sys.stderr)
             return None
 
-    _ensure_cpu_op(args)
     try:
+        _ensure_cpu_op(args)
         _run(job, args, "train", resume=resume)
     except KeyboardInterrupt:
         verdict(EXIT_INTERRUPTED, decision="interrupted", error="interrupted (Ctrl-C)")
