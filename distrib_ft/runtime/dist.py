@@ -50,11 +50,17 @@ def extensions_dir() -> Path:
     return Path(os.environ["TORCH_EXTENSIONS_DIR"])
 
 
+# the processes of a build that run in its folder (a shell that merely sits there does not count)
+_BUILDERS = {"ninja", "c++", "g++", "gcc", "cc", "clang", "clang++", "cc1plus", "cc1", "as", "ld", "collect2",
+             "ld.bfd", "ld.gold", "ld.lld"}
+
+
 def lock_holders(lock: Path) -> list[int]:
     """PIDs of live processes that hold ``lock`` open or run in its folder (Linux /proc; others' are skipped).
 
     torch's FileBaton keeps its ``lock`` file open from creation to release, and runs ninja (and ninja the
-    compiler) in the build folder: a build in progress shows up either way.
+    compiler) in the build folder: a build in progress shows up either way (of the processes in the folder, only
+    build tools count).
     """
     lock = Path(lock).resolve()
     target, folder, holders = str(lock), str(lock.parent), []
@@ -62,7 +68,7 @@ def lock_holders(lock: Path) -> list[int]:
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
-            if os.readlink(f"/proc/{pid}/cwd") == folder:
+            if os.readlink(f"/proc/{pid}/cwd") == folder and Path(f"/proc/{pid}/comm").read_text().strip() in _BUILDERS:
                 holders.append(int(pid))
                 continue
             fds = os.listdir(f"/proc/{pid}/fd")

@@ -48,6 +48,12 @@ def test_a_lock_no_live_process_holds_is_stale_one_held_open_is_not(tmp_path):
         holder.kill()
         holder.wait()
     assert lock.exists() and dist.lock_holders(lock) == []
+    idle = subprocess.Popen(["sleep", "60"], cwd=build)  # a process that merely sits in the folder is no build
+    try:
+        assert dist.lock_holders(lock) == []
+    finally:
+        idle.kill()
+        idle.wait()
     (build / f"{OP}.so").write_bytes(b"half")
     lines = []
     assert dist.clear_stale_lock(build, say=lines.append)
