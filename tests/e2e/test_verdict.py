@@ -83,6 +83,15 @@ def test_a_budget_breach_status_3_and_a_resubmit_exits_3_again(tmp_path, tiny_mo
     assert r.stdout.startswith("already finished: exit 3 (rejected)")
     assert json.loads((out / "verdict.json").read_text()) == v
 
+    r = cli("eval", job, "--model", out / "rejected", "--launcher", "local")  # eval's own verdict, beside its report
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert _last_line(r.stdout) == f"Verdict: {out / 'eval' / 'verdict.json'}"
+    e = json.loads((out / "eval" / "verdict.json").read_text())
+    assert (e["command"], e["exit_code"], e["decision"]) == ("eval", 3, "rejected")
+    assert e["metrics"]["suites"]["old"]["within_budget"] is False
+    assert cli("status", out / "eval", timeout=120).returncode == 3
+    assert json.loads((out / "verdict.json").read_text()) == v  # the training's verdict is untouched
+
 
 def test_a_crash_writes_a_failed_verdict_and_status_exits_1(tmp_path, tiny_model_dir):
     """Weights that cannot be read: the job starts (the driver checks config and tokenizer only) and fails."""
