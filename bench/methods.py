@@ -170,7 +170,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.annotate(r["method"], (100 * r["retention_change_vs_base"], gain), fontsize=8, xytext=(3, 3),
                     textcoords="offset points")
     ax.set_xlabel("forgetting: general_qa NLL change vs the base model (%)  (right = worse)")
-    ax.set_ylabel("new-task gain: eval loss drop from the base (nats/token)  (up = better)")
+    ax.set_ylabel("new-task gain from the base (nats/token)")
     ax.set_title("SmolLM2-135M-Instruct, demo task, 30 steps: gain vs forgetting")
     ax.grid(alpha=0.3)
     fig.tight_layout()
