@@ -93,8 +93,10 @@ def adaptable_modules(name_or_path: str, trust_remote_code: bool = False) -> lis
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; under ZeRO-3 the full sizes (ds_numel), for 4-bit weights (bitsandbytes
-    packs two in a byte) the unpacked sizes."""
+    """(trainable, total) parameter counts.
+
+    Under ZeRO-3 the full sizes (ds_numel); for 4-bit weights (bitsandbytes packs two in a byte) the unpacked sizes.
+    """
     trainable = total = 0
     for p in model.parameters():
         n = getattr(p, "ds_numel", p.numel())

@@ -23,6 +23,9 @@ Optional members:
 - ``lr_scale(name) -> float``: the multiplier of ``training.learning_rate`` for the trainable parameter
   ``name`` (layer-wise learning rates); the optimizer gets one parameter group per scale, and the schedule
   scales every group together;
+- ``base_model(module)``: a context in which the method's module computes as the base model, for a method whose
+  step 0 is not the base (prompt tuning); the loop measures the step-0 baselines, KL-to-base's reference and
+  token masking's base pass inside it;
 - ``owns_final(path) -> bool`` and ``load_final(base, path) -> module`` (static): a ``final/`` in the
   method's own format (neither a peft adapter nor a Hugging Face model), loaded for evaluation.
 

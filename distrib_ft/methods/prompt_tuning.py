@@ -16,8 +16,10 @@ prepended the prompt again at every decoding step). ZeRO-3 runs: the soft prompt
 every rank (below ``stage3_param_persistence_threshold``); the text init reads the partitioned embedding matrix
 inside a gather.
 
-Unlike LoRA (B = 0), the model at step 0 is not the base model: the initial prompt already changes its outputs, and
-the step-0 baselines of the monitor are those of the model with its initial prompt.
+Unlike LoRA (B = 0), the model at step 0 is not the base model: the initial prompt already changes its outputs.
+:meth:`PromptTuning.base_model` (peft's ``disable_adapter``) gives the loop the base model's outputs for what must
+be measured against the base: the monitor's step-0 baselines, KL-to-base's reference and token masking's base pass
+(generative replay's answers are still the prompted model's).
 
 final/ is a peft adapter (adapter_config.json, adapter_model.safetensors with ``prompt_embeddings``): written here
 from the gathered fp32 values (peft's ``save_pretrained`` reads the module's weight, which is bf16 under DeepSpeed's
@@ -105,6 +107,10 @@ class PromptTuning:
         words = model._modules.pop("word_embeddings")
         object.__setattr__(model, "word_embeddings", words)
         return fix_generation(model)
+
+    def base_model(self, module: torch.nn.Module):
+        """A context in which ``module`` (the prompt-tuned model) computes as the base model: no virtual tokens."""
+        return module.disable_adapter()
 
     @staticmethod
     def owns_final(path: Path) -> bool:

@@ -15,6 +15,7 @@ of ranks (a 2-rank and a 1-rank run with the same global batch take the same ste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -137,12 +138,16 @@ def setup(job: Job, resume: bool) -> Run:
                 f"ZeRO-{job.zero_stage}, bf16={t.bf16}, {world} worker(s), global batch {global_batch}, "
                 f"{max_steps} steps")
     mc = cfg.monitor
-    kl_cache = (base_top_k(engine.module, eval_ds, k=mc.kl_top_k, batch_size=t.per_device_eval_batch_size,
-                           pad_token_id=tokenizer.pad_token_id) if mc.kl_to_base else None)  # before any resume
+    kl_cache = None
+    if mc.kl_to_base:  # the base's log-probs, before any resume
+        with as_base(method, engine.module):
+            kl_cache = base_top_k(engine.module, eval_ds, k=mc.kl_top_k, batch_size=t.per_device_eval_batch_size,
+                                  pad_token_id=tokenizer.pad_token_id)
     clock.lap("model and engine")
     call(defences, "check", zero_stage=job.zero_stage, model=engine.module, method=method)
     if not d.streaming:
-        train_ds = chain(defences, "prepare_train_data", train_ds, engine.module)
+        with as_base(method, engine.module):  # e.g. token masking's base-model pass
+            train_ds = chain(defences, "prepare_train_data", train_ds, engine.module)
 
     # Resume: engine, optimizer, scheduler, RNG, the defences' and the monitor's state, and the step
     # (the data position is a function of it).
@@ -184,8 +189,9 @@ def setup(job: Job, resume: bool) -> Run:
         start = merged(call(defences, "metrics"))  # e.g. the masked fraction of token masking
         if start:
             run.log.write({"step": 0, **start})
-        if run.evaluating:  # the baselines, before any update
-            evaluate(run, 0)
+        if run.evaluating:  # the baselines: the base model's
+            with as_base(method, engine.module):
+                evaluate(run, 0)
     return run
 
 
@@ -353,6 +359,14 @@ def check_output_dir(job: Job, resume: bool) -> None:
     if resume and not found and ((out / "final").exists() or (out / "rejected").exists()):
         raise ValueError(f"--resume: {out} holds a finished run and no checkpoint to continue from "
                          "(training.save_steps was 0); use another training.output_dir")
+
+
+def as_base(method, module):
+    """The method's context in which ``module`` computes as the base model (its ``base_model``).
+
+    A no-op for most methods: they start equal to the base.
+    """
+    return method.base_model(module) if hasattr(method, "base_model") else contextlib.nullcontext()
 
 
 def _schedule_lr(engine) -> None:

@@ -301,3 +301,22 @@ def test_token_nll_sum_of_a_padded_row_equals_the_row_alone(tuned, dataset, tiny
         alone = token_nll_sum(tuned, collate([dataset[short]], pad))
         nll, _ = token_nll_rows(tuned, collate([dataset[short], dataset[longer]], pad))
     assert float(nll[0]) == pytest.approx(float(alone[0]), rel=1e-5)
+
+
+def test_base_model_view_computes_as_the_base(tiny_model_dir, tuned, dataset, tiny_tokenizer):
+    """PromptTuning.base_model: inside it the prompt-tuned model's NLL, KL reference and greedy answers are the base
+    model's (what the loop's step-0 baselines read); outside it the prompt is back."""
+    from distrib_ft.runtime.loop import as_base
+
+    method = build_method(PromptTuningConfig(num_virtual_tokens=P))
+    base = load_model(str(tiny_model_dir)).eval()
+    pad = tiny_tokenizer.pad_token_id
+    want = evaluate_nll(base, dataset, batch_size=4, pad_token_id=pad)["eval_loss"]
+    with as_base(method, tuned):
+        assert evaluate_nll(tuned, dataset, batch_size=4, pad_token_id=pad)["eval_loss"] == pytest.approx(want,
+                                                                                                        rel=1e-6)
+        got = generate_batch(tuned, tiny_tokenizer, ["convert 3 km to m"], max_new_tokens=5, device="cpu",
+                             synced=False)
+    assert got == generate_batch(base, tiny_tokenizer, ["convert 3 km to m"], max_new_tokens=5, device="cpu",
+                                 synced=False)
+    assert evaluate_nll(tuned, dataset, batch_size=4, pad_token_id=pad)["eval_loss"] != pytest.approx(want, rel=1e-6)
