@@ -113,6 +113,34 @@ def clear_stale_lock(build_dir: Path, say=print) -> bool:
     return False
 
 
+def elf_cut_short(path: Path) -> str | None:
+    """Why the shared object ``path`` is incomplete (a build killed while linking), or None when it looks whole.
+
+    Loading a cut-short ``.so`` is no ImportError: the loader maps pages past the end of the file and the process
+    dies of SIGBUS. So the file is checked first: ELF magic, and every program header's bytes and the section
+    header table (which linkers write last) inside the file.
+    """
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit ELF only (the platforms we build on)
+            return f"not a 64-bit ELF file ({size} bytes)"
+        end = "<" if head[5] == 1 else ">"
+        phoff, shoff = struct.unpack_from(end + "QQ", head, 0x20)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from(end + "HHHH", head, 0x36)
+        need = max(shoff + shentsize * shnum, phoff + phentsize * phnum)
+        if need <= size:
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+            for i in range(phnum):
+                offset, filesz = struct.unpack_from(end + "Q", table, i * phentsize + 8)[0], \
+                    struct.unpack_from(end + "Q", table, i * phentsize + 32)[0]
+                need = max(need, offset + filesz)
+    return f"{size} of at least {need} bytes" if need > size else None
+
+
 def ensure_cpu_ops(say=None) -> None:
     """Load (building it first when needed) DeepSpeed's CPU communication op; never wait on a dead build's lock.
 
@@ -121,7 +149,8 @@ def ensure_cpu_ops(say=None) -> None:
     runs under a ``fcntl`` lock of our own (``.<op>.build-lock`` beside the folder; the kernel drops it
     when its holder dies), so a torch ``lock`` found while holding ours, with no live process holding it open,
     is a dead builder's: it is removed with a line, and the op rebuilt. A build that is needed is announced
-    before it starts. A ``.so`` that fails to load (half-written) is removed and rebuilt once; a failed build is
+    before it starts. A ``.so`` cut short (checked as ELF before loading) or that fails to load is removed
+    and rebuilt once; a failed build is
     started again from the sources once. DeepSpeed keeps
     the loaded op, so its own load in ``init_distributed`` does not build again. No-op with CUDA.
 
@@ -166,6 +195,10 @@ def ensure_cpu_ops(say=None) -> None:
         guard.flush()
         clear_stale_lock(build_dir, say)
         so = build_dir / f"{builder.name}.so"
+        short = elf_cut_short(so) if so.exists() else None
+        if short:  # ninja would see it as up to date, and loading it would kill this process (SIGBUS)
+            say(f"distrib-ft: {so} was cut short ({short}): a build was killed while linking; rebuilding it")
+            so.unlink(missing_ok=True)
         if not so.exists():
             say(f"distrib-ft: {BUILD_NOTICE.format(build_dir)}")
         try:
