@@ -47,6 +47,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def biased_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with biases in every attention and MLP projection (nonzero: BitFit's, BEFT's merge)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from distrib_ft.tiny import build_tiny_model
+
+    out = build_tiny_model(tmp_path_factory.mktemp("tiny-biased"), attention_bias=True, mlp_bias=True)
+    weights = load_file(out / "model.safetensors")
+    gen = torch.Generator().manual_seed(1)
+    for name, value in weights.items():
+        if name.endswith(".bias"):  # nonzero biases, so that a test sees the right ones train
+            weights[name] = torch.randn(value.shape, generator=gen) * 0.1
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 

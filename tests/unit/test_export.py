@@ -66,24 +66,6 @@ def make_beft(base_dir, out: Path, targets=("q_proj", "v_proj")) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def biased_model_dir(tmp_path_factory) -> Path:
-    """A tiny Llama whose projections have biases (what BEFT merges into)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from distrib_ft.tiny import build_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny-biased")
-    tok = build_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=None, attention_bias=True, mlp_bias=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_export_merge_equals_base_plus_adapter(tmp_path, tiny_model_dir, use_dora):
     from transformers import AutoModelForCausalLM, AutoTokenizer
