@@ -141,6 +141,20 @@ def elf_cut_short(path: Path) -> str | None:
     return f"{size} of at least {need} bytes" if need > size else None
 
 
+def _same_ninja() -> None:
+    """Put this venv's ``ninja`` (the PyPI package's) first on PATH, when there is one and PATH finds another.
+
+    torch runs the first ``ninja`` on PATH. Two ninja versions hash a command differently in ``.ninja_log`` (1.13
+    changed the hash), so jobs that found the system's 1.11 and jobs that found the venv's 1.13 each saw "command
+    line changed" and recompiled the op (2 min on a loaded 2-core machine) at every start, in turn.
+    """
+    import shutil
+
+    venv_ninja = Path(sys.executable).parent / "ninja"
+    if venv_ninja.is_file() and shutil.which("ninja") != str(venv_ninja):
+        os.environ["PATH"] = f"{venv_ninja.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 def ensure_cpu_ops(say=None) -> None:
     """Load (building it first when needed) DeepSpeed's CPU communication op; never wait on a dead build's lock.
 
@@ -194,6 +208,7 @@ def ensure_cpu_ops(say=None) -> None:
         guard.write(f"process {os.getpid()}")
         guard.flush()
         clear_stale_lock(build_dir, say)
+        _same_ninja()
         so = build_dir / f"{builder.name}.so"
         short = elf_cut_short(so) if so.exists() else None
         if short:  # ninja would see it as up to date, and loading it would kill this process (SIGBUS)
