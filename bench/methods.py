@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -34,7 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+ROOT = harness.ROOT
 DEFAULT_OUT = ROOT / "bench" / "results" / "methods.json"
 
 # name -> (method section, learning rate, why this learning rate)
@@ -101,10 +103,7 @@ def run_one(name: str, threads: int) -> dict:
     job, _ = job_yaml(folder, name, threads)
     spec = {"job": str(job), "out": str(folder / "out"), "result": str(folder / "result.json")}
     (folder / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "DS_ACCELERATOR": "cpu",
-           "TOKENIZERS_PARALLELISM": "false", "DISTRIB_FT_PROGRESS": "log", "PYTHONWARNINGS": "ignore"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = harness.worker_env(threads)  # thread counts, CPU accelerator, no leftover launch variables
     with open(folder / "log.txt", "w") as log:
         proc = subprocess.run([sys.executable, __file__, "--worker", str(folder / "spec.json")], cwd=ROOT, env=env,
                               stdout=log, stderr=subprocess.STDOUT)
