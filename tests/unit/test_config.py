@@ -65,7 +65,8 @@ def test_overrides_are_yaml_typed(tmp_path):
 
 
 def test_a_key_of_another_method_is_an_error_naming_it(tmp_path):
-    with pytest.raises(ConfigError, match=r"job.yaml: method.r: not a key of method.type full \(it is one of lora's\)"):
+    with pytest.raises(ConfigError,
+                       match=r"job.yaml: method.r: not a key of method.type full \(it is one of lora, qlora's\)"):
         load_config(write(tmp_path, BASE), ["method.type=full", "method.r=4"])
     with pytest.raises(ConfigError, match=r"job.yaml: method.type: 'qlorra' is not a method; known: full, lora"):
         load_config(write(tmp_path, BASE), ["method.type=qlorra"])
