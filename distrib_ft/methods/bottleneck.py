@@ -44,6 +44,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
+from distrib_ft.methods.layers import model_config
 from distrib_ft.schema import Strict
 
 MERGEABLE = False  # h + up(act(down(h))) is not linear in h: no base weight can absorb it
@@ -183,9 +184,9 @@ class Bottleneck:
                 if not any(re.match(rf"model\.layers\.\d+\.{block}\.", n) for n in module_names):
                     raise ValueError(f"method.type: adapter needs a Llama-family layout (model.layers.<l>.{block}); "
                                      "this model has none; use method.type: lora")
-        model_config = _model_config(config)
-        if model_config is not None and getattr(model_config, "hidden_size", None):
-            hidden = int(model_config.hidden_size)
+        hf_config = model_config(config)
+        if hf_config is not None and getattr(hf_config, "hidden_size", None):
+            hidden = int(hf_config.hidden_size)
             if hidden // self.config.reduction_factor < 1:
                 raise ValueError(f"method.reduction_factor: {self.config.reduction_factor} leaves no bottleneck on "
                                  f"hidden size {hidden}; use at most {hidden}")
@@ -219,15 +220,3 @@ class Bottleneck:
     @staticmethod
     def load_final(base: str, path: Path, *, load_model) -> torch.nn.Module:
         return load_bottleneck(load_model(base), path)
-
-
-def _model_config(config):
-    """The model's Hugging Face config (read from its folder), or None when there is no job to read."""
-    if config is None:
-        return None
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code)
-    except (OSError, ValueError):
-        return None

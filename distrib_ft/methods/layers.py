@@ -41,3 +41,18 @@ def layerwise_lr_scale(name: str, *, num_layers: int, decay: float, embeddings: 
         return decay ** num_layers
     layer = layer_index(name)
     return 1.0 if layer is None else decay ** (num_layers - 1 - layer)
+
+
+def model_config(config):
+    """The job's model config (``AutoConfig`` of ``config.model.name_or_path``).
+
+    None without a job or a readable folder (the driver's checks then skip what needs it).
+    """
+    if config is None:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code)
+    except (OSError, ValueError):
+        return None

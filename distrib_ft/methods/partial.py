@@ -29,7 +29,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from distrib_ft.methods.layers import embedding_names, layer_index, layerwise_lr_scale
+from distrib_ft.methods.layers import embedding_names, layer_index, layerwise_lr_scale, model_config
 from distrib_ft.schema import Strict
 
 
@@ -44,18 +44,6 @@ class PartialConfig(Strict):
     layerwise_lr_decay: float = Field(1.0, gt=0, le=1, description=(
         "d: decoder layer l of L trains at learning_rate * d^(L-1-l), the head at learning_rate, trainable "
         "embeddings at learning_rate * d^L; 1.0 = one learning rate."))
-
-
-def _model_config(config):
-    """The model's Hugging Face config (read from its folder), or None when there is no job to read."""
-    if config is None:
-        return None
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(config.model.name_or_path, trust_remote_code=config.model.trust_remote_code)
-    except (OSError, ValueError):
-        return None
 
 
 class Partial:
@@ -78,14 +66,14 @@ class Partial:
         if not c.train_head and c.top_k_layers == 0 and c.freeze_embeddings:
             raise ValueError("method: nothing trains (train_head: false, top_k_layers: 0, freeze_embeddings: true); "
                              "set train_head: true or top_k_layers above 0")
-        model_config = _model_config(config)
-        if model_config is None:
+        hf_config = model_config(config)
+        if hf_config is None:
             return
-        layers = model_config.num_hidden_layers
+        layers = hf_config.num_hidden_layers
         if c.top_k_layers is not None and c.top_k_layers > layers:
             raise ValueError(f"method.top_k_layers: {c.top_k_layers} but the model has {layers} decoder layers; "
                              f"use at most {layers} (or null for all)")
-        if zero_stage == 3 and self._unties(model_config):
+        if zero_stage == 3 and self._unties(hf_config):
             raise ValueError("method.freeze_embeddings: training the head of a model with tied embeddings unties "
                              "them, which needs whole weights (not ZeRO-3 partitions); use zero2.json, or "
                              "freeze_embeddings: false")
