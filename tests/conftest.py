@@ -69,3 +69,12 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API for the session: moto's server on 127.0.0.1 at a free port (tests/s3.py); yields its URL."""
+    from tests.s3 import moto_s3
+
+    with moto_s3() as endpoint:
+        yield endpoint
