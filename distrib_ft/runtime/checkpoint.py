@@ -9,6 +9,10 @@ Layout under ``output_dir``::
                               full model (config.json, model.safetensors), plus the tokenizer.
 
 The loop's own state (step, data position) travels in DeepSpeed's ``client_state``.
+
+``output_dir`` may be a URL (s3://, gs://, hdfs://): the files are written in a node-local staging folder and
+copied there, the COMPLETE marker last (distrib_ft/runtime/storage.py). Every function here takes the URL, or
+the staging folder, or a local folder.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from distrib_ft.methods import exports_trainable_only
-from distrib_ft.runtime import dist
+from distrib_ft.runtime import dist, storage
 from distrib_ft.schema import flatten
 
 COMPLETE = "COMPLETE"
@@ -36,7 +40,13 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file through a temp file in the same folder and a rename: never half-written."""
+    """Write a file through a temp file in the same folder and a rename: never half-written.
+
+    A URL (storage.UrlPath) is written as one object (a temp name then a move where the store needs one).
+    """
+    if storage.is_url(path):
+        storage.as_path(path).write_text(text)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -83,8 +93,12 @@ def load_rng_state(path: str | Path) -> None:
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under output_dir/checkpoints, oldest first."""
-    root = Path(output_dir) / "checkpoints"
+    """Complete checkpoints under output_dir/checkpoints, oldest first.
+
+    For a URL output_dir (or its staging folder) those on the URL, as ``storage.UrlPath``: only a step folder
+    whose COMPLETE marker (written last) arrived counts.
+    """
+    root = storage.root(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
@@ -92,10 +106,31 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under output_dir/checkpoints, or None when there is none."""
+def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Step folders under output_dir/checkpoints without a COMPLETE marker (an interrupted save or upload)."""
+    root = storage.root(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and not (p / COMPLETE).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path, say=None) -> Path | None:
+    """The newest complete checkpoint under output_dir/checkpoints, or None when there is none.
+
+    ``say`` (e.g. ``dist.print0``): told of each newer step folder skipped because it has no COMPLETE marker.
+    """
     ckpts = complete_checkpoints(output_dir)
-    return ckpts[-1] if ckpts else None
+    latest = ckpts[-1] if ckpts else None
+    if say is not None:
+        newest = int(latest.name.removeprefix("step-")) if latest is not None else -1
+        why = "an interrupted upload" if storage.remote(output_dir) is not None else "an interrupted save"
+        for p in incomplete_checkpoints(output_dir):
+            if int(p.name.removeprefix("step-")) > newest:
+                say(f"checkpoints/{p.name} has no {COMPLETE} marker ({why}); "
+                    + (f"resuming from {latest.name}" if latest is not None else "no complete checkpoint before it"))
+    return latest
 
 
 def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dict, *,
@@ -107,19 +142,37 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
     COMPLETE marker. Keeps the newest ``keep`` checkpoints and the steps in ``protect`` (e.g. the monitor's
     best model within budget). Returns the checkpoint folder.
     """
-    root = Path(output_dir) / "checkpoints"
+    root = storage.local(output_dir) / "checkpoints"
+    url = storage.remote(output_dir)
     tag = f"step-{step}"
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=exclude_frozen)
     save_rng_state(root / tag / f"rng_rank{dist.rank()}.safetensors")
     dist.barrier()
+    if url is not None:  # each node's first rank uploads its ranks' files; the marker comes after all of them
+        if storage.local_rank() == 0:
+            storage.upload_tree(root / tag, url / "checkpoints" / tag)
+        dist.barrier()
+    deleted: list[str] = []
     if dist.is_main():
         if owner is not None:
             atomic_write_text(root / tag / OWNER, json.dumps(owner, indent=1, sort_keys=True) + "\n")
+        if url is not None:
+            if owner is not None:
+                atomic_write_text(url / "checkpoints" / tag / OWNER, (root / tag / OWNER).read_text())
+            storage.publish(output_dir, ["metrics.jsonl"])  # the metrics up to this checkpoint
+            atomic_write_text(url / "checkpoints" / tag / COMPLETE, f"{step}\n")  # last
         atomic_write_text(root / tag / COMPLETE, f"{step}\n")
         for old in complete_checkpoints(output_dir)[:-keep]:
             if int(old.name.removeprefix("step-")) not in protect:
-                shutil.rmtree(old, ignore_errors=True)
+                if url is not None:
+                    old.rmtree()  # the marker first
+                    deleted.append(old.name)
+                shutil.rmtree(root / old.name, ignore_errors=True)
+    if url is not None:  # the other nodes drop their copies of what rank 0 deleted
+        for name in dist.broadcast_object(deleted):
+            if storage.local_rank() == 0:
+                shutil.rmtree(root / name, ignore_errors=True)
     dist.barrier()
     return root / tag
 
@@ -133,18 +186,17 @@ def check_owner(path: Path, owner: dict) -> None:
     Raises:
         ValueError: one line naming the checkpoint and what differs (the first few keys).
     """
-    file = Path(path) / OWNER
+    file = storage.as_path(path) / OWNER
     if not file.is_file():
         raise ValueError(f"--resume: {path} has no {OWNER}: it was not written by this version of distrib-ft for "
                          "this job; use another training.output_dir")
     saved = json.loads(file.read_text())
-    if (saved.get("world_size"), saved.get("global_batch")) != (owner["world_size"], owner["global_batch"]):
-        raise ValueError(f"distributed.num_workers: --resume: {path} was written by {saved.get('world_size')} "
-                         f"worker(s) (global batch {saved.get('global_batch')}); this run has {owner['world_size']} "
-                         f"(global batch {owner['global_batch']}); set distributed.num_workers: "
-                         f"{saved.get('world_size')} (and the same batch sizes) to resume")
+    from distrib_ft.runtime import reshard  # another world size: the same global batch (reshard.py)
+
+    reshard.check_geometry(path, saved, owner)
     theirs, ours = flatten(saved.get("job", {})), flatten(owner["job"])
-    differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+    differ = sorted(k for k in theirs.keys() | ours.keys()
+                    if theirs.get(k) != ours.get(k) and k not in reshard.GEOMETRY_KEYS)
     if differ:
         shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:3])
         raise ValueError(f"--resume: {path} belongs to another job ({shown}"
@@ -153,7 +205,15 @@ def check_owner(path: Path, owner: dict) -> None:
 
 
 def load_checkpoint(engine, path: Path, *, exclude_frozen: bool) -> dict:
-    """Restore engine, optimizer, scheduler and this rank's RNG; returns the client state."""
+    """Restore engine, optimizer, scheduler and this rank's RNG; returns the client state.
+
+    ``path`` may be on a URL (or a staging folder's): each node's first rank downloads it first (collective).
+    """
+    path = storage.fetch(path)
+    from distrib_ft.runtime import reshard  # written by another number of workers: DeepSpeed's universal checkpoint
+
+    if reshard.other_world_size(path):
+        return reshard.load_universal(engine, path, exclude_frozen=exclude_frozen)
     _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=not exclude_frozen)
     if client_state is None:
         raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint; delete it to resume from an older one")

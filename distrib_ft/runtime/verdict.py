@@ -14,9 +14,14 @@ writes nothing)::
 ``decision``: the monitor's (accepted, rolled_back, stopped, rejected), or failed / interrupted. ``job_sha256``
 identifies the resolved job (every key but the job file's own path): a second ``distrib-ft train`` of the same job
 on a folder whose verdict says it finished does not train again. ``attempts`` lists each submission that worked on
-this output_dir for the same job (a resumed run adds one).
+this output_dir for the same job (a resumed run adds one); each submission's ``worker_attempts`` are Ray Train's
+restarts of the worker group within it (``distributed.max_failures``, distrib_ft/runtime/recovery.py): per attempt
+the checkpoint it resumed from and why it ended, e.g. ``[{"attempt": 1, "resumed_from": null, "step": 0, "error":
+"a worker died (rank 1, pid 4242: SIGKILL)"}, {"attempt": 2, "resumed_from": "checkpoints/step-2", "step": 2,
+"error": null}]`` (summary.json's ``attempts``; the ledger of Ray's controller when the job failed for good).
 
-``distrib-ft status OUTPUT_DIR`` prints it (:func:`text`) and exits with ``exit_code``.
+``distrib-ft status OUTPUT_DIR`` prints it (:func:`text`) and exits with ``exit_code``. OUTPUT_DIR may be a URL
+(s3://, gs://, hdfs://): the verdict is read and written there (distrib_ft/runtime/storage.py).
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ def suite_metrics(report: dict | None) -> dict:
 
 def build(*, command: str, config, output_dir: str | Path, exit_code: int, started: str, began: float,
           summary: dict | None = None, report: dict | None = None, decision: str | None = None,
-          error: str | None = None, resumed_from: str | None = None, earlier: dict | None = None) -> dict:
+          error: str | None = None, resumed_from: str | None = None, earlier: dict | None = None,
+          worker_attempts: list | None = None) -> dict:
     """The verdict of a job that just ended.
 
     Args:
@@ -74,16 +80,19 @@ def build(*, command: str, config, output_dir: str | Path, exit_code: int, start
         error: the first line of the error of a failed job.
         resumed_from: the checkpoint this attempt continued from.
         earlier: the verdict of an earlier attempt of the same job in this folder (its attempts are kept).
+        worker_attempts: Ray Train's attempts of the worker group in this submission; default the summary's.
     """
-    out, summary = Path(output_dir), summary or {}
-    artifact = Path(summary["final"]) if summary.get("final") else None
+    from distrib_ft.runtime.storage import as_path
+
+    out, summary = as_path(output_dir), summary or {}
+    artifact = as_path(summary["final"]) if summary.get("final") else None
     final = str(artifact) if artifact is not None and artifact.name == "final" else None
     rejected = str(artifact) if artifact is not None and artifact.name == "rejected" else None
     if exit_code == 3 and rejected is None and (out / "rejected").exists():
         rejected = str(out / "rejected")
     finished = now()
     attempt = {"started": started, "finished": finished, "exit_code": exit_code, "resumed_from": resumed_from,
-               "error": error}
+               "error": error, "worker_attempts": worker_attempts or summary.get("attempts") or []}
     attempts = [*((earlier or {}).get("attempts") or []), attempt]
     first_line = error.strip().splitlines()[0] if error and error.strip() else error
     attempt["error"] = first_line
@@ -104,8 +113,9 @@ def build(*, command: str, config, output_dir: str | Path, exit_code: int, start
 def write(output_dir: str | Path, verdict: dict) -> Path:
     """Write ``verdict`` to output_dir/verdict.json atomically (temp file, then rename). Returns the path."""
     from distrib_ft.runtime.checkpoint import atomic_write_text
+    from distrib_ft.runtime.storage import as_path
 
-    path = Path(output_dir) / VERDICT
+    path = as_path(output_dir) / VERDICT
     atomic_write_text(path, json.dumps(verdict, indent=2) + "\n")
     return path
 
@@ -116,7 +126,9 @@ def read(output_dir: str | Path) -> dict | None:
     Raises:
         ValueError: the file is not a verdict (not JSON, or no ``exit_code``); one line naming it.
     """
-    path = Path(output_dir) / VERDICT
+    from distrib_ft.runtime.storage import as_path
+
+    path = as_path(output_dir) / VERDICT
     if not path.is_file():
         return None
     try:
@@ -166,4 +178,9 @@ def text(v: dict, path: str | Path | None = None) -> str:
         extra = (f", resumed from {a['resumed_from']}" if a.get("resumed_from") else "") + \
             (f", error: {a['error']}" if a.get("error") else "")
         lines.append(f"    {i}. {a.get('started')} -> {a.get('finished')}: exit {a.get('exit_code')}{extra}")
+        restarts = a.get("worker_attempts") or []
+        for w in restarts if len(restarts) > 1 else []:  # Ray restarted the workers within this submission
+            lines.append(f"       worker attempt {w.get('attempt')}"
+                         + (f": resumed from {w['resumed_from']}" if w.get("resumed_from") else "")
+                         + (f"; ended: {w['error']}" if w.get("error") else ""))
     return "\n".join(lines)

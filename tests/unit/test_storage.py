@@ -1,0 +1,148 @@
+"""distrib_ft/runtime/storage.py against a real S3 API (moto's server, tests/s3.py) and a local folder.
+
+Checkpoint listing by COMPLETE markers, the skipped-incomplete line, staging folders and their URL, upload and
+download of a folder, the verdict on a URL, and the shared-output_dir probe's message.
+"""
+
+import json
+import uuid
+
+import pytest
+
+from distrib_ft.runtime import checkpoint as ckpt
+from distrib_ft.runtime import storage
+from distrib_ft.runtime import verdict as vd
+from tests.s3 import list_keys, make_bucket, s3_env
+
+BUCKET = "storage-unit"
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch, tmp_path):
+    """The AWS variables of the session's moto server, a bucket, and a fresh prefix; staging under tmp_path."""
+    for k, v in s3_env(s3_endpoint).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("DISTRIB_FT_STAGING", str(tmp_path / "staging"))
+    if BUCKET not in _made:
+        make_bucket(s3_endpoint, BUCKET)
+        _made.add(BUCKET)
+    prefix = f"run-{uuid.uuid4().hex[:8]}"
+    return s3_endpoint, f"s3://{BUCKET}/{prefix}", prefix
+
+
+_made: set[str] = set()
+
+
+def test_as_path_kinds(tmp_path):
+    assert storage.as_path(f"file://{tmp_path}") == tmp_path
+    assert storage.as_path(str(tmp_path)) == tmp_path
+    u = storage.as_path("s3://b/run/")
+    assert isinstance(u, storage.UrlPath) and str(u) == "s3://b/run"
+    assert str(u / "checkpoints" / "step-2") == "s3://b/run/checkpoints/step-2"
+    assert (u / "x").parent == u and (u / "final").name == "final"
+    assert not storage.is_url(f"file://{tmp_path}") and storage.is_url("gs://b/x") and storage.is_url("hdfs://h:1/x")
+
+
+def test_urlpath_on_s3(s3):
+    endpoint, url, prefix = s3
+    u = storage.UrlPath(url)
+    assert not u.exists() and not u.is_dir()
+    (u / "a" / "b.txt").write_text("hello")
+    assert (u / "a" / "b.txt").is_file() and (u / "a").is_dir() and u.is_dir()
+    assert (u / "a" / "b.txt").read_text() == "hello"
+    assert [p.name for p in u.iterdir()] == ["a"]
+    assert u.files() == {"a/b.txt": 5}
+    (u / "a" / storage.COMPLETE).write_text("1\n")
+    (u / "a").rmtree()
+    assert not (u / "a").exists()
+    assert [k for k in list_keys(endpoint, BUCKET, prefix) if not k.endswith("/")] == []  # pyarrow keeps "run/"
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        (u / "missing.txt").read_text()
+
+
+def test_upload_then_download_only_what_differs(s3, tmp_path):
+    endpoint, url, prefix = s3
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "w.bin").write_bytes(b"x" * 1000)
+    (src / "sub" / "r.txt").write_text("rank")
+    (src / storage.COMPLETE).write_text("1\n")  # never uploaded by upload_tree: rank 0 writes it last
+    (src / ".tmp.part").write_text("temp")
+    assert storage.upload_tree(src, storage.UrlPath(url)) == 2
+    assert sorted(list_keys(endpoint, BUCKET, prefix)) == [f"{prefix}/sub/r.txt", f"{prefix}/w.bin"]
+    dst = tmp_path / "dst"
+    assert storage.download_tree(storage.UrlPath(url), dst) == 2
+    assert (dst / "w.bin").read_bytes() == b"x" * 1000 and (dst / "sub" / "r.txt").read_text() == "rank"
+    (dst / "w.bin").write_bytes(b"short")  # a file cut short is downloaded again; the others are kept
+    assert storage.download_tree(storage.UrlPath(url), dst) == 1
+    assert (dst / "w.bin").read_bytes() == b"x" * 1000
+
+
+def test_checkpoints_on_a_url_count_only_with_their_marker(s3):
+    _, url, _ = s3
+    u = storage.UrlPath(url)
+    for step in (2, 4, 6):
+        (u / "checkpoints" / f"step-{step}" / "mp_rank_00_model_states.pt").write_text("w")
+    for step in (2, 4):
+        (u / "checkpoints" / f"step-{step}" / ckpt.COMPLETE).write_text(f"{step}\n")
+    assert [p.name for p in ckpt.complete_checkpoints(url)] == ["step-2", "step-4"]
+    said = []
+    latest = ckpt.latest_checkpoint(url, say=said.append)
+    assert latest == u / "checkpoints" / "step-4"
+    assert said == ["checkpoints/step-6 has no COMPLETE marker (an interrupted upload); resuming from step-4"]
+    # the staging folder names its URL: the same answers from it
+    staging = storage.local(url)
+    assert storage.remote(staging) == u and storage.root(staging) == u
+    assert [p.name for p in ckpt.complete_checkpoints(staging)] == ["step-2", "step-4"]
+    assert storage.public(staging / "final") == f"{url}/final"
+    # fetch: a checkpoint on the URL lands in the staging folder
+    local = storage.fetch(latest)
+    assert local == staging / "checkpoints" / "step-4"
+    assert (local / "mp_rank_00_model_states.pt").read_text() == "w"
+
+
+def test_local_incomplete_checkpoint_is_named(tmp_path):
+    for step, complete in ((3, True), (5, False)):
+        d = tmp_path / "checkpoints" / f"step-{step}"
+        d.mkdir(parents=True)
+        if complete:
+            (d / ckpt.COMPLETE).write_text("3\n")
+    said = []
+    assert ckpt.latest_checkpoint(tmp_path, say=said.append).name == "step-3"
+    assert said == ["checkpoints/step-5 has no COMPLETE marker (an interrupted save); resuming from step-3"]
+    assert storage.remote(tmp_path) is None and storage.local(tmp_path) == tmp_path
+    assert storage.fetch(tmp_path / "checkpoints" / "step-3") == tmp_path / "checkpoints" / "step-3"
+
+
+def test_publish_all_uploads_final_marker_and_summary(s3):
+    endpoint, url, prefix = s3
+    staging = storage.local(url)
+    (staging / "final").mkdir()
+    (staging / "final" / "adapter_model.safetensors").write_bytes(b"w")
+    (staging / "metrics.jsonl").write_text('{"step": 1}\n')
+    (staging / "summary.json").write_text("{}\n")
+    (staging / "checkpoints" / "step-1").mkdir(parents=True)
+    (staging / "checkpoints" / "step-1" / "x").write_text("not uploaded here")
+    storage.publish_all(staging)
+    keys = sorted(k.removeprefix(prefix + "/") for k in list_keys(endpoint, BUCKET, prefix))
+    assert keys == ["final/COMPLETE", "final/adapter_model.safetensors", "metrics.jsonl", "summary.json"]
+    assert storage.artifact_exists(f"{url}/final") and not storage.artifact_exists(f"{url}/rejected")
+
+
+def test_verdict_on_a_url(s3):
+    _, url, _ = s3
+    v = {"version": 1, "exit_code": 3, "decision": "rejected", "final": None, "rejected": f"{url}/rejected"}
+    path = vd.write(url, v)
+    assert str(path) == f"{url}/{vd.VERDICT}"
+    assert vd.read(url) == v
+    assert json.loads(storage.UrlPath(url + "/" + vd.VERDICT).read_text())["exit_code"] == 3
+    assert vd.read(url + "/nothing") is None
+
+
+def test_staging_folders_differ_by_endpoint(monkeypatch, tmp_path):
+    monkeypatch.setenv("DISTRIB_FT_STAGING", str(tmp_path))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    a = storage.staging_dir("s3://b/run")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:2")
+    b = storage.staging_dir("s3://b/run")
+    assert a != b and (a / storage.STAGING_MARK).read_text().strip() == "s3://b/run"
