@@ -52,7 +52,8 @@ class Job:
         The geometry, and the resolved job less what a resume may change (where it writes, how long it runs,
         how often it logs and saves).
         """
-        free = {"source": True, "training": RESUMABLE, "distributed": {"num_workers", "cpus_per_worker"},
+        free = {"source": True, "training": RESUMABLE,
+                "distributed": {"num_workers", "cpus_per_worker", "max_failures", "collective_timeout_s"},
                 # keys a defence checks against its own checkpoint state (e.g. replay's buffer version)
                 **{d.name: set(d.config_class.resume_checked) for d in DEFENCES
                    if getattr(d.config_class, "resume_checked", None)}}
@@ -75,11 +76,7 @@ def resolve(config: JobConfig, world_size: int | None = None) -> Job:
                                                  raw["model"].get("trust_remote_code", False))
     resolved = JobConfig.model_validate(raw)
     world = world_size or resolved.distributed.num_workers
-    t = resolved.training
-    ds = load_deepspeed_config(resolved.distributed.deepspeed, micro_batch_size=t.per_device_train_batch_size,
-                               gradient_accumulation_steps=t.gradient_accumulation_steps, world_size=world,
-                               max_grad_norm=t.max_grad_norm, bf16=t.bf16, learning_rate=t.learning_rate,
-                               weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    ds = deepspeed_config(resolved, world)
     method, stage = build_method(resolved.method), zero_stage(ds)
     try:
         if stage not in method.zero_stages:
@@ -97,6 +94,18 @@ def resolve(config: JobConfig, world_size: int | None = None) -> Job:
         if section.enabled and hasattr(defence, "preflight"):
             defence.preflight(section, resolved, tokenizer)
     return Job(config=resolved, deepspeed=ds, world_size=world)
+
+
+def deepspeed_config(config: JobConfig, world: int) -> dict:
+    """The DeepSpeed dict of a resolved ``config`` on ``world`` workers.
+
+    Also for a resume at another world size (distrib_ft/runtime/reshard.py). Raises DeepSpeedConfigError.
+    """
+    t = config.training
+    return load_deepspeed_config(config.distributed.deepspeed, micro_batch_size=t.per_device_train_batch_size,
+                                 gradient_accumulation_steps=t.gradient_accumulation_steps, world_size=world,
+                                 max_grad_norm=t.max_grad_norm, bf16=t.bf16, learning_rate=t.learning_rate,
+                                 weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
 
 
 def _tokenizer(name_or_path: str, trust_remote_code: bool, source: str):

@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="where the report goes (default: OUTPUT_DIR/eval)")
     e.add_argument("--address", default=None, help="Ray cluster to run on; default: an embedded local Ray")
     e.add_argument("--launcher", choices=["ray", "local"], default="ray", help="local: in this process")
+    for q in (t, f, e):  # launcher/console.py
+        q.add_argument("--verbose", action="store_true", help="show Ray's own lines (its INFO and warnings, the "
+                       "Train controller's, every rank's output) on the console too; default: rank 0's and ours "
+                       "only, Ray's go to its logs folder (the first line names it); also DISTRIB_FT_VERBOSE=1")
     x = sub.add_parser("export", help="a run's final/ (or an adapter or model folder) as a plain Hugging Face folder")
     x.add_argument("path", metavar="RUN_DIR_OR_FINAL", help="a job's training.output_dir (its final/ is exported), a "
                    "final/ folder, a peft adapter folder or a model folder")
@@ -96,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed of dare_ties' random drop")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     st = sub.add_parser("status", help="print a job's verdict (output_dir/verdict.json) and exit with the job's code")
-    st.add_argument("output_dir", metavar="OUTPUT_DIR", help="the job's training.output_dir (or an eval --out)")
+    st.add_argument("output_dir", metavar="OUTPUT_DIR", help="the job's training.output_dir (or an eval --out); "
+                    "a folder or a URL (s3://, gs://, hdfs://)")
     st.add_argument("--json", action="store_true", help="print verdict.json as it is")
     r = sub.add_parser("replay", help="build, update or show a replay buffer of old examples")
     rsub = r.add_subparsers(dest="action", required=True)
@@ -151,6 +156,8 @@ def _run(job, args, name: str, **kwargs) -> None:
     else:
         from launcher.ray_job import run_on_ray
 
+        if getattr(args, "verbose", False):
+            os.environ["DISTRIB_FT_VERBOSE"] = "1"  # launcher/console.py: Ray's lines on the console too
         run_on_ray(job, JOBS[name], address=args.address, kwargs=kwargs)
 
 
@@ -180,7 +187,9 @@ def cmd_train(args) -> int:
     job = _job(args)
     checked = time.time()
     cfg = job.config
-    out = Path(cfg.training.output_dir)
+    from distrib_ft.runtime import storage
+
+    out = storage.as_path(cfg.training.output_dir)  # a local Path, or a storage.UrlPath (s3://, gs://, hdfs://)
     main_rank = os.environ.get("RANK", "0") == "0"  # once under torchrun
     try:
         prior = vd.read(out)
@@ -188,12 +197,12 @@ def cmd_train(args) -> int:
         prior = None  # not ours to trust; the checks below decide from final/ and the checkpoints
     same = prior is not None and prior.get("command") == "train" and prior.get("job_sha256") == vd.job_sha256(cfg)
     if same and not args.resume and prior["exit_code"] in vd.FINISHED_CODES \
-            and Path(prior.get("final") or prior.get("rejected") or out / "final").exists():
+            and storage.artifact_exists(prior.get("final") or prior.get("rejected") or out / "final"):
         if main_rank:
             print(f"already finished: {vd.line(prior)}")
             print(f"Verdict: {out / vd.VERDICT}")
         return prior["exit_code"]
-    finished = (out / "final").exists() or (out / "rejected").exists()
+    finished = storage.artifact_exists(out / "final") or storage.artifact_exists(out / "rejected")
     if not args.resume and finished:
         raise UsageError(f"{cfg.source}: training.output_dir: {out} already holds a finished run (final/)"
                          f"{' of this job with other settings' if prior and prior.get('job') == cfg.source else ''}; "
@@ -215,6 +224,9 @@ def cmd_train(args) -> int:
 
     try:  # before any worker starts: another run's checkpoints are refused here, not after the model loads
         check_output_dir(job, resume)
+        from distrib_ft.runtime import reshard
+
+        job = reshard.fit_resume(job, resume)  # checkpoints of another world size: the batch keys refitted
     except ValueError as e:
         raise UsageError(f"{cfg.source}: {e}") from None
     earlier = prior if same else None
@@ -239,7 +251,8 @@ def cmd_train(args) -> int:
     except Exception as e:
         code, message = _failure(e)
         if code == EXIT_FAILED:  # an input error found on a worker (exit 2) ran nothing worth a verdict
-            path = verdict(EXIT_FAILED, decision="failed", error=message)
+            path = verdict(EXIT_FAILED, decision="failed", error=message,
+                           worker_attempts=getattr(e, "attempts", None))  # Ray's restarts (launcher/ray_job.py)
             if path is not None:
                 print(f"Verdict: {path}", flush=True)
         raise
@@ -467,8 +480,9 @@ def cmd_status(args) -> int:
         UsageError: no verdict.json in OUTPUT_DIR (the job has not ended, or never ran there), or not a verdict.
     """
     from distrib_ft.runtime import verdict as vd
+    from distrib_ft.runtime.storage import as_path
 
-    folder = Path(args.output_dir).expanduser()
+    folder = as_path(args.output_dir)  # a folder, or a URL (s3://, gs://, hdfs://)
     try:
         v = vd.read(folder)
     except ValueError as e:
@@ -568,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as e:
         code, message = _failure(e)
-        print(message if code == EXIT_USAGE else f"distrib-ft: the job failed: {message}", file=sys.stderr)
+        logs = f" ({e.ray_logs})" if getattr(e, "ray_logs", None) else ""  # launcher/ray_job.py ray_session
+        print(message if code == EXIT_USAGE else f"distrib-ft: the job failed: {message}{logs}", file=sys.stderr)
         return code
 
 

@@ -36,8 +36,9 @@ from distrib_ft.monitor.evaluation import evaluate_nll, evaluate_suites, load_su
 from distrib_ft.monitor.report import write_report
 from distrib_ft.preservation import Context, build_defences, call, chain, merged
 from distrib_ft.runtime import checkpoint as ckpt
-from distrib_ft.runtime import dist
+from distrib_ft.runtime import dist, recovery, reshard, storage
 from distrib_ft.runtime.loss import token_nll_rows
+from distrib_ft.runtime.netif import worker_record
 from distrib_ft.runtime.metrics import MetricsLog, Progress, StepWindow, Timings
 from distrib_ft.runtime.worker import build_model_engine, start_worker
 from distrib_ft.schema import flatten
@@ -72,6 +73,7 @@ class Run:
     saved: set[int] = field(default_factory=set)
     clock: Timings = field(default_factory=Timings)
     kl_cache: list | None = None  # the base model's top-k next-token log-probs on this rank's eval share
+    attempts: list = field(default_factory=list)  # Ray Train's attempts of this run (runtime/recovery.py)
 
     @property
     def evaluating(self) -> bool:
@@ -80,7 +82,7 @@ class Run:
     def client_state(self) -> dict:
         """The loop's state in every checkpoint (DeepSpeed's client_state)."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "max_steps": self.max_steps,
-                "monitor": self.monitor.state_dict(),
+                "monitor": self.monitor.state_dict(), "attempts": self.attempts,
                 "strategies": {d.name: d.state_dict() for d in self.defences if hasattr(d, "state_dict")}}
 
 
@@ -105,7 +107,10 @@ def setup(job: Job, resume: bool) -> Run:
     rank, world = dist.rank(), dist.world_size()
     clock = Timings()
     check_output_dir(job, resume)  # before anything is written there
-    out = Path(t.output_dir)
+    job = reshard.fit_resume(job, resume)  # a checkpoint of another world size: the batch keys keep its global batch
+    cfg, t = job.config, job.config.training
+    out = storage.local(t.output_dir)  # a URL's node-local staging folder (runtime/storage.py), else the folder
+    storage.prepare(t.output_dir, resume)
 
     # Data: rank 0 prepares (and caches) first, the others then read the cache.
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
@@ -121,6 +126,7 @@ def setup(job: Job, resume: bool) -> Run:
         dist.print0(f"eval data: {eval_stats.summary()}")
     clock.lap("data")
     out.mkdir(parents=True, exist_ok=True)  # after the data: a bad record leaves output_dir as it was
+    storage.check_shared(out)  # several nodes: a local output_dir they do not all see is refused
     if dist.is_main():
         ckpt.atomic_write_text(out / "config.yaml", dump_config(cfg))
 
@@ -151,7 +157,10 @@ def setup(job: Job, resume: bool) -> Run:
 
     # Resume: engine, optimizer, scheduler, RNG, the defences' and the monitor's state, and the step
     # (the data position is a function of it).
-    latest = ckpt.latest_checkpoint(out) if resume else None
+    latest = ckpt.latest_checkpoint(out, say=dist.print0) if resume else None
+    attempt = recovery.current()
+    if attempt.restarted:  # Ray restarted the workers (a worker died or hung): say why and from where
+        dist.print0(recovery.resume_line(attempt, latest))
     state: dict = {}
     if latest is not None:
         state = ckpt.load_checkpoint(engine, latest, exclude_frozen=checkpoint_trainable_only(method))
@@ -161,7 +170,7 @@ def setup(job: Job, resume: bool) -> Run:
                 x.load_state_dict(state.get("strategies", {}).get(x.name, {}))
         dist.print0(f"resumed from {latest} at step {state['step']}")
     elif resume:
-        dist.print0(f"no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
+        dist.print0(f"no complete checkpoint in {storage.public(out / 'checkpoints')}; starting from step 0")
     suites = load_suites(mc.suites, tokenizer, max_seq_length=d.max_seq_length, prompt_template=d.prompt_template)
     drift = [Suite("kl_to_base", "kl", "loss", max_value=mc.max_kl_to_base)] if kl_cache is not None else []
     monitor = Monitor([sd.suite for sd in suites] + drift, policy=mc.policy, patience=mc.early_stopping_patience,
@@ -176,7 +185,7 @@ def setup(job: Job, resume: bool) -> Run:
     run = Run(job=job, out=out, engine=engine, method=method, tokenizer=tokenizer, train_ds=train_ds,
               train_stats=train_stats, eval_ds=eval_ds, suites=suites, defences=defences, monitor=monitor,
               log=MetricsLog(out / "metrics.jsonl", enabled=dist.is_main(), resume_step=step if latest else None,
-                             report_to=t.report_to, run_name=out.name,
+                             report_to=t.report_to, run_name=storage.root(out).name,
                              params=flatten(cfg.model_dump(mode="json", by_alias=True))),
               progress=Progress(total=max_steps, initial=step, enabled=dist.is_main()),
               batches=steps_fn(train_ds, start_step=step, per_rank=per_rank, rank=rank, world=world, seed=t.seed,
@@ -184,7 +193,7 @@ def setup(job: Job, resume: bool) -> Run:
               max_steps=max_steps, per_rank=per_rank, global_batch=global_batch, mixed_share=mixed_share,
               trainable=trainable, total=total, step=step, tokens_seen=state.get("tokens_seen", 0),
               saved={int(p.name.removeprefix("step-")) for p in ckpt.complete_checkpoints(out)} if resume else set(),
-              clock=clock, kl_cache=kl_cache)
+              clock=clock, kl_cache=kl_cache, attempts=recovery.history(state.get("attempts"), attempt, latest, step))
     if step == 0:
         start = merged(call(defences, "metrics"))  # e.g. the masked fraction of token masking
         if start:
@@ -279,14 +288,17 @@ def finish(run: Run, stop_reason: str | None) -> dict:
         call(run.defences, "on_task_end", run.engine.module, final_dir=final, train_examples=run.train_ds)
     report = run.monitor.report(chosen, decision, notes=[stop_reason] if stop_reason else [])
     new_task = report["new_task"] or {}
-    summary = {"output_dir": str(out), "final": str(final), "steps": run.step, "tokens_seen": run.tokens_seen,
+    summary = {"output_dir": storage.public(out), "final": storage.public(final), "steps": run.step,
+               "tokens_seen": run.tokens_seen,
                "trainable_parameters": run.trainable, "total_parameters": run.total, "world_size": dist.world_size(),
+               "workers": dist.all_gather_object(worker_record()),  # rank order: node IP, host, pid
                "method": run.method.name, "artifact": run.method.artifact,
                "train_data": run.train_stats.summary(),  # streaming: counts of rank 0's reads
                **merged(call(run.defences, "summary")),
                "decision": decision, "exit_code": report["exit_code"], "chosen_step": chosen,
                "eval_loss_start": new_task.get("baseline"),
-               "eval_loss": run.monitor.new_task_loss(chosen) if chosen is not None else None}
+               "eval_loss": run.monitor.new_task_loss(chosen) if chosen is not None else None,
+               "attempts": run.attempts}  # per attempt: the checkpoint it resumed from, why it ended
     run.log.close()
     if dist.is_main() and run.evaluating:
         write_report(report, out)
@@ -294,6 +306,7 @@ def finish(run: Run, stop_reason: str | None) -> dict:
     summary["seconds"] = {k: round(v, 2) for k, v in run.clock.seconds.items()}
     if dist.is_main():
         ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        storage.publish_all(out)  # a URL output_dir: the results, final/'s marker and summary.json last
     dist.barrier()
     return summary
 
@@ -349,7 +362,7 @@ def check_output_dir(job: Job, resume: bool) -> None:
     Raises:
         ValueError: one line naming ``training.output_dir`` or the checkpoint and what to do.
     """
-    out = Path(job.config.training.output_dir)
+    out = storage.root(job.config.training.output_dir)  # a URL is read where it is
     found = ckpt.complete_checkpoints(out)
     if not resume and found:
         raise ValueError(f"training.output_dir: {out} holds checkpoints of an unfinished run ({found[-1].name}); "

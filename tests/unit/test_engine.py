@@ -112,17 +112,22 @@ def test_rng_state_round_trips_through_safetensors_without_pickle(tmp_path):
 
 
 def test_a_checkpoint_of_another_geometry_or_job_is_refused(tmp_path):
+    """Another global batch, or another job, is refused; another number of workers that keeps the global batch is
+    not (distrib_ft/runtime/reshard.py; tests/unit/test_reshard.py)."""
     from distrib_ft.runtime.checkpoint import check_owner
 
     ckpt = tmp_path / "step-8"
     ckpt.mkdir()
     with pytest.raises(ValueError, match=r"has no job.json: it was not written by this version"):
         check_owner(ckpt, {"world_size": 1, "global_batch": 2, "job": {}})
-    (ckpt / "job.json").write_text(json.dumps({"world_size": 2, "global_batch": 4, "job": {"training": {"seed": 1}}}))
+    saved = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "seed": 1}
+    (ckpt / "job.json").write_text(json.dumps({"world_size": 2, "global_batch": 4, "job": {"training": saved}}))
     with pytest.raises(ValueError, match=r"distributed.num_workers: --resume: .*step-8 was written by 2 worker\(s\) "
-                                         r"\(global batch 4\); this run has 1 \(global batch 2\); set "
-                                         r"distributed.num_workers: 2"):
-        check_owner(ckpt, {"world_size": 1, "global_batch": 2, "job": {"training": {"seed": 1}}})
+                                         r"with a global batch of 4; this run has 2 \(global batch 2 = 1 x 1 x 2\); "
+                                         r"the global batch must stay 4"):
+        check_owner(ckpt, {"world_size": 2, "global_batch": 2,
+                           "job": {"training": {**saved, "per_device_train_batch_size": 1}}})
+    check_owner(ckpt, {"world_size": 1, "global_batch": 2, "job": {"training": saved}})  # refitted to 2 x 2 x 1
     with pytest.raises(ValueError, match=r"belongs to another job \(training.seed: 1 there, 2 here\)"):
-        check_owner(ckpt, {"world_size": 2, "global_batch": 4, "job": {"training": {"seed": 2}}})
-    check_owner(ckpt, {"world_size": 2, "global_batch": 4, "job": {"training": {"seed": 1}}})  # its own: fine
+        check_owner(ckpt, {"world_size": 2, "global_batch": 4, "job": {"training": {**saved, "seed": 2}}})
+    check_owner(ckpt, {"world_size": 2, "global_batch": 4, "job": {"training": saved}})  # its own: fine
