@@ -78,3 +78,16 @@ def test_resume_at_another_world_size_matches_the_uninterrupted_run(tmp_path, ti
     assert sorted(l_got) == sorted(l_ref) == [1, 2, 3, 4, 5, 6]
     torch.testing.assert_close(torch.tensor([l_got[s] for s in (4, 5, 6)]),
                                torch.tensor([l_ref[s] for s in (4, 5, 6)]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_worker_count_that_cannot_keep_the_global_batch_is_refused(tmp_path, tiny_model_dir):
+    """A checkpoint of 1 worker x 3 sequences resumed on 2 workers: one line naming the keys, before the model loads."""
+    raw = job_dict(tmp_path, tiny_model_dir, zero=2, per_device_train_batch_size=3, max_steps=1, save_steps=1)
+    run_ranks(raw, 1, tmp_path)
+    with pytest.raises(AssertionError) as e:
+        run_ranks(raw, 2, tmp_path, resume=True)
+    assert str(e.value).strip().splitlines()[-1] == (
+        "ValueError: distributed.num_workers: 2 workers cannot keep the checkpoint's global batch of 3 "
+        "(training.per_device_train_batch_size x training.gradient_accumulation_steps x distributed.num_workers); "
+        "resume with a number of workers that divides it (1, 3)")
+    assert not (tmp_path / "out" / "checkpoints" / "step-1" / "universal").exists()

@@ -38,12 +38,23 @@ def test_resume_refuses_another_jobs_checkpoint_and_continues_its_own(interrupte
 
 
 def test_resume_with_another_global_batch_is_refused_before_loading(interrupted):
-    """shared case resume-different-world-size: the data position is step x global batch, so another geometry
-    would repeat or skip examples; the checkpoint records its geometry and the resume is refused up front."""
+    """shared case resume-different-world-size: the data position is step x global batch, so another global batch
+    would repeat or skip examples; the checkpoint records its geometry and the resume is refused up front. (Another
+    number of workers with the same global batch resumes: tests/distributed/test_elastic_resume_gloo.py.)"""
     other = set_in(dict(interrupted), "training", {**interrupted["training"], "per_device_train_batch_size": 2})
     with pytest.raises(ValueError, match=r"distributed.num_workers: --resume: .*step-2 was written by 1 worker\(s\) "
-                                         r"\(global batch 4\); this run has 1 \(global batch 2\)"):
+                                         r"with a global batch of 4; this run has 1 \(global batch 2 = 2 x 1 x 1\); "
+                                         r"the global batch must stay 4: set training.per_device_train_batch_size x "
+                                         r"training.gradient_accumulation_steps x distributed.num_workers = 4"):
         train(config_from_dict(other), resume=True)
+
+
+def test_the_same_global_batch_in_other_micro_batches_resumes(interrupted, tmp_path):
+    """per_device_train_batch_size 4 -> 2 with gradient_accumulation_steps 1 -> 2: the same global batch of 4, so the
+    resume is the same job (the step's gradient does not depend on the micro-batch split)."""
+    other = set_in(dict(interrupted), "training", {**interrupted["training"], "per_device_train_batch_size": 2,
+                                                   "gradient_accumulation_steps": 2})
+    assert train(config_from_dict(other), resume=True)["steps"] == 4
 
 
 def test_a_longer_resume_follows_the_new_schedule_from_its_first_step(interrupted, tmp_path):
