@@ -133,6 +133,9 @@ def build_dataset(files: list[str], fmt: str, tokenizer, max_seq_length: int, pa
     Raises:
         DataError: a missing or unreadable file, a malformed record, or no example left.
     """
+    from distrib_ft.runtime.storage import local_input
+
+    files = [local_input(f) for f in files]  # URLs (s3://, gs://, hdfs://): downloaded once into the cache
     kwargs = dict(fmt=fmt, tokenizer=tokenizer, max_seq_length=max_seq_length, text_field=text_field,
                   prompt_template=_check_args(files, fmt, tokenizer, max_seq_length, prompt_template))
     if streaming:

@@ -53,7 +53,14 @@ def _fs(url: str):
     """(filesystem, path) of a local path or fsspec URL."""
     try:
         return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs installed
+    except ImportError as e:  # e.g. s3:// without s3fs installed: pyarrow's own filesystem (S3, GCS, HDFS)
+        from distrib_ft.runtime.storage import fsspec_filesystem
+
+        try:
+            return fsspec_filesystem(url)
+        except (ValueError, ImportError):
+            raise DataError(f"{url}: {e} (each URL scheme needs its fsspec backend: s3fs, gcsfs, adlfs, ...)") from None
+    except ValueError as e:
         raise DataError(f"{url}: {e} (each URL scheme needs its fsspec backend: s3fs, gcsfs, adlfs, ...)") from None
 
 

@@ -183,7 +183,9 @@ def load_fisher(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, to
     """(fisher, anchors, metadata) from a file written by :func:`save_fisher`."""
     from safetensors import safe_open
 
-    path = Path(path)
+    from distrib_ft.runtime.storage import local_input
+
+    path = Path(local_input(str(path)))  # a URL: downloaded once into the cache
     if not path.is_file():
         raise FileNotFoundError(f"{path}: Fisher file not found (ewc.fisher_path)")
     fisher, anchors = {}, {}

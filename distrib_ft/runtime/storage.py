@@ -236,6 +236,48 @@ class UrlPath:
             pass
 
 
+def fsspec_filesystem(url: str):
+    """(fsspec filesystem, path) of a URL through pyarrow.fs (fsspec's ArrowFSWrapper).
+
+    For fsspec users (the replay buffer) when the scheme's own fsspec backend (s3fs, gcsfs) is not installed.
+    """
+    from fsspec.implementations.arrow import ArrowFSWrapper
+
+    fs, path = filesystem(url)
+    return ArrowFSWrapper(fs), path
+
+
+def local_input(path: str) -> str:
+    """A data file (or saved-dataset folder) on a URL, downloaded once into ``<cache>/inputs/``; else ``path``.
+
+    The cache entry is named by the URL, the endpoint, the object's size and time, so a changed object is
+    downloaded again. A missing URL is returned as it is (the caller's "file not found" names it).
+    """
+    import pyarrow.fs as pafs
+
+    from distrib_ft.runtime.dist import cache_dir
+
+    if not is_url(path):
+        return path
+    url = UrlPath(path)
+    info = url._info()
+    if info.type == pafs.FileType.NotFound:
+        return path
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    stamp = f"{url}\n{endpoint}\n{info.size}\n{info.mtime_ns}"
+    target = cache_dir() / "inputs" / hashlib.sha256(stamp.encode()).hexdigest()[:16] / url.name
+    if info.type == pafs.FileType.Directory:
+        download_tree(url, target)
+    elif not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        fs, inner = url._fs()
+        with fs.open_input_stream(inner) as f, open(tmp, "wb") as out:
+            shutil.copyfileobj(f, out, 8 << 20)
+        os.replace(tmp, target)
+    return str(target)
+
+
 # -------------------------------------------------------------------------------------- staging folders
 
 

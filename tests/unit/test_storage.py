@@ -146,3 +146,29 @@ def test_staging_folders_differ_by_endpoint(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:2")
     b = storage.staging_dir("s3://b/run")
     assert a != b and (a / storage.STAGING_MARK).read_text().strip() == "s3://b/run"
+
+
+def test_data_files_and_a_replay_buffer_on_s3(s3, tmp_path, monkeypatch, tiny_tokenizer):
+    """A data file on a URL: checked where it is (the driver), downloaded once into the cache (the workers); a
+    replay buffer built on, and read back from, the URL (pyarrow's S3 through fsspec's ArrowFSWrapper)."""
+    from distrib_ft.data import replay_buffer as rb
+    from distrib_ft.data.check import check_files
+    from distrib_ft.data.formats import build_dataset
+    from tests.jobs import toy_alpaca
+
+    _, url, _ = s3
+    monkeypatch.setenv("DISTRIB_FT_CACHE", str(tmp_path / "cache"))
+    local = toy_alpaca(tmp_path / "train.jsonl", n=16)
+    storage.UrlPath(f"{url}/data/train.jsonl").write_bytes(local.read_bytes())
+    check_files([f"{url}/data/train.jsonl"], "alpaca", key="data.train_files", tokenizer=tiny_tokenizer,
+                max_seq_length=64, need_targets=True)
+    cached = storage.local_input(f"{url}/data/train.jsonl")
+    assert cached.startswith(str(tmp_path / "cache" / "inputs")) and open(cached, "rb").read() == local.read_bytes()
+    assert storage.local_input(f"{url}/data/train.jsonl") == cached  # once
+    ds, stats = build_dataset([f"{url}/data/train.jsonl"], "alpaca", tiny_tokenizer, max_seq_length=64)
+    assert len(ds) == 16
+    assert storage.local_input(f"{url}/data/missing.jsonl") == f"{url}/data/missing.jsonl"
+
+    m = rb.build(f"{url}/replay", [str(local)], budget=8)
+    assert m["version"] == 1 and rb.read_manifest(f"{url}/replay")["records"] == 8
+    assert rb.list_versions(f"{url}/replay") == [1]
