@@ -98,6 +98,12 @@ class DistributedConfig(Strict):
     deepspeed: InputPath = Field("ds_configs/zero2.json", description=(
         "DeepSpeed JSON; relative paths resolve against the job file, then the project."))
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl with GPUs, else gloo.")
+    max_failures: int = Field(2, ge=0, description=(
+        "Ray launcher: restart the workers this many times when one dies or fails (Ray Train's "
+        "FailureConfig.max_failures); each restart resumes from the newest complete checkpoint; 0 = no recovery."))
+    collective_timeout_s: int = Field(1800, ge=1, description=(
+        "Seconds a collective (all-reduce, barrier) may wait for the other workers before the attempt ends "
+        "(a hung or lost worker; torch.distributed's process-group timeout, Ray's TorchConfig.timeout_s)."))
 
 
 LOSS_METRICS = ("nll",)

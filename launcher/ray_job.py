@@ -32,6 +32,7 @@ def _worker_loop(payload: dict) -> None:
     kwargs = dict(payload["kwargs"])
     if "resume" in kwargs and recovery.current().restarted:  # Ray restarted the group: continue this run
         kwargs["resume"] = True
+    recovery.set_collective_timeout(payload["job"].config.distributed.collective_timeout_s)  # DeepSpeed's groups too
     try:
         payload["fn"](payload["job"], **kwargs)
     except Exception as e:

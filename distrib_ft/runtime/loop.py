@@ -369,7 +369,8 @@ def check_output_dir(job: Job, resume: bool) -> None:
                          "use --resume to continue it, or another output_dir")
     if resume and found:
         ckpt.check_owner(found[-1], job.owner())
-    if resume and not found and ((out / "final").exists() or (out / "rejected").exists()):
+    restart = recovery.current().restarted  # this run's own final/, exported before a worker died: made again
+    if resume and not found and not restart and ((out / "final").exists() or (out / "rejected").exists()):
         raise ValueError(f"--resume: {out} holds a finished run and no checkpoint to continue from "
                          "(training.save_steps was 0); use another training.output_dir")
 
