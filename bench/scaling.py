@@ -223,7 +223,7 @@ def summarize_rank(res: dict, warmup: int) -> dict:
              "allreduce_s": mean(comm), "sync_s": mean(parts["sync"])}
     split["compute_s"] = split["step_s"] - sum(v for k, v in split.items() if k != "step_s")
     ops = sorted({k for d in comm_bytes for k in d})
-    return {"steps": n, "split": split,
+    return {"steps": n, "split": split, "cpu_s_per_step": mean(_deltas(snaps, "cpu")[warmup:]),
             "bytes_per_step": {op: mean([d.get(op, 0) for d in comm_bytes]) for op in ops},
             "calls_per_step": {op: mean([d.get(op, 0) for d in comm_calls]) for op in ops},
             "ms_per_step": {op: mean([d.get(op, 0.0) for d in comm_ms]) for op in ops}}
@@ -257,11 +257,16 @@ def scaling_run(prep: dict, work: Path, *, config: str, workers: int, per_worker
     per_rank = [summarize_rank(r, args.warmup) for r in ranks]
     keys = per_rank[0]["split"].keys()
     split_mean = {k: statistics.mean(p["split"][k] for p in per_rank) for k in keys}
+    # CPU seconds of all ranks per step (time.process_time of each rank: its own threads only): a shared machine's
+    # other processes change wall time much more than this
+    cpu_all = sum(p["cpu_s_per_step"] for p in per_rank)
     return {"config": config, "workers": workers, "per_worker_batch": per_worker,
             "global_batch": ranks[0]["global_batch"],
             "trainable": ranks[0]["trainable"], "total": ranks[0]["total"], "tokens_per_second": tps,
             "tokens_per_second_per_worker": tps / workers, "median_step_s": harness.median(step_s[past]),
             "tokens_per_step": harness.median(tokens[past]), "loss": [r["loss"] for r in recs],
+            "cpu_s_per_step_all_ranks": cpu_all,
+            "tokens_per_cpu_second": harness.median(tokens[past]) / cpu_all if cpu_all else None,
             "replay_wait_rank0_s": harness.median([r.get("replay_wait_seconds") or 0.0 for r in recs][past]),
             "setup_s": max(r["setup_s"] for r in ranks), "process_s": time.time() - t0,
             "split_mean_over_ranks": split_mean, "per_rank": per_rank}
@@ -418,12 +423,15 @@ def tables(record: dict) -> str:
             continue
         out.append(f"\n{mode} scaling ({'global batch fixed' if mode == 'strong' else 'per-worker batch fixed'}):\n")
         out.append("| config | workers | batch per worker / global | tokens/s (all) | tokens/s per worker | "
-                   "efficiency vs 1 | step ms | setup s |\n|---|---|---|---|---|---|---|---|")
+                   "efficiency vs 1 | step ms | tokens per CPU-s (all ranks) | setup s |"
+                   "\n|---|---|---|---|---|---|---|---|---|")
         for r in rows:
+            cpu = r.get("tokens_per_cpu_second")
             out.append(f"| {r['config']} | {r['workers']} | {r['per_worker_batch']} / {r['global_batch']} | "
                        f"{r['tokens_per_second']:,.0f} | {r['tokens_per_second_per_worker']:,.0f} | "
                        f"{'-' if r['efficiency'] is None else format(r['efficiency'], '.2f')} | "
-                       f"{1000 * r['median_step_s']:.1f} | {r['setup_s']:.1f} |")
+                       f"{1000 * r['median_step_s']:.1f} | {'-' if cpu is None else format(cpu, ',.0f')} | "
+                       f"{r['setup_s']:.1f} |")
     out.append("\nstep split (ms per step, mean over steps past warmup and over ranks; strong scaling):\n")
     out.append("| config | workers | step | compute | all-reduce (DeepSpeed) | loop sync | data wait | replay wait |"
                "\n|---|---|---|---|---|---|---|---|")
