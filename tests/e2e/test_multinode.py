@@ -22,7 +22,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests import netns
-from tests.e2e.test_cli import clean_env, cli, live_ray_processes, write_job
+from tests.e2e.test_cli import clean_env, live_ray_processes, write_job
 from tests.jobs import ROOT, job_dict, set_in
 from tests.s3 import TEST_KEYS, moto_s3, s3_env
 
@@ -85,41 +85,57 @@ def test_two_nodes_one_worker_each_equal_one_node(tmp_path, tiny_model_dir, two_
     head, worker, endpoint = two_nodes
     raw = job_dict(tmp_path, tiny_model_dir, zero=2, max_steps=4, save_steps=2, per_device_train_batch_size=2)
     set_in(raw, "distributed.num_workers", 2)
-    set_in(raw, "training.output_dir", f"s3://{BUCKET}/two-nodes")
-    job = write_job(tmp_path, raw)
 
-    # The driver on the head node: `distrib-ft train --address` to the head's GCS.
-    driver_env = {k: v for k, v in _node_env(endpoint, tmp_path / "head").items() if k != "DISTRIB_FT_CACHE"}
-    r = subprocess.run(head.exec([sys.executable, "-m", "launcher.cli", "train", str(job),
-                                  "--address", f"{head.ip}:{GCS_PORT}"]),
-                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=driver_env)
-    assert r.returncode == 0, r.stderr[-4000:]
+    # The same job on one node, meanwhile: an embedded Ray in this (the root) namespace, 2 workers, a local folder.
+    (tmp_path / "one").mkdir()
+    set_in(raw, "training.output_dir", str(tmp_path / "one" / "out"))
+    one_node_log = open(tmp_path / "one" / "log", "w+")
+    one_node = subprocess.Popen([sys.executable, "-m", "launcher.cli", "train", str(write_job(tmp_path / "one", raw))],
+                                stdout=one_node_log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env=clean_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    try:
+        # Two nodes: the driver on the head node, `distrib-ft train --address` to the head's GCS, output on S3.
+        set_in(raw, "training.output_dir", f"s3://{BUCKET}/two-nodes")
+        driver_env = {k: v for k, v in _node_env(endpoint, tmp_path / "head").items() if k != "DISTRIB_FT_CACHE"}
+        r = subprocess.run(head.exec([sys.executable, "-m", "launcher.cli", "train", str(write_job(tmp_path, raw)),
+                                      "--address", f"{head.ip}:{GCS_PORT}"]),
+                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=driver_env)
+        assert r.returncode == 0, r.stderr[-4000:]
+        one_node.wait(600)
+    finally:
+        if one_node.poll() is None:
+            one_node.kill()
+            one_node.wait()
+    one_node_log.seek(0)
+    assert one_node.returncode == 0, one_node_log.read()[-4000:]
+    one_node_log.close()
 
     def fetch(key: str) -> bytes:
         return head.call(lambda: _s3_client(endpoint).get_object(Bucket=BUCKET, Key=f"two-nodes/{key}")["Body"].read())
 
     summary = json.loads(fetch("summary.json"))
+    assert summary["world_size"] == 2
     workers = summary["workers"]
     assert {w["node_ip"] for w in workers} == {head.ip, worker.ip}, workers  # one rank on each node
     # each rank's gloo bound to its own node's interface (the two are named differently)
     by_ip = {w["node_ip"]: w for w in workers}
     assert by_ip[head.ip]["gloo_socket_ifname"] == head.ifname and by_ip[worker.ip]["gloo_socket_ifname"] == \
         worker.ifname, workers
-    # every rank's part of each checkpoint reached the bucket from its own node
+    # every rank's part of each checkpoint reached the bucket from its own node, and only from there: the worker
+    # node's rank wrote its part into that node's staging folder, which the head node never sees
     keys = head.call(lambda: [o["Key"] for o in _s3_client(endpoint).list_objects_v2(
         Bucket=BUCKET, Prefix="two-nodes/checkpoints/")["Contents"]])
+    worker_rank = next(r for r, w in enumerate(workers) if w["node_ip"] == worker.ip)
     for step in (2, 4):
         for rank in (0, 1):
             assert f"two-nodes/checkpoints/step-{step}/rng_rank{rank}.safetensors" in keys, keys
+    assert list((tmp_path / "worker").rglob(f"rng_rank{worker_rank}.safetensors"))
+    assert not list((tmp_path / "head").rglob(f"rng_rank{worker_rank}.safetensors"))
     (tmp_path / "two.safetensors").write_bytes(fetch(ADAPTER))
 
-    # The same job on one node: an embedded Ray in this (the root) namespace, 2 workers, a local output_dir.
-    set_in(raw, "training.output_dir", str(tmp_path / "one-node"))
-    r = cli("train", write_job(tmp_path, raw))
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert json.loads((tmp_path / "one-node" / "summary.json").read_text())["world_size"] == 2
-
-    two, one = load_file(tmp_path / "two.safetensors"), load_file(tmp_path / "one-node" / ADAPTER)
+    one_summary = json.loads((tmp_path / "one" / "out" / "summary.json").read_text())
+    assert one_summary["world_size"] == 2 and len({w["node_ip"] for w in one_summary["workers"]}) == 1
+    two, one = load_file(tmp_path / "two.safetensors"), load_file(tmp_path / "one" / "out" / ADAPTER)
     assert two.keys() == one.keys() and two
     diff = max(float((two[k].float() - one[k].float()).abs().max()) for k in two)
     assert diff <= 1e-5, diff
