@@ -88,12 +88,19 @@ def unavailable() -> str | None:
         _ip("netns", "add", name)
     except OSError as e:
         return f"cannot make a network namespace: {e}"
-    with contextlib.suppress(OSError):
-        _ip("netns", "del", name)
+    try:
+        _ip("-n", name, "link", "add", "dftprobe0", "type", "veth", "peer", "name", "dftprobe1")
+    except OSError as e:
+        return f"cannot make a veth pair in a network namespace: {e}"
+    finally:
+        with contextlib.suppress(OSError):
+            _ip("-n", name, "link", "del", "dftprobe0")
+        with contextlib.suppress(OSError):
+            _ip("netns", "del", name)
     return None
 
 
-def _end(namespaces: list[Namespace], grace: float = 10.0) -> None:
+def _end(namespaces: list[Namespace], grace: float = 5.0) -> None:
     """SIGTERM every process in ``namespaces``, SIGKILL those left after ``grace`` seconds; wait until none are."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         pids = [p for ns in namespaces for p in ns.pids()]
