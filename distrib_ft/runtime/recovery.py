@@ -109,7 +109,7 @@ def explain(error: BaseException, timeout_s: int | None) -> BaseException | None
     if _TIMEOUT.search(text):
         limit = f"{timeout_s} s" if timeout_s else "distributed.collective_timeout_s"
         return CollectiveTimeout(f"a collective waited more than {limit}: a worker hangs or died "
-                                 f"(distributed.collective_timeout_s; {_first_line(str(error))[:160]})")
+                                 "(distributed.collective_timeout_s)")
     return None
 
 
@@ -134,16 +134,23 @@ def _first_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
-def _root(e: BaseException) -> BaseException:
-    """The innermost cause Ray kept of a worker's failure (its ``cause`` / ``health_check_failure`` chain)."""
-    seen = set()
-    while id(e) not in seen:
+def _chain(e: BaseException) -> list[BaseException]:
+    """A worker's failure and the causes Ray kept of it (``health_check_failure`` / ``cause`` / ``__cause__``)."""
+    out, seen = [], set()
+    while isinstance(e, BaseException) and id(e) not in seen:
         seen.add(id(e))
-        inner = getattr(e, "health_check_failure", None) or getattr(e, "cause", None) or e.__cause__
-        if inner is None or not isinstance(inner, BaseException):
-            break
-        e = inner
-    return e
+        out.append(e)
+        e = getattr(e, "health_check_failure", None) or getattr(e, "cause", None) or e.__cause__
+    return out
+
+
+def _root(e: BaseException) -> BaseException:
+    """The innermost cause Ray kept of a worker's failure."""
+    return _chain(e)[-1]
+
+
+def _timeout_of(e: BaseException) -> CollectiveTimeout | None:
+    return next((x for x in _chain(e) if isinstance(x, CollectiveTimeout)), None)
 
 
 def _is_death(e: BaseException) -> bool:
@@ -183,9 +190,8 @@ def describe(error: BaseException) -> str:
         if _is_death(e):
             return _death_text(rank, e)
     for _rank, e in sorted(failures.items()):
-        root = _root(e)
-        if isinstance(root, CollectiveTimeout) or type(root).__name__ == "CollectiveTimeout":
-            return _first_line(str(root))
+        if _timeout_of(e) is not None:
+            return _first_line(str(_timeout_of(e)))
     for rank, e in sorted(failures.items()):
         root = _root(e)
         if _TIMEOUT.search(str(root)):
@@ -212,8 +218,8 @@ def _input_error(e: BaseException) -> bool:
     from distrib_ft.runtime.engine import DeepSpeedConfigError
     from distrib_ft.schema import ConfigError
 
-    root = _root(e)
-    return isinstance(root, (ConfigError, DataError, DeepSpeedConfigError, FileNotFoundError, ValueError))
+    return any(isinstance(x, (ConfigError, DataError, DeepSpeedConfigError, FileNotFoundError, ValueError))
+               for x in _chain(e))
 
 
 def recoverable(error: BaseException) -> bool:

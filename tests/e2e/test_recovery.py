@@ -34,7 +34,7 @@ def _job(tmp_path: Path, tiny_model_dir: Path, name: str, **distributed) -> Path
     set_in(raw, "method.lora_dropout", 0.1)
     buffer = tmp_path / "buffer"
     if not buffer.exists():
-        rb.build(str(buffer), [str(toy_join(tmp_path / "old.jsonl", n=12))], shard_size=4)
+        rb.build(str(buffer), [str(toy_join(tmp_path / "old.jsonl", n=12))], shard_size=3)
     set_in(raw, "replay", {"buffer": str(buffer), "ratio": 0.25, "prefetch": 4})
     set_in(raw, "distributed", {**raw["distributed"], "num_workers": 2, **distributed})
     return write_job(folder, raw)

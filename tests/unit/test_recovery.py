@@ -37,10 +37,10 @@ def test_a_death_is_the_reason_not_the_survivors_reset_connection():
 def test_a_collective_timeout_gets_a_clear_line():
     clear = recovery.explain(RuntimeError(GLOO_TIMEOUT), 30)
     assert isinstance(clear, recovery.CollectiveTimeout)
-    assert str(clear).startswith("a collective waited more than 30 s: a worker hangs or died "
-                                 "(distributed.collective_timeout_s; [/__w/pytorch")
+    assert str(clear) == "a collective waited more than 30 s: a worker hangs or died (distributed.collective_timeout_s)"
     assert recovery.explain(RuntimeError("Application timeout caused pair closure"), 5) is not None
     assert recovery.explain(ValueError("data.train_files: bad"), 30) is None
+    clear.__cause__ = RuntimeError(GLOO_TIMEOUT)  # raised from gloo's error in the worker
     error = WorkerGroupError("1 worker failed", {1: clear})
     assert recovery.describe(error) == str(clear).splitlines()[0] and recovery.main_error(error) is None
     reset = WorkerGroupError("1 worker failed", {0: RuntimeError(GLOO_RESET)})
