@@ -382,7 +382,12 @@ def cmd_eval(args) -> int:
             is no adapter that merges into the base weights.
     """
     job = _job(args)
-    out_dir = Path(job.config.training.output_dir)
+    from distrib_ft.runtime import storage
+
+    url = storage.remote(job.config.training.output_dir)  # a URL output_dir: its final/ read from a local copy
+    out_dir = storage.local(url) if url is not None else Path(job.config.training.output_dir)
+    if url is not None and not args.model and storage.artifact_exists(url / "final"):
+        storage.download_tree(url / "final", out_dir / "final")  # this machine's copy (workers on it read it)
     models = args.model or ([str(out_dir / "final")] if (out_dir / "final").exists() else [])
     models = [str(Path(m).expanduser().resolve()) for m in models]
     from distrib_ft.methods import METHODS
@@ -424,6 +429,8 @@ def cmd_eval(args) -> int:
                                       exit_code=report["exit_code"], started=started, began=began, summary=summary,
                                       report=report))
         print(f"Verdict: {path}")
+        if url is not None and not args.out:  # the eval's report and verdict beside the job's, on the URL
+            storage.publish(url, ["eval"])
     return report["exit_code"]
 
 

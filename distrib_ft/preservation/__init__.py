@@ -74,7 +74,9 @@ class Context:
     def of(cls, job_config, tokenizer) -> Context:
         """The context of a (resolved) JobConfig."""
         t = job_config.training
-        return cls(tokenizer=tokenizer, output_dir=Path(t.output_dir), data=job_config.data,
+        from distrib_ft.runtime.storage import local  # a URL output_dir: its node-local staging folder
+
+        return cls(tokenizer=tokenizer, output_dir=local(t.output_dir), data=job_config.data,
                    per_rank=t.per_device_train_batch_size * t.gradient_accumulation_steps, seed=t.seed,
                    model_name=job_config.model.name_or_path)
 

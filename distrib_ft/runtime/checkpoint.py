@@ -160,7 +160,7 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
         if url is not None:
             if owner is not None:
                 atomic_write_text(url / "checkpoints" / tag / OWNER, (root / tag / OWNER).read_text())
-            storage.publish(output_dir, ["metrics.jsonl"])  # the metrics up to this checkpoint
+            storage.sync_files(output_dir)  # metrics.jsonl up to this checkpoint, the defences' state files
             atomic_write_text(url / "checkpoints" / tag / COMPLETE, f"{step}\n")  # last
         atomic_write_text(root / tag / COMPLETE, f"{step}\n")
         for old in complete_checkpoints(output_dir)[:-keep]:

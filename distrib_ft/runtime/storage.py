@@ -447,6 +447,27 @@ def publish(output_dir, names: list[str], marked: tuple[str, ...] = ("final", "r
                 (url / name).write_bytes(f.read())
 
 
+_synced: dict[str, tuple[int, int]] = {}  # staging file -> (size, mtime_ns) last uploaded by this process
+
+
+def sync_files(output_dir) -> None:
+    """Upload the files at the top of the staging folder that changed since this process last did (rank 0).
+
+    With each checkpoint: metrics.jsonl, config.yaml and the defences' state files (e.g. EWC's Fisher), which a
+    resume on another node takes back (:func:`prepare`). A no-op for a local output_dir.
+    """
+    url = remote(output_dir)
+    if url is None:
+        return
+    for p in sorted(local(output_dir).iterdir()):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        st = p.stat()
+        if _synced.get(str(p)) != (st.st_size, st.st_mtime_ns):
+            publish(output_dir, [p.name])
+            _synced[str(p)] = (st.st_size, st.st_mtime_ns)
+
+
 def publish_all(output_dir) -> None:
     """Upload the end of a job to its URL (rank 0; a no-op for a local output_dir).
 
@@ -471,7 +492,8 @@ def prepare(output_dir, resume: bool) -> None:
     """Make each node's staging folder ready for a job with a URL output_dir (collective; a no-op otherwise).
 
     The first rank of each node empties it of another run's files: a fresh run starts from an empty folder; a
-    resumed one keeps the step folders complete on the URL, and takes metrics.jsonl from the URL.
+    resumed one keeps the step folders complete on the URL, and takes the files at the top of the URL (metrics.jsonl,
+    the defences' state files) back.
     """
     from distrib_ft.runtime import dist
 
@@ -483,8 +505,10 @@ def prepare(output_dir, resume: bool) -> None:
         if resume and (url / "checkpoints").is_dir():
             keep = {p.name for p in (url / "checkpoints").iterdir() if (p / COMPLETE).exists()}
         _empty_staging(output_dir, resume, keep)
-        if resume:
-            pull_file(output_dir, "metrics.jsonl")
+        if resume:  # metrics.jsonl and the defences' state files, as the last checkpoint left them
+            for p in url.iterdir() if url.is_dir() else []:
+                if p.name != "verdict.json" and p.is_file():
+                    pull_file(output_dir, p.name)
     dist.barrier()
 
 
@@ -498,8 +522,6 @@ def _empty_staging(output_dir, resume: bool, keep: set[str]) -> None:
                 if step.name not in keep:
                     shutil.rmtree(step, ignore_errors=True)
             continue
-        if resume and p.name == "metrics.jsonl":
-            continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
@@ -511,7 +533,10 @@ def pull_file(output_dir, name: str) -> bool:
     url = remote(output_dir)
     if url is None or not (url / name).is_file():
         return False
-    _atomic_local(local(output_dir) / name, (url / name).read_text())
+    target = local(output_dir) / name
+    tmp = target.with_name(f".{name}.{os.getpid()}.part")
+    tmp.write_bytes((url / name).read_bytes())
+    os.replace(tmp, target)
     return True
 
 
