@@ -15,8 +15,9 @@ that it is a restart, nor why the last attempt ended; this module does:
 - :func:`current` reads it in the worker: attempt 2 and later resume (``--resume``'s path: engine, optimizer,
   scheduler, RNG, data position, the defences' and the monitor's state) from the newest complete checkpoint;
   before any checkpoint they start again from step 0.
-- :class:`RecoveryPolicy`, Ray's default failure policy except that a failure that would only recur -- an input
-  error (the CLI's exit-2 errors) or a ``ValueError`` of the job's checks -- ends the run at once.
+- :func:`failure_policy`: Ray's default failure policy, but a worker group's failure is retried only when it is one
+  of the workers' machinery -- a death, a hang, a lost connection (:func:`recoverable`); an input error, a bug or a
+  broken file would recur on every attempt and ends the run at once.
 - :func:`explain`: a collective that timed out (``distributed.collective_timeout_s``, torch.distributed's process
   group timeout through Ray's ``TorchConfig(timeout_s=...)``) becomes :class:`CollectiveTimeout` with a line that
   says what happened instead of gloo's "Timed out waiting 20000ms for recv operation to complete".
@@ -213,7 +214,7 @@ def main_error(error: BaseException) -> BaseException | None:
 
 
 def _input_error(e: BaseException) -> bool:
-    """An error that another attempt would meet again: the CLI's input errors (exit 2) or a job check's ValueError."""
+    """The CLI's input errors (exit 2) or a job check's ValueError: another attempt would meet them again."""
     from distrib_ft.data.formats import DataError
     from distrib_ft.runtime.engine import DeepSpeedConfigError
     from distrib_ft.schema import ConfigError
@@ -222,18 +223,40 @@ def _input_error(e: BaseException) -> bool:
                for x in _chain(e))
 
 
+def _infrastructure(e: BaseException) -> bool:
+    """A failure of the workers' machinery, not of the job: a death, a hang, a lost connection, a network timeout."""
+    if _is_death(e) or _timeout_of(e) is not None or type(e).__name__.startswith("WorkerHealthCheck"):
+        return True
+    for x in _chain(e):
+        if isinstance(x, (ConnectionError, TimeoutError)) or type(x).__name__ in ("DistNetworkError", "DistStoreError"):
+            return True
+        if _TIMEOUT.search(str(x)) or _PEER_GONE.search(str(x)):
+            return True
+    return False
+
+
 def recoverable(error: BaseException) -> bool:
-    """Whether another attempt may succeed: not when any worker failed on an input error or a job check."""
-    return not any(_input_error(e) for e in failures_of(error).values())
+    """Whether another attempt may succeed.
+
+    Yes when a worker died, hung (a collective timed out, Ray's health check failed) or lost its connection to the
+    others -- and no worker failed on an input error. Any other error (a bug, a broken weights file) would recur on
+    every attempt: the run ends with it at once.
+    """
+    failures = failures_of(error).values()
+    return not any(_input_error(e) for e in failures) and any(_infrastructure(e) for e in failures)
 
 
 def failure_policy(failure_config):
-    """Ray Train's default failure policy that also ends the run at once on an error that would recur."""
+    """Ray Train's default failure policy, retrying a worker group's failure only when it is :func:`recoverable`.
+
+    The controller's own failures (a worker group that could not start) keep Ray's handling.
+    """
     from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
 
     class RecoveryPolicy(DefaultFailurePolicy):
         def make_decision(self, training_failed_error):
-            if not recoverable(training_failed_error):
+            if isinstance(training_failed_error, WorkerGroupError) and not recoverable(training_failed_error):
                 return FailureDecision.RAISE
             return super().make_decision(training_failed_error)
 

@@ -57,6 +57,11 @@ def test_an_input_error_on_a_worker_is_not_retried():
     assert not recovery.recoverable(bad) and policy.make_decision(bad) == FailureDecision.RAISE
     died = WorkerGroupError("1 worker failed", {1: _death()})
     assert [policy.make_decision(died) for _ in range(3)] == [FailureDecision.RETRY] * 2 + [FailureDecision.RAISE]
+    bug = WorkerGroupError("1 worker failed", {0: RuntimeError("Error while deserializing header: HeaderTooLarge")})
+    assert not recovery.recoverable(bug)  # it would recur on every attempt
+    hung = WorkerGroupError("1 worker failed", {0: recovery.explain(RuntimeError(GLOO_TIMEOUT), 30)})
+    reset = WorkerGroupError("1 worker failed", {1: RuntimeError(GLOO_RESET)})
+    assert recovery.recoverable(hung) and recovery.recoverable(reset)
 
 
 class _Ckpt:
