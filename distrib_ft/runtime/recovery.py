@@ -206,11 +206,16 @@ def describe(error: BaseException) -> str:
 
 
 def main_error(error: BaseException) -> BaseException | None:
-    """What the driver reports of a run that failed for good: :class:`WorkerLost` when a worker died, else None."""
-    for rank, e in sorted(failures_of(error).items()):
+    """What the driver reports of a run that failed for good.
+
+    :class:`WorkerLost` when a worker died, the :class:`CollectiveTimeout` when one hung, else None (the workers'
+    first error then).
+    """
+    failures = sorted(failures_of(error).items())
+    for rank, e in failures:
         if _is_death(e):
             return WorkerLost(_death_text(rank, e))
-    return None
+    return next((_timeout_of(e) for _, e in failures if _timeout_of(e) is not None), None)
 
 
 def _input_error(e: BaseException) -> bool:
