@@ -2,9 +2,10 @@
 
 Everything the job writes arrives in the bucket (every rank's checkpoint files with their COMPLETE marker,
 final/ with its marker, metrics.jsonl, the report, summary.json, verdict.json) and nothing lands in a local folder
-named ``s3:``. A checkpoint whose upload was interrupted (no marker) is skipped on resume with a line saying so,
-the resumed job downloads its checkpoint from the bucket into an empty staging folder, and ``distrib-ft status
-s3://...`` exits with the job's code.
+named ``s3:``; the training data is read from the bucket. A checkpoint whose upload was interrupted (no marker) is
+skipped on resume with a line saying so, the resumed job downloads its checkpoint from the bucket into an empty
+staging folder, ``distrib-ft status s3://...`` exits with the job's code, and the same job submitted again does
+not train.
 """
 
 import json
@@ -34,6 +35,10 @@ def test_a_two_worker_job_writes_to_s3_and_resumes_past_an_interrupted_upload(tm
     set_in(raw, "training.output_dir", url)
     set_in(raw, "distributed.num_workers", 2)
     set_in(raw, "data.eval_files", [raw["data"]["train_files"][0]])
+    train_url = f"s3://{BUCKET}/{prefix}-data/train.jsonl"  # the training data on the bucket too
+    _client(s3_endpoint).put_object(Bucket=BUCKET, Key=f"{prefix}-data/train.jsonl",
+                                    Body=(tmp_path / "train.jsonl").read_bytes())
+    set_in(raw, "data.train_files", [train_url])
     job = write_job(tmp_path, raw)
     work = tmp_path / "cwd"  # the driver's working directory: no "s3:" folder may appear in it
     work.mkdir()
@@ -81,6 +86,10 @@ def test_a_two_worker_job_writes_to_s3_and_resumes_past_an_interrupted_upload(tm
     assert verdict["steps"] == 6 and verdict["attempts"][-1]["resumed_from"] == "step-2"
     r = _cli(work, env, "status", url, timeout=120)
     assert r.returncode == verdict["exit_code"] == 0, r.stderr[-3000:]
+    # the same job submitted again: idempotent by output_dir, read on the URL
+    r = _cli(work, env, "train", job, "training.max_steps=6", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith(f"already finished: exit 0 (accepted at step 6): {url}/final"), r.stdout
     assert not list(work.iterdir())
 
 
