@@ -322,7 +322,13 @@ def launcher_run(prep: dict, work: Path, *, launcher: str, args, tag: str) -> di
 
 # ------------------------------------------------------------------------------------ on paper
 
-def param_counts(shape: dict, r: int = LORA_R, persistence: float = 1e5) -> dict:
+def _persistence_threshold() -> float:
+    """``stage3_param_persistence_threshold`` of ``ds_configs/zero3.json``: smaller tensors ZeRO-3 keeps whole."""
+    return float(json.loads(Path(harness.ds_config(3)).read_text())["zero_optimization"]
+                 ["stage3_param_persistence_threshold"])
+
+
+def param_counts(shape: dict, r: int = LORA_R, persistence: float | None = None) -> dict:
     """Parameter counts of a Llama shape, built on the meta device (no weights).
 
     Returns:
@@ -332,6 +338,7 @@ def param_counts(shape: dict, r: int = LORA_R, persistence: float = 1e5) -> dict
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    persistence = _persistence_threshold() if persistence is None else persistence
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**shape))
     seen, total, gathered = set(), 0, 0
