@@ -363,6 +363,8 @@ def check_output_dir(job: Job, resume: bool) -> None:
         ValueError: one line naming ``training.output_dir`` or the checkpoint and what to do.
     """
     out = storage.root(job.config.training.output_dir)  # a URL is read where it is
+    if dist.is_main():
+        storage.check_writable(out)  # a missing bucket or a bad key: one line before anything runs
     found = ckpt.complete_checkpoints(out)
     if not resume and found:
         raise ValueError(f"training.output_dir: {out} holds checkpoints of an unfinished run ({found[-1].name}); "

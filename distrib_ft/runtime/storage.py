@@ -574,6 +574,26 @@ def check_shared(output_dir) -> None:
                          "use a shared mount or an s3:// (gs://, hdfs://) URL")
 
 
+def check_writable(output_dir) -> None:
+    """Write and delete a probe object under a URL output_dir, so a missing bucket or a bad key is found first.
+
+    Raises:
+        StorageError: ``training.output_dir: URL cannot be written (the store's reason); ...`` (one line).
+    """
+    url = remote(output_dir)
+    if url is None:
+        return
+    probe = url / f".distrib-ft-probe-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        probe.write_text("probe\n")
+        probe.unlink(missing_ok=True)
+    except OSError as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        reason = re.sub(r" \(Request ID: [^)]*\)", "", reason)
+        raise StorageError(f"training.output_dir: {url} cannot be written ({reason}); create the bucket, or check "
+                           "the URL and the AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)") from None
+
+
 def forward_env(output_dir) -> dict[str, str]:
     """The AWS variables set on the driver, for the workers' environment when output_dir is a URL."""
     if not is_url(output_dir):

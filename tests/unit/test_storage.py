@@ -172,3 +172,13 @@ def test_data_files_and_a_replay_buffer_on_s3(s3, tmp_path, monkeypatch, tiny_to
     m = rb.build(f"{url}/replay", [str(local)], budget=8)
     assert m["version"] == 1 and rb.read_manifest(f"{url}/replay")["records"] == 8
     assert rb.list_versions(f"{url}/replay") == [1]
+
+
+def test_a_url_that_cannot_be_written_is_one_line(s3):
+    with pytest.raises(storage.StorageError) as e:
+        storage.check_writable("s3://no-such-bucket-here/run")
+    line = str(e.value)
+    assert "\n" not in line and line.startswith("training.output_dir: s3://no-such-bucket-here/run cannot be written (")
+    assert "bucket does not exist" in line
+    storage.check_writable(s3[1])  # the fixture's bucket: fine, and the probe is gone
+    assert storage.UrlPath(s3[1]).files() == {}  # (pyarrow may leave an empty "folder" object)
