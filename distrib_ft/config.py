@@ -63,7 +63,10 @@ class DataConfig(Strict):
 
 
 class TrainingConfig(Strict):
-    output_dir: OutputPath = Field(description="Everything the job writes goes here.")
+    output_dir: OutputPath = Field(description=(
+        "Everything the job writes goes here: a local folder (shared by all nodes), or a URL of any filesystem "
+        "pyarrow supports (s3://, gs://, hdfs://; S3 keys and endpoint from the AWS_* variables), which needs no "
+        "shared mount: each node works in a local staging folder and uploads (distrib_ft/runtime/storage.py)."))
     max_steps: int = Field(-1, description="Optimizer steps; -1 = derive from num_train_epochs.")
     num_train_epochs: float = Field(1.0, gt=0, description="Used when max_steps is -1.")
     per_device_train_batch_size: int = Field(4, ge=1, description="Micro-batch size per worker.")
