@@ -251,8 +251,9 @@ def load_universal(engine, path: str | Path, *, exclude_frozen: bool) -> dict:
     if client_state is None:
         raise RuntimeError(f"{folder}: DeepSpeed could not load this universal checkpoint; delete it to convert "
                            "again, or resume with the number of workers that wrote the checkpoint")
-    # ZeRO-3's universal load gives every param group the first group's hyperparameters (weight decay, LR): they
-    # are the job's, not the state's, so set them back (the LR then follows the restored schedule).
+    # ZeRO-3's universal load (load_hp_checkpoint_state_from_checkpoint_dir_stage3) copies the first saved group's
+    # hyperparameters into every group; they are the job's, not the state's: set them back (the LR then follows the
+    # restored schedule).
     for group, hyper in zip(inner.param_groups, groups):
         group.update(hyper)
     step = int(client_state.get("step", 0))
@@ -267,7 +268,8 @@ def load_universal(engine, path: str | Path, *, exclude_frozen: bool) -> dict:
         seed = int(saved.get("job", {}).get("training", {}).get("seed", 0))
         state = np.random.SeedSequence([seed, rank, step]).generate_state(2)
         random.seed(int(state[0])), np.random.seed(int(state[1])), torch.manual_seed(int(state[0]))
-    fresh = f"; {_ranks(n or 0, m - 1)} start(s) its RNG from (training.seed, rank, step)" if m > (n or 0) else ""
+    fresh = (f"; {_ranks(n or 0, m - 1)} {'starts its' if m - 1 == (n or 0) else 'start their'} RNG from "
+             "(training.seed, rank, step)") if m > (n or 0) else ""
     lost = f"; the RNG state of {_ranks(m, n - 1)} is not used" if (n or 0) > m else ""
     dist.print0(f"{path.name}: written by {n} worker(s), loaded on {m} through DeepSpeed's universal checkpoint "
                 f"{folder}{fresh}{lost}")
