@@ -59,17 +59,11 @@ def ray_session(address: str | None, num_cpus: int) -> Iterator[bool]:
         if address:
             ray.init(address=address, logging_level=level, log_to_driver=True)
         else:
-            # Short path: Ray's unix sockets live under it and are limited to ~107 characters.
-            tmp = tempfile.mkdtemp(prefix="dft-ray-", dir="/tmp")
             if num_cpus > (os.cpu_count() or 1):
                 console.say(f"the job asks for {num_cpus} CPUs (distributed.num_workers x cpus_per_worker); this "
                             f"machine has {os.cpu_count()}: the embedded Ray offers {num_cpus}, the workers share "
                             "the cores")
-            # The dashboard serves Ray's State API, which Ray Train's controller polls.
-            dashboard = dist.free_port()
-            with console.own_ray_env(dashboard):
-                ray.init(address="local", num_cpus=num_cpus, _temp_dir=tmp, include_dashboard=True,
-                         dashboard_port=dashboard, logging_level=level, log_to_driver=True)
+            tmp = console.start_embedded(num_cpus, level)  # its own folder and ports; our State API address
         con.after_init(tmp)
         yield ray.cluster_resources().get("GPU", 0) > 0
     except BaseException as e:
@@ -123,6 +117,7 @@ def run_on_ray(job: Job, fn: Callable, *, address: str | None = None, kwargs: di
                                      **dist.worker_env(dcfg.cpus_per_worker, use_gpu),
                                      # a URL output_dir: the driver's AWS variables (runtime/storage.py)
                                      **storage_env(job.config.training.output_dir),
+                                     **console.worker_env(),  # --verbose: Ray's lines of rank 0 too
                                      "DISTRIB_FT_PROGRESS": "bar" if sys.stderr.isatty() else "log"}}),
         )
         try:
