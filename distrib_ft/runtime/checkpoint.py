@@ -178,7 +178,9 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, client_state: dic
 
 
 def check_owner(path: Path, owner: dict) -> None:
-    """Refuse a checkpoint that this job did not write: another job's settings, or another geometry.
+    """Refuse a checkpoint that this job did not write: another job's settings, or a global batch it cannot keep.
+
+    Other batch keys or another number of workers that keep the global batch resume (distrib_ft/runtime/reshard.py).
 
     ``owner`` is ``{"world_size", "global_batch", "job"}`` (``job``: the resolved job less the keys a resume
     may change, see ``distrib_ft.job.Job.owner``).

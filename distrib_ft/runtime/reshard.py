@@ -17,11 +17,11 @@ barrier; a later resume of the same step reuses it; it goes when step N goes (``
 What stays and what changes (the loss normalisation of distrib_ft/runtime/loop.py makes a step a function of the
 global batch only, and distrib_ft/data/batches.py deals each global batch's examples whatever the rank split):
 
-* the global batch ``per_device_train_batch_size x gradient_accumulation_steps x num_workers`` must stay the same;
-  when the job leaves the two training keys as the checkpoint had them, they are refitted automatically: the new
-  per-worker share ``G / M`` in micro-batches of the largest size that divides it and is not above the old
-  micro-batch (2 workers x 2 x 1 -> 1 worker x 2 x 2; 1 x 4 x 1 -> 2 x 2 x 1); a job that sets them itself must
-  give the same product. A worker count that does not divide G is a one-line error naming the three keys;
+* the global batch G = ``per_device_train_batch_size x gradient_accumulation_steps x num_workers`` is the
+  checkpoint's. Keys that give G on the M workers are used as they are (the user's split); otherwise they are
+  refitted, with a line: the per-worker share ``G / M`` in micro-batches of the largest size that divides it and is
+  not above the job's ``per_device_train_batch_size`` (2 workers x 2 x 1 -> 1 worker x 2 x 2; 1 x 4 x 1 ->
+  2 x 2 x 1). A worker count that does not divide G is a one-line error naming the three keys;
 * RNG: rank r < N restores rng_rank{r}; a rank the checkpoint did not have is seeded from (training.seed, rank,
   step), and the states of ranks >= M are not used (said in one line);
 * streamed data (``data.streaming``) is read per worker from its own part of the stream: refused at another size;
@@ -74,25 +74,23 @@ def _training(owner: dict) -> dict:
 def fitted(saved: dict, owner: dict, path: str | Path) -> tuple[int, int] | None:
     """The batch keys this run must use to continue the checkpoint ``saved`` (its job.json); None: as they are.
 
-    ``owner`` is this run's :meth:`~distrib_ft.job.Job.owner`.
+    ``owner`` is this run's :meth:`~distrib_ft.job.Job.owner`. Keys whose product with the workers is the
+    checkpoint's global batch are used as they are (the user's split); otherwise they are refitted with the job's
+    ``per_device_train_batch_size`` as the micro-batch's upper bound (:func:`fit_batch`): after a resume at another
+    size, the job file's keys no longer match the newest checkpoint's, and a smaller micro-batch set against an
+    out-of-memory error keeps the global batch.
 
     Raises:
-        ValueError: the global batch cannot be kept (one line naming the keys and the checkpoint).
+        ValueError: the global batch cannot be kept (one line naming the keys).
     """
-    g, n, m = saved.get("global_batch"), saved.get("world_size"), owner["world_size"]
+    g = saved.get("global_batch")
     if owner["global_batch"] == g:
         return None
-    theirs, ours = _training(saved), _training(owner)
-    keys = ("per_device_train_batch_size", "gradient_accumulation_steps")
-    micro, accum = (ours.get(k) for k in keys)
-    if micro is None or accum is None:
-        micro, accum = owner["global_batch"] // m, 1  # an owner without the job's keys (unit tests)
-    if m != n and all(theirs.get(k) == ours.get(k) for k in keys) and g is not None:
-        return fit_batch(g, m, micro)  # the user changed the workers only: refit the batch keys
-    raise ValueError(f"distributed.num_workers: --resume: {path} was written by {n} worker(s) with a global batch "
-                     f"of {g}; this run has {m} (global batch {owner['global_batch']} = {micro} x {accum} x {m}); "
-                     f"the global batch must stay {g}: set {_KEYS} = {g}, or leave the two training keys as the "
-                     "checkpoint had them (they are then refitted to the workers)")
+    if not isinstance(g, int):
+        raise ValueError(f"--resume: {path}: its job.json records no global batch; use another training.output_dir")
+    m = owner["world_size"]
+    micro = _training(owner).get("per_device_train_batch_size") or owner["global_batch"] // m
+    return fit_batch(g, m, micro)
 
 
 def check_geometry(path: str | Path, saved: dict, owner: dict) -> None:

@@ -1,6 +1,7 @@
 """State on disk that belongs to another run is never taken as this run's (shared cases
 output-dir-stale-checkpoints and resume-different-world-size)."""
 
+import json
 import shutil
 
 import pytest
@@ -37,24 +38,18 @@ def test_resume_refuses_another_jobs_checkpoint_and_continues_its_own(interrupte
     assert train(config_from_dict(longer), resume=True)["steps"] == 6
 
 
-def test_resume_with_another_global_batch_is_refused_before_loading(interrupted):
+def test_resume_with_another_micro_batch_keeps_the_global_batch(interrupted, tmp_path, capsys):
     """shared case resume-different-world-size: the data position is step x global batch, so another global batch
-    would repeat or skip examples; the checkpoint records its geometry and the resume is refused up front. (Another
-    number of workers with the same global batch resumes: tests/distributed/test_elastic_resume_gloo.py.)"""
+    would repeat or skip examples; the checkpoint records its geometry, and a job whose batch keys give another
+    global batch (here per_device_train_batch_size 4 -> 2, e.g. against an out-of-memory error) is refitted to the
+    checkpoint's: 2 x accumulation 2. (Another number of workers: tests/distributed/test_elastic_resume_gloo.py;
+    one that cannot keep it: tests/unit/test_reshard.py.)"""
     other = set_in(dict(interrupted), "training", {**interrupted["training"], "per_device_train_batch_size": 2})
-    with pytest.raises(ValueError, match=r"distributed.num_workers: --resume: .*step-2 was written by 1 worker\(s\) "
-                                         r"with a global batch of 4; this run has 1 \(global batch 2 = 2 x 1 x 1\); "
-                                         r"the global batch must stay 4: set training.per_device_train_batch_size x "
-                                         r"training.gradient_accumulation_steps x distributed.num_workers = 4"):
-        train(config_from_dict(other), resume=True)
-
-
-def test_the_same_global_batch_in_other_micro_batches_resumes(interrupted, tmp_path):
-    """per_device_train_batch_size 4 -> 2 with gradient_accumulation_steps 1 -> 2: the same global batch of 4, so the
-    resume is the same job (the step's gradient does not depend on the micro-batch split)."""
-    other = set_in(dict(interrupted), "training", {**interrupted["training"], "per_device_train_batch_size": 2,
-                                                   "gradient_accumulation_steps": 2})
     assert train(config_from_dict(other), resume=True)["steps"] == 4
+    assert ("resuming step-2 of 1 worker(s) on 1: global batch 4 kept as per_device_train_batch_size 2 x "
+            "gradient_accumulation_steps 2 (the job had 2 x 1)") in capsys.readouterr().err
+    saved = json.loads((tmp_path / "out" / "checkpoints" / "step-4" / "job.json").read_text())
+    assert saved["global_batch"] == 4 and saved["job"]["training"]["gradient_accumulation_steps"] == 2
 
 
 def test_a_longer_resume_follows_the_new_schedule_from_its_first_step(interrupted, tmp_path):

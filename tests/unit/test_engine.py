@@ -112,8 +112,8 @@ def test_rng_state_round_trips_through_safetensors_without_pickle(tmp_path):
 
 
 def test_a_checkpoint_of_another_geometry_or_job_is_refused(tmp_path):
-    """Another global batch, or another job, is refused; another number of workers that keeps the global batch is
-    not (distrib_ft/runtime/reshard.py; tests/unit/test_reshard.py)."""
+    """Another job, or a number of workers that cannot keep the global batch, is refused; other batch keys or another
+    number of workers are refitted to the checkpoint's global batch (distrib_ft/runtime/reshard.py)."""
     from distrib_ft.runtime.checkpoint import check_owner
 
     ckpt = tmp_path / "step-8"
@@ -122,12 +122,13 @@ def test_a_checkpoint_of_another_geometry_or_job_is_refused(tmp_path):
         check_owner(ckpt, {"world_size": 1, "global_batch": 2, "job": {}})
     saved = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "seed": 1}
     (ckpt / "job.json").write_text(json.dumps({"world_size": 2, "global_batch": 4, "job": {"training": saved}}))
-    with pytest.raises(ValueError, match=r"distributed.num_workers: --resume: .*step-8 was written by 2 worker\(s\) "
-                                         r"with a global batch of 4; this run has 2 \(global batch 2 = 1 x 1 x 2\); "
-                                         r"the global batch must stay 4"):
-        check_owner(ckpt, {"world_size": 2, "global_batch": 2,
-                           "job": {"training": {**saved, "per_device_train_batch_size": 1}}})
+    with pytest.raises(ValueError, match=r"distributed.num_workers: 3 workers cannot keep the checkpoint's global "
+                                         r"batch of 4 \(training.per_device_train_batch_size x "
+                                         r"training.gradient_accumulation_steps x distributed.num_workers\)"):
+        check_owner(ckpt, {"world_size": 3, "global_batch": 6, "job": {"training": saved}})
     check_owner(ckpt, {"world_size": 1, "global_batch": 2, "job": {"training": saved}})  # refitted to 2 x 2 x 1
+    check_owner(ckpt, {"world_size": 2, "global_batch": 2,  # refitted to 1 x 2 x 2
+                       "job": {"training": {**saved, "per_device_train_batch_size": 1}}})
     with pytest.raises(ValueError, match=r"belongs to another job \(training.seed: 1 there, 2 here\)"):
         check_owner(ckpt, {"world_size": 2, "global_batch": 4, "job": {"training": {**saved, "seed": 2}}})
     check_owner(ckpt, {"world_size": 2, "global_batch": 4, "job": {"training": saved}})  # its own: fine

@@ -41,19 +41,19 @@ def _owner(world, micro, accum, **job):
                                  "seed": 0}, **job}}
 
 
-def test_fitted_refits_the_keys_the_user_left_and_checks_the_ones_they_set():
+def test_fitted_uses_keys_that_keep_the_global_batch_and_refits_the_others():
     saved = _owner(2, 2, 1)
     assert fitted(saved, _owner(2, 2, 1), "ck") is None  # the same geometry
-    assert fitted(saved, _owner(1, 2, 1), "ck") == (2, 2)  # only the workers changed: automatic
+    assert fitted(saved, _owner(1, 2, 1), "ck") == (2, 2)  # only the workers changed: refitted
     assert fitted(saved, _owner(1, 1, 4), "ck") is None  # the user's keys keep the global batch: as they are
     assert fitted(saved, _owner(2, 1, 2), "ck") is None  # the same workers, another split of the same batch
-    with pytest.raises(ValueError, match=r"^distributed.num_workers: --resume: ck was written by 2 worker\(s\) with a "
-                                         r"global batch of 4; this run has 1 \(global batch 2 = 1 x 2 x 1\); the "
-                                         r"global batch must stay 4: set training.per_device_train_batch_size x "
-                                         r"training.gradient_accumulation_steps x distributed.num_workers = 4"):
-        fitted(saved, _owner(1, 1, 2), "ck")  # the user set keys that do not give it
-    with pytest.raises(ValueError, match="3 workers cannot keep the checkpoint's global batch of 4"):
+    assert fitted(saved, _owner(2, 1, 1), "ck") == (1, 2)  # a smaller micro-batch (out of memory): accumulation
+    assert fitted(_owner(1, 2, 2), _owner(1, 2, 1), "ck") == (2, 2)  # the job file again, after a 2 -> 1 resume
+    with pytest.raises(ValueError, match="^distributed.num_workers: 3 workers cannot keep the checkpoint's global "
+                                         "batch of 4"):
         fitted(saved, _owner(3, 2, 1), "ck")
+    with pytest.raises(ValueError, match=r"--resume: ck: its job.json records no global batch"):
+        fitted({"world_size": 2, "job": {}}, _owner(1, 2, 1), "ck")
 
 
 def test_check_owner_accepts_another_world_size_and_refuses_streaming_there(tmp_path):
