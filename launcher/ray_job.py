@@ -92,6 +92,7 @@ def run_on_ray(job: Job, fn: Callable, *, address: str | None = None, kwargs: di
         WorkerError: a worker failed (and no restart is left); carries the workers' first error and the attempts.
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
+
     from launcher.ray_netif import NodeAwareTorchConfig  # GLOO/NCCL_SOCKET_IFNAME per worker, across nodes
 
     trainer_cls = _trainer_class()

@@ -38,8 +38,8 @@ from distrib_ft.preservation import Context, build_defences, call, chain, merged
 from distrib_ft.runtime import checkpoint as ckpt
 from distrib_ft.runtime import dist, recovery, reshard, storage
 from distrib_ft.runtime.loss import token_nll_rows
-from distrib_ft.runtime.netif import worker_record
 from distrib_ft.runtime.metrics import MetricsLog, Progress, StepWindow, Timings
+from distrib_ft.runtime.netif import worker_record
 from distrib_ft.runtime.worker import build_model_engine, start_worker
 from distrib_ft.schema import flatten
 
