@@ -214,7 +214,7 @@ def load_checkpoint(engine, path: Path, *, exclude_frozen: bool) -> dict:
     path = storage.fetch(path)
     from distrib_ft.runtime import reshard  # written by another number of workers: DeepSpeed's universal checkpoint
 
-    if reshard.other_world_size(path):
+    if reshard.needs_universal(engine, path):
         return reshard.load_universal(engine, path, exclude_frozen=exclude_frozen)
     _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=not exclude_frozen)
     if client_state is None:

@@ -145,13 +145,16 @@ def fit_resume(job, resume: bool):
     return dataclasses.replace(job, config=config, deepspeed=deepspeed_config(config, job.world_size))
 
 
-def other_world_size(path: str | Path) -> int | None:
-    """The number of workers that wrote checkpoint ``path`` when it is not this process group's; else None."""
+def needs_universal(engine, path: str | Path) -> bool:
+    """Whether checkpoint ``path`` was written by another number of workers with ZeRO's partitioned optimizer state.
+
+    Without ZeRO (stage 0) the optimizer state is saved whole and DeepSpeed loads it at any world size.
+    """
     from distrib_ft.runtime import dist
 
     saved = read_owner(path)
     n = saved.get("world_size") if saved else None
-    return n if n is not None and n != dist.world_size() else None
+    return n is not None and n != dist.world_size() and bool(engine.zero_optimization())
 
 
 def convert(path: str | Path) -> Path:
