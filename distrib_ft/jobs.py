@@ -15,7 +15,6 @@ from distrib_ft.monitor.evaluation import evaluate_nll, evaluate_suites, load_su
 from distrib_ft.monitor.report import write_report
 from distrib_ft.preservation import Context
 from distrib_ft.preservation.ewc import EWC
-from distrib_ft.preservation.fisher import save_fisher
 from distrib_ft.runtime import dist
 from distrib_ft.runtime.loop import train
 from distrib_ft.runtime.worker import build_model_engine, start_worker
@@ -25,6 +24,8 @@ def fisher(job, out: str) -> dict:
     """``distrib-ft fisher``: the Fisher of the job's model and method on ``ewc.fisher_data_files``.
 
     Written to ``out`` (safetensors) with the anchors (target=trainable). Rank 0 writes. Returns the Fisher's info.
+    Under ZeRO-3 with partitioned parameters each rank computes F of its own partitions and the file gets the
+    gathered full tensors: the same file whatever the world size.
     """
     job = start_worker(job)
     cfg = job.config
@@ -33,11 +34,9 @@ def fisher(job, out: str) -> dict:
     ewc = EWC(cfg.ewc, Context.of(cfg, tokenizer))
     fisher_values, info = ewc.compute(engine.module, ewc.fisher_examples())
     anchors = ewc.current_anchors(engine.module)
-    if dist.is_main():
-        save_fisher(out, fisher_values, info, anchors)
-        dist.print0(f"fisher: {info['estimator']} over {info['sequences']} sequences ({info['target_tokens']} target "
-                    f"tokens), {len(fisher_values)} tensors -> {out}")
-    dist.barrier()
+    ewc.write(out, engine.module, fisher_values, info, anchors)
+    dist.print0(f"fisher: {info['estimator']} over {info['sequences']} sequences ({info['target_tokens']} target "
+                f"tokens), {len(fisher_values)} tensors -> {out}")
     return info
 
 

@@ -11,10 +11,14 @@ Two targets (``ewc.target``):
                  starts from, so theta - theta* is exactly this round's update dW = B @ A * scale and the
                  penalty is lambda/2 * sum F_W * dW^2. A fresh adapter's own values are no anchor (B = 0, A random).
 
-Supported: ZeRO 0, 1, 2 for both targets; ZeRO-3 when the parameters the penalty reads are whole on
-every rank (LoRA matrices below ``stage3_param_persistence_threshold``). Full-parameter EWC under ZeRO-3
-(sharded Fisher and anchors) is refused at start-up. Under bf16 the penalty reads the module's bf16 copy
-of theta; F and theta* are fp32.
+Supported: ZeRO 0, 1, 2 for both targets. ZeRO-3: target=trainable with parameters that ZeRO-3 partitions
+(full-parameter EWC) is sharded (distrib_ft/preservation/zero3.py): each rank keeps F and theta* of its own
+partition of every parameter, the penalty reads the optimizer's fp32 master partition and its gradient
+lambda F (theta - theta*) is added to the fp32 gradient partitions before the optimizer step; a Fisher file
+holds full tensors whatever the world size (gathered on write, scattered on read). Otherwise (parameters whole on
+every rank: LoRA matrices below ``stage3_param_persistence_threshold``) the penalty is autograd of the scalar, as
+under ZeRO 0-2; target=lora_merged needs the LoRA matrices whole. Under bf16 the unsharded penalty reads the
+module's bf16 copy of theta; F and theta* are fp32.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from pydantic import ConfigDict, Field
 
 from distrib_ft.data.formats import collate
+from distrib_ft.preservation import zero3
 from distrib_ft.preservation.fisher import compute_fisher, load_fisher, merge_online, save_fisher
 from distrib_ft.runtime import dist
 from distrib_ft.schema import DataFormat, InputPath, Strict
@@ -125,6 +130,8 @@ class EWC:
         self.anchors: dict[str, torch.Tensor] = {}
         self.info: dict = {}
         self._penalty_sum, self._penalty_steps = 0.0, 0
+        self.sharded = False  # ZeRO-3 partitions: self.fisher / self.anchors hold this rank's flat partitions
+        self._sharded_penalty: zero3.ShardedPenalty | None = None
 
     @staticmethod
     def preflight(config: EWCConfig, job, tokenizer) -> None:
@@ -154,59 +161,97 @@ class EWC:
             return {n: p for n, p in model.named_parameters() if p.requires_grad}
         return {f"{n}.base_layer.weight": m.base_layer.weight for n, m in lora_layers(model)}
 
+    def is_sharded(self, model: torch.nn.Module) -> bool:
+        """Whether F and theta* are kept per partition: target=trainable with parameters ZeRO-3 partitions."""
+        return self.target == "trainable" and zero3.is_sharded(self.fisher_params(model))
+
     def check(self, *, zero_stage: int, model: torch.nn.Module, method=None) -> None:
         if self.target == "lora_merged" and not lora_layers(model):
             raise ValueError("ewc.target: lora_merged, but the model has no LoRA layers")
-        if zero_stage != 3 or self.lam == 0:
+        if zero_stage != 3 or self.lam == 0 or self.target == "trainable":  # trainable: sharded under ZeRO-3
             return
-        read = ([p for _, m in lora_layers(model) for p in (*m.lora_A.parameters(), *m.lora_B.parameters())]
-                if self.target == "lora_merged" else list(self.fisher_params(model).values()))
+        read = [p for _, m in lora_layers(model) for p in (*m.lora_A.parameters(), *m.lora_B.parameters())]
         if any(hasattr(p, "ds_id") and not getattr(p, "ds_persist", False) for p in read):
-            raise ValueError("ewc.lambda: under ZeRO-3 the EWC penalty needs the trained parameters whole on every "
-                             "rank (LoRA matrices below zero_optimization.stage3_param_persistence_threshold); "
-                             "full-parameter EWC under ZeRO-3 is not supported: use ds_configs/zero2.json")
+            raise ValueError("ewc.target: lora_merged under ZeRO-3 needs the LoRA matrices whole on every rank "
+                             "(below zero_optimization.stage3_param_persistence_threshold): raise the threshold, or "
+                             "use ds_configs/zero2.json")
 
     # --- hooks ------------------------------------------------------------------------------------
     def compute(self, model: torch.nn.Module, examples: list[dict]) -> tuple[dict[str, torch.Tensor], dict]:
+        """F over :meth:`fisher_params` (collective): full tensors, or this rank's partitions when sharded."""
         fisher, info = compute_fisher(model, self.fisher_params(model), examples,
                                       lambda b: collate(b, self.pad_token_id), estimator=self.estimator,
-                                      batch_size=self.config.fisher_batch_size, seed=self.seed)
+                                      batch_size=self.config.fisher_batch_size, seed=self.seed,
+                                      sharded=self.is_sharded(model))
         return fisher, {**info, "model": self.ctx.model_name if self.ctx else "", "target": self.target}
 
     def current_anchors(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """theta* for target=trainable: the fp32 values of the trained parameters (collective)."""
+        """theta* for target=trainable: the fp32 values of the trained parameters (collective).
+
+        Sharded: this rank's fp32 master partitions.
+        """
         if self.target != "trainable":
             return {}
+        if self.is_sharded(model):
+            return zero3.anchors(self.fisher_params(model))
         from distrib_ft.runtime.checkpoint import gather_full_state_dict
 
         return gather_full_state_dict(model, trainable_only=True)
 
+    def write(self, path: Path, model: torch.nn.Module, fisher: dict, info: dict, anchors: dict) -> Path:
+        """Save F and theta* as full tensors by name (collective; rank 0 writes): sharded ones are gathered."""
+        if self.is_sharded(model):
+            params = self.fisher_params(model)
+            fisher = zero3.gather(fisher, params, keep=dist.is_main())
+            anchors = zero3.gather(anchors, params, keep=dist.is_main())
+        if dist.is_main():
+            save_fisher(path, fisher, info, anchors)
+        dist.barrier()
+        return path
+
     def on_task_start(self, model: torch.nn.Module, *, resumed: bool) -> None:
         state = Path(self.ctx.output_dir) / STATE_FILE
+        params = self.fisher_params(model)
+        self.sharded = self.is_sharded(model)
+        partitions = False  # whether self.fisher / self.anchors already hold this rank's partitions
         if resumed and state.exists():  # the state of the original start, not of the resumed weights
             self.fisher, self.anchors, self.info = load_fisher(state)
         elif self.config.fisher_path:
             self.fisher, self.anchors, self.info = load_fisher(self.config.fisher_path)
-            if self.target == "trainable" and not self.anchors:
+            if self.target == "trainable" and not self.anchors and not self.sharded:
                 self.anchors = self.current_anchors(model)
         elif self.config.fisher_data_files:
             dist.print0("ewc: computing the Fisher of the skills to keep")
             self.fisher, self.info = self.compute(model, self.fisher_examples())
             self.anchors = self.current_anchors(model)
+            partitions = self.sharded
         if self.fisher is None:  # a first round that only writes the Fisher of what it learns
             return
-        self._check_names(model)
-        if dist.is_main():
-            save_fisher(state, self.fisher, self.info, self.anchors)
-        dist.barrier()
+        if not partitions:
+            self._check_names(model)
+        if self.sharded and not partitions:  # full tensors of a file: keep this rank's partitions (scatter on read)
+            self.fisher = zero3.scatter(self.fisher, params)
+            self.anchors = zero3.scatter(self.anchors, params) if self.anchors else zero3.anchors(params)
+        self.write(state, model, self.fisher, self.info, self.anchors)
         device = dist.device()
         self.fisher = {n: t.to(device) for n, t in self.fisher.items()}
         self.anchors = {n: t.to(device) for n, t in self.anchors.items()}
-        self._params = self.fisher_params(model)
+        self._params = params
         self._lora = ({f"{n}.base_layer.weight": m for n, m in lora_layers(model)}
                       if self.target == "lora_merged" else {})
+        where = ""
+        if self.sharded:
+            self._sharded_penalty = zero3.ShardedPenalty(self.lam, self.fisher, self.anchors, params)
+            if self.lam > 0:
+                self._sharded_penalty.install()
+            where = (f", sharded over {dist.world_size()} rank(s) by ZeRO-3 "
+                     f"({self.state_bytes() / 2**20:.1f} MiB of F + anchors on this rank)")
         dist.print0(f"ewc: lambda={self.lam:g}, {self.info.get('estimator')} Fisher over {len(self.fisher)} tensors "
-                    f"from {self.info.get('sequences')} sequences, target={self.target}")
+                    f"from {self.info.get('sequences')} sequences, target={self.target}{where}")
+
+    def state_bytes(self) -> int:
+        """Bytes of F and theta* this rank holds."""
+        return zero3.nbytes(self.fisher or {}, self.anchors)
 
     def _check_names(self, model: torch.nn.Module) -> None:
         source = self.config.fisher_path or "ewc.fisher_data_files"
@@ -224,7 +269,7 @@ class EWC:
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
         """lambda/2 * sum_i F_i (theta_i - theta*_i)^2, or None when lambda is 0."""
-        if self.lam == 0 or self.fisher is None:
+        if self.lam == 0 or self.fisher is None or self.sharded:  # sharded: added to the gradients in the step
             return None
         terms = []
         if self.target == "trainable":
@@ -241,8 +286,12 @@ class EWC:
     def metrics(self) -> dict:
         """``ewc_penalty``: the mean penalty per optimizer step since the last line.
 
-        This rank's value; the parameters it reads are the same on every rank.
+        This rank's value; the parameters it reads are the same on every rank. Sharded: the sum of the ranks'
+        partition values (collective: every rank calls it at the same steps).
         """
+        if self._sharded_penalty is not None:
+            mean = self._sharded_penalty.take_mean(dist.device())
+            return {} if mean is None else {"ewc_penalty": mean}
         if not self._penalty_steps:
             return {}
         out = {"ewc_penalty": self._penalty_sum / self._penalty_steps}
@@ -261,9 +310,7 @@ class EWC:
         anchors = self.current_anchors(model)
         rounds = int(self.info.get("rounds", 1 if self.fisher else 0)) + 1
         out = Path(final_dir) / FINAL_FILE
-        if dist.is_main():
-            save_fisher(out, fisher, {**info, "gamma": self.config.gamma, "rounds": rounds}, anchors)
-        dist.barrier()
+        self.write(out, model, fisher, {**info, "gamma": self.config.gamma, "rounds": rounds}, anchors)
         return [out]
 
 

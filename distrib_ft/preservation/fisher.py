@@ -19,7 +19,9 @@ Under ZeRO-3 the module's forward gathers each parameter and the gradient comes 
 
 Distributed: each rank sums over its own shard of the sequences (``rank::world``), then the sums and
 the counts are all-reduced (SUM) and divided once, so the result does not depend on the number of
-ranks. Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively);
+ranks. Under ZeRO-3 with partitioned parameters (``sharded=True``) the sums are reduce-scattered instead:
+each rank keeps F of its own partition only (distrib_ft/preservation/zero3.py).
+Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively);
 a rank with a shorter shard runs zero-weight passes. F is accumulated and returned in fp32.
 """
 
@@ -67,7 +69,7 @@ def _sample_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.
 def compute_fisher(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], examples: list[dict],
                    collate_fn: Callable[[list[dict]], dict], *, estimator: str = "empirical",
                    batch_size: int = 8, seed: int = 0, device: torch.device | None = None,
-                   progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+                   progress: bool = True, sharded: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Diagonal Fisher of ``params`` over ``examples`` (the full list; each rank takes its shard).
 
     Args:
@@ -80,9 +82,12 @@ def compute_fisher(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]
         seed: seeds the per-rank generator of the ``sampled`` estimator's label draws (``seed * 1_000_003 + rank``).
         device: where batches and the accumulators live; default ``dist.device()``.
         progress: show a progress bar (main rank only).
+        sharded: ZeRO-3: reduce each sum to the ranks that own its partitions (``reduce_scatter``) and return this
+            rank's flat partitions only (distrib_ft/preservation/zero3.py) instead of full tensors on every rank.
 
     Returns:
-        (F: name -> fp32 tensor with the parameter's full shape, info: sequences, target_tokens, estimator).
+        (F: name -> fp32 tensor with the parameter's full shape -- or, sharded, this rank's flat partition --,
+        info: sequences, target_tokens, estimator).
 
     Raises:
         ValueError: ``estimator`` is not one of ``ESTIMATORS``.
@@ -137,6 +142,14 @@ def compute_fisher(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]
         bar.close()
     n_sequences = float(len(mine))
     count, tokens, n_sequences = dist.all_reduce_sum([count, tokens, n_sequences], device=device)
+    if sharded:  # each owner keeps its slice of the sum over ranks; the full-size sums are dropped one by one
+        from distrib_ft.preservation.zero3 import reduce_to_owner
+
+        fisher = {}
+        for i, (n, p) in enumerate(zip(names, tensors)):
+            fisher[n] = reduce_to_owner(sums[i], p).div_(max(count, 1.0)).cpu()
+            sums[i] = None
+        return fisher, {"estimator": estimator, "sequences": int(n_sequences), "target_tokens": int(tokens)}
     for acc in sums:
         if torch_dist.is_initialized() and world > 1:
             torch_dist.all_reduce(acc, op=torch_dist.ReduceOp.SUM)

@@ -1,5 +1,5 @@
-"""EWC in the training loop: lambda 0 is plain training, a huge lambda holds the weights, ZeRO-3 refusal,
-LoRA rounds chaining the Fisher."""
+"""EWC in the training loop: lambda 0 is plain training, a huge lambda holds the weights, EWC-LoRA's ZeRO-3
+refusal, LoRA rounds chaining the Fisher."""
 
 import json
 
@@ -56,15 +56,17 @@ def test_huge_lambda_keeps_the_weights_at_the_anchors(tmp_path, tiny_model_dir):
     assert drift[1e6] < 0.05 * drift[0.0], drift
 
 
-def test_full_parameter_ewc_under_zero3_is_refused(tmp_path, tiny_model_dir):
-    raw = ewc_job(tmp_path, tiny_model_dir, 1.0)
-    set_in(raw, "distributed.deepspeed", raw["distributed"]["deepspeed"].replace("zero0", "zero3"))
+def test_lora_merged_ewc_under_zero3_needs_whole_lora_matrices(tmp_path, tiny_model_dir):
+    """Full-parameter EWC under ZeRO-3 is sharded (tests/distributed/test_ewc_zero3_gloo.py); EWC-LoRA reads the
+    LoRA matrices whole, so partitioned ones are refused before the Fisher pass."""
+    raw = ewc_job(tmp_path, tiny_model_dir, 1.0, method="lora")
+    set_in(raw, "ewc.target", "lora_merged")
     set_in(raw, "ewc.fisher_max_sequences", 2)
-    ds = json.loads(open(raw["distributed"]["deepspeed"]).read())
+    ds = json.loads(open(raw["distributed"]["deepspeed"].replace("zero0", "zero3")).read())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # nothing stays whole
     (tmp_path / "z3.json").write_text(json.dumps(ds))
     set_in(raw, "distributed.deepspeed", str(tmp_path / "z3.json"))
-    with pytest.raises(ValueError, match="full-parameter EWC under ZeRO-3 is not supported"):
+    with pytest.raises(ValueError, match="ewc.target: lora_merged under ZeRO-3 needs the LoRA matrices whole"):
         train(config_from_dict(raw))
 
 
