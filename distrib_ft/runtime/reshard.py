@@ -12,7 +12,10 @@ size, e.g. the monitor's rollback, is a plain one).
 
 Where: ``checkpoints/step-N/universal/`` beside the original files of step N (which stay as they were), with its
 own ``COMPLETE`` written last; rank 0 converts in a temp folder there and renames it, the other ranks wait at a
-barrier; a later resume of the same step reuses it; it goes when step N goes (``save_total_limit``).
+barrier; a later resume of the same step reuses it; it goes when step N goes (``save_total_limit``). With a URL
+``output_dir`` it is made in rank 0's node-local copy of the step (storage.fetch) and not uploaded: ranks on other
+nodes do not see it (not supported yet). Without ZeRO (stage 0) the optimizer state is saved whole and DeepSpeed
+loads it at any world size: no conversion (:func:`needs_universal`).
 
 What stays and what changes (the loss normalisation of distrib_ft/runtime/loop.py makes a step a function of the
 global batch only, and distrib_ft/data/batches.py deals each global batch's examples whatever the rank split):
@@ -118,7 +121,7 @@ def read_owner(path: str | Path) -> dict | None:
 
 
 def fit_resume(job, resume: bool):
-    """The job to run: ``job`` itself, or ``job`` with its batch keys refitted to another world size.
+    """The job to run: ``job`` itself, or ``job`` with its batch keys refitted to keep the checkpoint's global batch.
 
     Resuming a checkpoint of another world size, the keys keep the checkpoint's global batch (and a line says so).
     Call after the owner check (:func:`check_geometry`).
