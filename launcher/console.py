@@ -10,7 +10,8 @@ with ``log_to_driver=True`` every line a worker or actor of the job writes to st
   it starts and another when it ends, so Ray Train's lines before and after stay in the files), without Ray's
   prefix; Ray's and Ray Train's own log records in that process are kept off its stderr (their file handlers
   stay), and Ray's C++ log lines are dropped;
-- an error any rank reports (our traceback between two marker lines, prefixed ``(rank N pid=P)``).
+- an error any rank reports (our traceback between two marker lines, prefixed ``(rank N pid=P)``; a rank whose
+  error ends like one already shown gets one line).
 
 The Train controller's retries and resource-request tracebacks, the placement-group cleaner, ranks > 0 and Ray's
 INFO lines stay in the files. Ray's own driver-side log records (the ``ray`` logger: the token warning, "Started a
@@ -124,7 +125,8 @@ class WorkerLines:
     def __init__(self):
         self.ranks: dict = {}  # pid -> rank, from the marker
         self.started: set = set()  # (pid, is_err): streams past their marker
-        self.errors: set = set()  # (pid, is_err): streams inside an error block
+        self.errors: dict = {}  # (pid, is_err) inside an error block -> its lines so far
+        self.seen: set = set()  # last lines of the tracebacks shown: the same error of another rank is one line
         self._lock = threading.Lock()
 
     def __call__(self, data: dict) -> None:
@@ -138,17 +140,26 @@ class WorkerLines:
                     self.ranks[pid] = int(m[1])
                     self.started.add(key)
                 elif text == ERROR_BEGIN:
-                    self.errors.add(key)
+                    self.errors[key] = []
                 elif text == ERROR_END:
-                    self.errors.discard(key)
+                    shown += self._error(pid, self.errors.pop(key, []))
                 elif text == DONE_MARK:
                     self.started.discard(key)
                 elif key in self.errors:
-                    shown.append(f"(rank {self.ranks.get(pid, '?')} pid={pid}) {line}")
+                    self.errors[key].append(line)
                 elif key in self.started and self.ranks.get(pid) == 0 and not _RAY_CPP.match(text):
                     shown.append(line)
         if shown:
             _print({**data, "lines": shown}, sys.stderr if is_err else sys.stdout)
+
+    def _error(self, pid, block: list[str]) -> list[str]:
+        """A rank's traceback, prefixed; one line when another rank's ended the same way."""
+        prefix = f"(rank {self.ranks.get(pid, '?')} pid={pid}) "
+        last = block[-1].strip() if block else ""
+        if last in self.seen:
+            return [f"{prefix}{last} (as above)"]
+        self.seen.add(last)
+        return [prefix + line for line in block]
 
 
 def _print(data: dict, sink) -> None:

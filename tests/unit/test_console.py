@@ -21,9 +21,12 @@ def test_only_rank_0_lines_after_its_mark_and_any_ranks_error(capsys):
     show(_batch(11, ["step=2 loss=5.8", console.DONE_MARK, "Error in training function: ..."]))
     show(_batch(11, ["rank 0 on stdout"], is_err=False))  # stdout's own mark has not come yet
     show(_batch(11, [console.RANK_MARK.format(0), "rank 0 on stdout"], is_err=False))
+    show(_batch(44, [console.RANK_MARK.format(2), console.ERROR_BEGIN, "Traceback (most", "ValueError: boom",
+                     console.ERROR_END]))  # the same error on another rank: one line
     out, err = capsys.readouterr()
     assert err.splitlines() == ["step=1 loss=5.9", "(rank 1 pid=22) Traceback (most",
-                                "(rank 1 pid=22) ValueError: boom", "step=2 loss=5.8"]
+                                "(rank 1 pid=22) ValueError: boom", "step=2 loss=5.8",
+                                "(rank 2 pid=44) ValueError: boom (as above)"]
     assert out.splitlines() == ["rank 0 on stdout"]
 
 
