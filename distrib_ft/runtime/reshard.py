@@ -13,9 +13,9 @@ size, e.g. the monitor's rollback, is a plain one).
 Where: ``checkpoints/step-N/universal/`` beside the original files of step N (which stay as they were), with its
 own ``COMPLETE`` written last; rank 0 converts in a temp folder there and renames it, the other ranks wait at a
 barrier; a later resume of the same step reuses it; it goes when step N goes (``save_total_limit``). With a URL
-``output_dir`` it is made in rank 0's node-local copy of the step (storage.fetch) and not uploaded: ranks on other
-nodes do not see it (not supported yet). Without ZeRO (stage 0) the optimizer state is saved whole and DeepSpeed
-loads it at any world size: no conversion (:func:`needs_universal`).
+``output_dir`` rank 0 makes it in its node-local copy of the step (storage.fetch), uploads it beside the step on the
+URL (its COMPLETE last), and the first rank of every other node downloads it. Without ZeRO (stage 0)
+the optimizer state is saved whole and DeepSpeed loads it at any world size: no conversion (:func:`needs_universal`).
 
 What stays and what changes (the loss normalisation of distrib_ft/runtime/loop.py makes a step a function of the
 global batch only, and distrib_ft/data/batches.py deals each global batch's examples whatever the rank split):
@@ -182,11 +182,39 @@ def convert(path: str | Path) -> Path:
         except Exception as e:  # every rank must reach the barrier; the others then see no marker
             error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
     dist.barrier()
+    _share(path, target)
     if not (target / COMPLETE).exists():
         raise RuntimeError(f"{path}: the conversion to a DeepSpeed universal checkpoint (to resume on another number "
                            f"of workers) failed{f' ({error})' if error else ' on rank 0'}; resume with the number of "
                            "workers that wrote it")
     return target
+
+
+def _share(path: Path, target: Path) -> None:
+    """With a URL output_dir: rank 0's conversion goes up (COMPLETE last), every other node brings it down. Collective.
+
+    ``path`` is the step's folder in the node-local staging folder; on a local output_dir this does nothing.
+    """
+    from distrib_ft.runtime import dist, storage
+    from distrib_ft.runtime.checkpoint import COMPLETE, atomic_write_text
+
+    out_url = storage.remote(path.parent.parent)
+    if out_url is None:
+        return
+    url = out_url / "checkpoints" / path.name / UNIVERSAL
+    if dist.is_main() and (target / COMPLETE).exists() and not (url / COMPLETE).exists():
+        storage.upload_tree(target, url)
+        atomic_write_text(url / COMPLETE, (target / COMPLETE).read_text())
+    dist.barrier()
+    if storage.local_rank() == 0 and not (target / COMPLETE).exists() and (url / COMPLETE).exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{UNIVERSAL}.", dir=path))
+        try:
+            storage.download_tree(url, tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
 
 
 def _convert(path: Path, target: Path) -> None:

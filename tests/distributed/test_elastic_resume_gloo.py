@@ -91,3 +91,40 @@ def test_a_worker_count_that_cannot_keep_the_global_batch_is_refused(tmp_path, t
         "(training.per_device_train_batch_size x training.gradient_accumulation_steps x distributed.num_workers); "
         "resume with a number of workers that divides it (1, 3)")
     assert not (tmp_path / "out" / "checkpoints" / "step-1" / "universal").exists()
+
+
+def train_on_own_node(cfg, staging: str, resume: bool = False) -> dict:
+    """run_ranks entry: this rank stands for a node of its own (its first rank, its own staging folder), then trains."""
+    import os
+
+    os.environ["LOCAL_RANK"] = "0"
+    os.environ["DISTRIB_FT_STAGING"] = f"{staging}/node{os.environ['RANK']}"
+    from distrib_ft.runtime.loop import train
+
+    return train(cfg, resume=resume)
+
+
+def test_a_checkpoint_on_s3_resumes_on_two_nodes(tmp_path, tiny_model_dir, s3_endpoint, monkeypatch):
+    """1 -> 2 workers with output_dir on S3 and no shared disk: rank 0 converts, the universal copy goes up beside the
+    step (its COMPLETE last) and the other node downloads it (before, that node failed: 'conversion failed')."""
+    from tests.s3 import list_keys, make_bucket, s3_env
+
+    for k, v in s3_env(s3_endpoint).items():
+        monkeypatch.setenv(k, v)
+    bucket = f"elastic-{tmp_path.name.lower().replace('_', '-')}"[:60]
+    make_bucket(s3_endpoint, bucket)
+    method = {"type": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    raw = _job(tmp_path, tiny_model_dir, 2, method, 1, 3, 1e-2)
+    raw["training"]["output_dir"] = f"s3://{bucket}/run"
+    staging = str(tmp_path / "staging")
+    run_ranks(raw, 1, tmp_path, entry="tests.distributed.test_elastic_resume_gloo:train_on_own_node", staging=staging)
+    raw["training"]["max_steps"] = 6
+    resumed = run_ranks(raw, 2, tmp_path, entry="tests.distributed.test_elastic_resume_gloo:train_on_own_node",
+                        staging=staging, resume=True)
+    assert [s["world_size"] for s in resumed] == [2, 2] and resumed[0]["steps"] == 6
+    keys = set(list_keys(s3_endpoint, bucket, "run/"))
+    assert "run/checkpoints/step-3/universal/COMPLETE" in keys
+    assert any(k.startswith("run/checkpoints/step-3/universal/zero/") for k in keys)
+    assert "run/final/COMPLETE" in keys
+    node1 = next((tmp_path / "staging" / "node1").iterdir())
+    assert (node1 / "checkpoints" / "step-3" / "universal" / "COMPLETE").exists()
