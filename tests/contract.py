@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from distrib_ft.config import config_from_dict
 from distrib_ft.methods import load_trained
 from distrib_ft.model import load_model
+from distrib_ft.preservation import exported
 from distrib_ft.runtime.loop import finish, run_steps, setup, train
 from distrib_ft.runtime.loss import drop_virtual_tokens
 from distrib_ft.runtime.metrics import read_metrics
@@ -61,7 +62,7 @@ def run_contract(tmp_path: Path, raw: dict) -> Contract:
     frozen_before = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     run_steps(run)
     frozen_after = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
-    with torch.no_grad():
+    with torch.no_grad(), exported(run.defences, module):  # the weights the job exports (the EMA, if on)
         trained_logits = drop_virtual_tokens(module.eval()(input_ids=IDS).logits, IDS).clone()  # prompt tuning
     module.train()
     summary = finish(run, None)

@@ -21,7 +21,13 @@ ones it needs; there is no base class), in this order:
   NLL sums and target counts, shape (B,) (replay splits the loss into new and replayed);
 - ``metrics()``: values for the next metrics.jsonl line since the previous call; collective (every rank
   calls it at the same steps, so a defence may all-reduce);
+- ``after_step(model, step)``: after each optimizer step (``step``: the steps done), e.g. the EMA's update;
+- ``exported_weights(model, *, master=False)``: a context manager in which ``model`` holds the weights the job
+  exports (the EMA), the training weights put back on exit; the loop evaluates, exports and runs
+  ``on_task_end`` inside it (``master=True`` for export: also the optimizer's fp32 master copy);
 - ``state_dict()``: what a checkpoint must hold for an exact resume (small, JSON-able);
+- ``tensors()`` / ``load_tensors(tensors)``: tensors a checkpoint must hold (in DeepSpeed's client_state,
+  ``"tensors"``), loaded on resume and again when the monitor's rollback loads an older checkpoint;
 - ``summary()``: entries for summary.json;
 - ``close()``: the loop is over: release threads and files;
 - ``on_task_end(model, *, final_dir, train_examples)``: what the next round needs (written into final/,
@@ -38,10 +44,12 @@ To add a defence: a file here with its config class and its class, one line in `
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from distrib_ft.preservation.ema import EMA
 from distrib_ft.preservation.ewc import EWC
 from distrib_ft.preservation.generative_replay import GenerativeReplay
 from distrib_ft.preservation.l2_sp import L2SP
@@ -89,7 +97,7 @@ class Defence(Protocol):
 
 
 # Order matters where hooks depend on each other: generative replay fills the buffer that replay reads.
-DEFENCES: tuple[type[Defence], ...] = (TokenMasking, EWC, L2SP, GenerativeReplay, Replay)
+DEFENCES: tuple[type[Defence], ...] = (TokenMasking, EWC, L2SP, GenerativeReplay, Replay, EMA)
 
 
 def build_defences(job_config, ctx: Context) -> list[Defence]:
@@ -108,6 +116,23 @@ def chain(defences: list[Defence], hook: str, value, *args):
         if hasattr(d, hook):
             value = getattr(d, hook)(*args, value)
     return value
+
+
+@contextlib.contextmanager
+def exported(defences: list[Defence], model, **kwargs):
+    """A context in which ``model`` holds the weights the job exports (every ``exported_weights`` entered)."""
+    with contextlib.ExitStack() as stack:
+        for d in defences:
+            if hasattr(d, "exported_weights"):
+                stack.enter_context(d.exported_weights(model, **kwargs))
+        yield
+
+
+def load_tensors(defences: list[Defence], client_state: dict) -> None:
+    """Give each defence with ``load_tensors`` its tensors from a checkpoint's client_state."""
+    for d in defences:
+        if hasattr(d, "load_tensors"):
+            d.load_tensors(client_state.get("tensors", {}).get(d.name, {}))
 
 
 def merged(dicts: list[dict]) -> dict:

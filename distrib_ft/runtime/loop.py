@@ -34,7 +34,7 @@ from distrib_ft.monitor.budget import Monitor, Suite, is_eval_step
 from distrib_ft.monitor.drift import base_top_k, kl_to_base
 from distrib_ft.monitor.evaluation import evaluate_nll, evaluate_suites, load_suites
 from distrib_ft.monitor.report import write_report
-from distrib_ft.preservation import Context, build_defences, call, chain, merged
+from distrib_ft.preservation import Context, build_defences, call, chain, exported, load_tensors, merged
 from distrib_ft.runtime import checkpoint as ckpt
 from distrib_ft.runtime import dist, recovery, reshard, storage
 from distrib_ft.runtime.loss import token_nll_rows
@@ -83,7 +83,8 @@ class Run:
         """The loop's state in every checkpoint (DeepSpeed's client_state)."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "max_steps": self.max_steps,
                 "monitor": self.monitor.state_dict(), "attempts": self.attempts,
-                "strategies": {d.name: d.state_dict() for d in self.defences if hasattr(d, "state_dict")}}
+                "strategies": {d.name: d.state_dict() for d in self.defences if hasattr(d, "state_dict")},
+                "tensors": {d.name: d.tensors() for d in self.defences if hasattr(d, "tensors")}}  # e.g. the EMA
 
 
 def train(job, resume: bool = False) -> dict:
@@ -168,6 +169,7 @@ def setup(job: Job, resume: bool) -> Run:
         for x in defences:
             if hasattr(x, "load_state_dict"):
                 x.load_state_dict(state.get("strategies", {}).get(x.name, {}))
+        load_tensors(defences, state)
         dist.print0(f"resumed from {latest} at step {state['step']}")
     elif resume:
         dist.print0(f"no complete checkpoint in {storage.public(out / 'checkpoints')}; starting from step 0")
@@ -237,6 +239,7 @@ def run_steps(run: Run) -> str | None:
             engine.step()
             window.nll += nll.sum().item()
         run.step += 1
+        call(run.defences, "after_step", engine.module, run.step)  # e.g. the EMA's update
         run.tokens_seen += int(global_tokens)
         window.add_step(targets=global_targets, tokens=global_tokens)
 
@@ -278,14 +281,16 @@ def finish(run: Run, stop_reason: str | None) -> dict:
     if chosen is not None and chosen != run.step:
         dist.print0(f"restoring step {chosen}, the {'last' if cfg.monitor.policy == 'stop' else 'best'} model "
                     "within budget")
-        ckpt.load_checkpoint(run.engine, out / "checkpoints" / f"step-{chosen}",
-                             exclude_frozen=checkpoint_trainable_only(run.method))
+        restored = ckpt.load_checkpoint(run.engine, out / "checkpoints" / f"step-{chosen}",
+                                        exclude_frozen=checkpoint_trainable_only(run.method))
+        load_tensors(run.defences, restored)  # e.g. that checkpoint's EMA
     if chosen is None:
         dist.print0(f"no update stayed within the budget: the model of step {run.step} goes to rejected/ (exit code 3)")
-    final = ckpt.export_final(run.engine.module, run.tokenizer, out, method=run.method,
-                              name="final" if chosen is not None else "rejected")
-    if chosen is not None:  # what the next round needs (e.g. the Fisher of the data just learned)
-        call(run.defences, "on_task_end", run.engine.module, final_dir=final, train_examples=run.train_ds)
+    with exported(run.defences, run.engine.module, master=True):  # e.g. the EMA of the weights
+        final = ckpt.export_final(run.engine.module, run.tokenizer, out, method=run.method,
+                                  name="final" if chosen is not None else "rejected")
+        if chosen is not None:  # what the next round needs (e.g. the Fisher of the data just learned)
+            call(run.defences, "on_task_end", run.engine.module, final_dir=final, train_examples=run.train_ds)
     report = run.monitor.report(chosen, decision, notes=[stop_reason] if stop_reason else [])
     new_task = report["new_task"] or {}
     summary = {"output_dir": storage.public(out), "final": storage.public(final), "steps": run.step,
@@ -317,7 +322,7 @@ def evaluate(run: Run, at: int) -> None:
     With policy stop/rollback the model is checkpointed to go back to.
     """
     t, mc = run.job.config.training, run.job.config.monitor
-    with run.clock.phase("evaluation"):
+    with run.clock.phase("evaluation"), exported(run.defences, run.engine.module):  # the model the job exports
         _evaluate(run, at, t.per_device_eval_batch_size)
     if mc.policy in ("stop", "rollback"):  # a model to go back to
         save(run, at)

@@ -43,6 +43,7 @@ ROWS = {
     "ewc": (ewc, {"ewc_penalty"}),
     "l2_sp": (lambda tmp_path, raw: {"l2_sp": {"alpha": 10.0}}, {"l2_sp_penalty"}),
     "generative_replay": (generative_replay, set()),
+    "ema": (lambda tmp_path, raw: {"ema": {"decay": 0.5}}, set()),
     "replay": (replay, {"loss_new", "loss_replay", "new_sequences", "replay_sequences", "replay_wait_seconds"}),
 }
 
