@@ -73,7 +73,7 @@ def test_fisher_file_is_the_same_at_one_and_two_ranks(tmp_path, tiny_model_dir):
 def test_two_ranks_equal_one_rank_and_hold_half(tmp_path, tiny_model_dir):
     data = toy_join(tmp_path / "old.jsonl", n=7, seed=3)
     lam = 30.0
-    computed = {"fisher_data_files": [str(data)]}
+    computed = {"fisher_data_files": [str(data)], "update_after": True, "gamma": 0.5}  # + final/fisher.safetensors
     runs = {  # name -> (world, zero, lambda, ewc section)
         "z0": (1, 0, lam, computed),  # the reference: autograd of the scalar penalty, full tensors
         "z3w1": (1, 3, lam, computed),
@@ -110,6 +110,16 @@ def test_two_ranks_equal_one_rank_and_hold_half(tmp_path, tiny_model_dir):
         for f in (f1, f2):
             torch.testing.assert_close(f[n], f0[n], rtol=0, atol=1e-6 * float(f0[n].abs().max()), msg=n)
         assert torch.equal(a1[n], a0[n]) and torch.equal(a2[n], a0[n]), n
+
+    # update_after: F of the data just learned at the trained weights, merged online, with the trained weights as
+    # anchors (computed sharded, gathered on write).
+    g0, b0, _ = load_fisher(out["z0"] / "final" / "fisher.safetensors")
+    for name in ("z3w1", "z3w2"):
+        g, b, info = load_fisher(out[name] / "final" / "fisher.safetensors")
+        assert info["rounds"] == 2 and g.keys() == g0.keys() == b.keys()
+        for n in g0:
+            torch.testing.assert_close(g[n], g0[n], rtol=0, atol=1e-5 * float(g0[n].abs().max()), msg=f"{name} {n}")
+            torch.testing.assert_close(b[n], b0[n], rtol=1e-4, atol=1e-5, msg=f"{name} {n}")
 
     # The penalty's value at every step, and the weights after the steps.
     def penalties(name):
