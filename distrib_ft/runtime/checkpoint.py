@@ -216,7 +216,16 @@ def load_checkpoint(engine, path: Path, *, exclude_frozen: bool) -> dict:
 
     if reshard.needs_universal(engine, path):
         return reshard.load_universal(engine, path, exclude_frozen=exclude_frozen)
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=not exclude_frozen)
+    try:
+        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                 load_module_strict=not exclude_frozen)
+    except ValueError as e:  # torch's Optimizer.load_state_dict: another grouping (engine.param_groups)
+        if "number of parameter groups" not in str(e):
+            raise
+        raise ValueError(f"--resume: {path}: its optimizer state has another number of parameter groups than this job "
+                         "builds (a ZeRO-3 checkpoint written before weight decay reached ZeRO-3's groups); resume "
+                         "it with the distrib-ft version that wrote it, or train again in another "
+                         "training.output_dir") from None
     if client_state is None:
         raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint; delete it to resume from an older one")
     rng_file = path / f"rng_rank{dist.rank()}.safetensors"

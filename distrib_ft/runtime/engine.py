@@ -165,13 +165,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float, learning_rate: flo
     learning rates) splits them further: one group per scale, with ``lr = learning_rate * scale``; the LR
     schedule multiplies every group's starting LR by the same factor (LambdaLR), so the ratios stay fixed.
     Groups come highest LR first.
+
+    A parameter's rank is that of its full shape: a model loaded under ZeRO-3 (``zero.Init``) holds every weight
+    as an empty 1-D placeholder and keeps the real shape in ``ds_shape`` (DeepSpeed's ``partition_parameters.py``);
+    by ``p.ndim`` every weight would be a no-decay one (ZeRO-3 trained without weight decay before this).
     """
     groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         scale = float(lr_scale(name)) if lr_scale is not None else 1.0
-        groups.setdefault((scale, p.ndim < 2), []).append(p)
+        groups.setdefault((scale, len(getattr(p, "ds_shape", p.shape)) < 2), []).append(p)
     return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr": learning_rate * scale}
             for (scale, no_decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1]))]
 
