@@ -74,3 +74,20 @@ def test_first_update_has_weight_decay_and_layerwise_lr_on_every_zero_stage(tmp_
     err = (delta[worst] - expected[worst]).abs().max().item()
     assert err < ATOL, (f"ZeRO-{zero}: {worst} (lr {hyper[worst][0]:g}, weight_decay {hyper[worst][1]:g}) moved "
                         f"{err:.2e} away from torch AdamW's first update")
+
+
+def test_a_checkpoint_with_other_parameter_groups_is_a_one_line_resume_error(tmp_path, tiny_model_dir):
+    """ZeRO-3 checkpoints written before the fix have fewer groups (no decayed ones); here the other grouping comes
+    from layerwise_lr_decay (5 groups saved, 2 built). checkpoint.load_checkpoint names the checkpoint."""
+    from distrib_ft.runtime.checkpoint import load_checkpoint
+
+    def engine_for(decay):
+        raw = _raw(tmp_path / f"d{decay}", tiny_model_dir, 3)
+        raw["method"]["layerwise_lr_decay"] = decay
+        return build_model_engine(start_worker(config_from_dict(raw)), total_steps=1, warmup_steps=0)[0]
+
+    saved = engine_for(DECAY)
+    saved.save_checkpoint(str(tmp_path / "ckpt"), tag="step-0", client_state={"step": 0}, save_latest=False)
+    with pytest.raises(ValueError, match=r"^--resume: .*step-0: its optimizer state has another number of parameter "
+                                         r"groups than this job builds"):
+        load_checkpoint(engine_for(1.0), tmp_path / "ckpt" / "step-0", exclude_frozen=False)
