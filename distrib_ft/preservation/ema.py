@@ -93,8 +93,11 @@ class EMA:
             self._loaded = tensors
 
     def on_task_start(self, model: torch.nn.Module, *, resumed: bool) -> None:
+        from distrib_ft.runtime.checkpoint import gather_full_state_dict
+
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        source = self._loaded if self._loaded is not None else {n: p.detach() for n, p in self._params.items()}
+        # the start: the fp32 values (ZeRO-3 fetches its persistent parameters at the first forward only)
+        source = self._loaded if self._loaded is not None else gather_full_state_dict(model, trainable_only=True)
         if self._loaded is not None and (missing := self._params.keys() - self._loaded.keys()):
             raise ValueError(f"ema: the checkpoint's EMA lacks {sorted(missing)[:3]}; resume without ema.decay "
                              "or from a checkpoint written with it")
@@ -104,7 +107,7 @@ class EMA:
     def after_step(self, model: torch.nn.Module, step: int) -> None:
         if step % self.update_every == 0:
             names = list(self._params)
-            ema_update([self.shadow[n] for n in names], [self._params[n] for n in names], self.decay)
+            ema_update([self.shadow[n] for n in names], [_value(self._params[n]) for n in names], self.decay)
             self.updates += 1
 
     @contextlib.contextmanager
@@ -116,7 +119,7 @@ class EMA:
         """
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-        kept = {n: p.detach().clone() for n, p in self._params.items()}
+        kept = {n: p.detach().clone() for n, p in self._params.items() if _whole(p)}
         masters = {}
         if master:
             for n, p in self._params.items():
@@ -124,14 +127,19 @@ class EMA:
                 if full is not None:
                     masters[n] = full.clone()
                     safe_set_full_fp32_param(p, self.shadow[n].to(full.device))
+        # A ZeRO-3 parameter that is not whole has not been fetched yet (before the first forward): then it is
+        # still at the start, as is the EMA (no update yet); its master copy gives the forward's weights.
+        whole = {n: p for n, p in self._params.items() if _whole(p)}
+        if len(whole) < len(self._params) and self.updates:
+            raise RuntimeError("ema: a ZeRO-3 trained parameter is partitioned after training steps")
         with torch.no_grad():
-            for n, p in self._params.items():
+            for n, p in whole.items():
                 p.data.copy_(self.shadow[n].to(p.dtype))
         try:
             yield
         finally:
             with torch.no_grad():
-                for n, p in self._params.items():
+                for n, p in whole.items():
                     p.data.copy_(kept[n])
             for n, full in masters.items():
                 safe_set_full_fp32_param(self._params[n], full)
@@ -145,3 +153,17 @@ class EMA:
 
     def summary(self) -> dict:
         return {"ema": {"decay": self.decay, "update_every": self.update_every, "updates": self.updates}}
+
+
+def _whole(p: torch.nn.Parameter) -> bool:
+    """Whether the module holds the whole parameter (not a ZeRO-3 partition not yet fetched)."""
+    return not hasattr(p, "ds_id") or p.data.numel() == p.ds_numel
+
+
+def _value(p: torch.nn.Parameter) -> torch.Tensor:
+    """The parameter as the model computes with it; a ZeRO-3 one not fetched: its fp32 master (collective)."""
+    if _whole(p):
+        return p.detach()
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(p)
