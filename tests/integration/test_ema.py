@@ -5,6 +5,7 @@ contract row in tests/integration/test_strategies.py.)"""
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -29,10 +30,11 @@ class Weights:
         self.after[step] = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_final_is_the_ema_of_the_per_step_weights_and_the_monitor_evaluates_it(tmp_path, tiny_model_dir):
-    raw = job_dict(tmp_path, tiny_model_dir, zero=2, learning_rate=0.1, max_steps=3)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_final_is_the_ema_of_the_per_step_weights_and_the_monitor_evaluates_it(tmp_path, tiny_model_dir, bf16):
+    raw = job_dict(tmp_path, tiny_model_dir, zero=2, learning_rate=0.1, max_steps=3, bf16=bf16)
     raw["data"]["eval_files"] = [str(toy_alpaca(tmp_path / "eval.jsonl", n=8, seed=3))]
-    # a checkpoint at each evaluation; at this LR the EMA's eval loss is lowest at step 2, so finish rolls back
+    # a checkpoint at each evaluation; at this LR the EMA's eval loss is lowest before step 3, so finish rolls back
     raw["monitor"] = {"policy": "rollback", "eval_at": [0, 1, 2, 3]}
     raw["ema"] = {"decay": DECAY}
     run = setup(start_worker(config_from_dict(raw)), resume=False)
@@ -46,7 +48,7 @@ def test_final_is_the_ema_of_the_per_step_weights_and_the_monitor_evaluates_it(t
     for k in (1, 2, 3):
         ema[k] = {n: DECAY * ema[k - 1][n] + (1 - DECAY) * seen.after[k][n] for n in start}
     chosen = summary["chosen_step"]
-    assert (summary["decision"], chosen) == ("rolled_back", 2)  # the rollback restores step 2's EMA
+    assert summary["decision"] == "rolled_back" and chosen in (1, 2)  # the rollback restores that step's EMA
     final = load_file(tmp_path / "out" / "final" / "adapter_model.safetensors")
     assert len(final) == len(start)
     for n in start:
@@ -58,9 +60,10 @@ def test_final_is_the_ema_of_the_per_step_weights_and_the_monitor_evaluates_it(t
     assert 0 < moved < 0.9 * trained, (moved, trained)
 
     # the monitor's numbers are the exported model's: final/ reloaded gives the logged eval_loss of its step
+    # (bf16: the monitor ran the EMA rounded to bf16, final/ holds it in fp32)
     logged = {r["step"]: r["eval_loss"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").open())
               if "eval_loss" in r}
     model = load_trained(str(tiny_model_dir), tmp_path / "out" / "final", load_model=load_model).eval()
     with torch.no_grad():
         loss = evaluate_nll(model, run.eval_ds, batch_size=4, pad_token_id=run.tokenizer.pad_token_id)["eval_loss"]
-    assert abs(loss - logged[chosen]) <= 1e-5 * abs(loss), (loss, logged)
+    assert abs(loss - logged[chosen]) <= (2e-3 if bf16 else 1e-5) * abs(loss), (loss, logged)
