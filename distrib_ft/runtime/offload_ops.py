@@ -1,0 +1,127 @@
+"""DeepSpeed's CPU Adam op (``cpu_adam``), which ZeRO with ``offload_optimizer: {device: cpu}`` steps with.
+
+DeepSpeed JIT-compiles its ops with torch's cpp_extension the first time they are loaded (DeepSpeed docs, "Installing
+DeepSpeed": ops are built just-in-time unless ``DS_BUILD_OPS=1`` at install time; ZeRO-Offload docs: the offloaded
+optimizer is ``DeepSpeedCPUAdam``). Unbuilt, the first offload job compiles it while its ranks wait; here it is built
+once, by ``scripts/setup.sh`` (``python -m distrib_ft.runtime.offload_ops``) or by the first job, into the project's
+TORCH_EXTENSIONS_DIR (:func:`distrib_ft.runtime.dist.extensions_dir`), with the same care as the CPU communication op
+(:func:`distrib_ft.runtime.dist.ensure_cpu_ops`): one builder at a time under an ``fcntl`` lock, a killed build's
+stale torch ``lock`` removed, a ``.so`` cut short rebuilt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+CPU_ADAM = "cpu_adam"  # the op's folder and .so name (DeepSpeed's CPUAdamBuilder)
+CPU_ADAM_NOTICE = ("building DeepSpeed's CPU Adam op once (ZeRO offload_optimizer; ~{} on 2 cores, measured "
+                   "idle) into {}")
+# Measured: the build of cpu_adam from an empty TORCH_EXTENSIONS_DIR on this project's 2-core machine (see
+# docs/benchmarks.md, "ZeRO-3 with CPU offload: memory per worker").
+CPU_ADAM_BUILD_ESTIMATE = "1-2 min"
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    """Whether a (filled) DeepSpeed config steps its optimizer on the CPU (ZeRO ``offload_optimizer.device: cpu``)."""
+    zero = ds_config.get("zero_optimization") or {}
+    return str((zero.get("offload_optimizer") or {}).get("device", "none")).lower() == "cpu"
+
+
+def ensure_cpu_adam(say=None) -> Path | None:
+    """Load DeepSpeed's CPU Adam op, building it first when needed; never wait on a dead build's lock.
+
+    The same procedure as :func:`distrib_ft.runtime.dist.ensure_cpu_ops` for ``deepspeed_shm_comm``: an ``fcntl``
+    lock of ours (``.cpu_adam.build-lock`` beside the op's folder; the kernel drops it when its holder dies) lets one
+    process build while the others wait with a line; under it, torch's ``lock`` that no live process holds is a killed
+    build's and is removed; a ``.so`` cut short is removed before loading; a failed build is retried once from its
+    sources. DeepSpeed keeps the loaded op, so ``DeepSpeedCPUAdam`` does not build it again.
+
+    Args:
+        say: where lines go (default: stderr).
+
+    Returns:
+        The op's folder, or None when this DeepSpeed has no compatible CPU Adam op.
+
+    Raises:
+        RuntimeError: the op failed to build twice (the compiler's message is in the exception).
+    """
+    import fcntl
+
+    from distrib_ft.runtime.dist import _same_ninja, clear_stale_lock, elf_cut_short, extensions_dir
+
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    root = extensions_dir()
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    builder = get_accelerator().create_op_builder("CPUAdamBuilder")
+    if builder is None or not builder.is_compatible(verbose=False):
+        return None
+    build_dir = root / builder.name
+    if builder.name in OpBuilder._loaded_ops:
+        return build_dir
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{builder.name}.build-lock", "a+") as guard:
+        since = time.time()
+        while True:  # another process of ours loads or builds it: wait (a line if that takes a while)
+            try:
+                fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if since is not None and time.time() - since > 3:
+                    guard.seek(0)
+                    say(f"distrib-ft: waiting for {guard.read().strip() or 'another process'} to build "
+                        f"{builder.name} in {build_dir}")
+                    since = None
+                time.sleep(0.2)
+        guard.seek(0)
+        guard.truncate()
+        guard.write(f"process {os.getpid()}")
+        guard.flush()
+        clear_stale_lock(build_dir, say)
+        _same_ninja()
+        so = build_dir / f"{builder.name}.so"
+        short = elf_cut_short(so) if so.exists() else None
+        if short:  # ninja would see it as up to date, and loading it would kill this process (SIGBUS)
+            say(f"distrib-ft: {so} was cut short ({short}): a build was killed while linking; rebuilding it")
+            so.unlink(missing_ok=True)
+        if not so.exists():
+            say(f"distrib-ft: {CPU_ADAM_NOTICE.format(CPU_ADAM_BUILD_ESTIMATE, build_dir)}")
+        try:
+            builder.load(verbose=False)
+        except (ImportError, RuntimeError) as e:
+            if isinstance(e, ImportError):  # a .so that was cut short: ninja saw it as up to date
+                say(f"distrib-ft: {so} does not load ({str(e).splitlines()[0]}); rebuilding it")
+                so.unlink(missing_ok=True)
+            else:  # the build failed: start it again from nothing (a killed build's objects included)
+                say(f"distrib-ft: building {builder.name} failed ({str(e).splitlines()[0]}); rebuilding it from "
+                    "its sources")
+                for f in build_dir.iterdir():
+                    if f.is_file() and f.name != "lock":
+                        f.unlink(missing_ok=True)
+            from torch.utils.cpp_extension import JIT_EXTENSION_VERSIONER
+
+            JIT_EXTENSION_VERSIONER.entries.pop(builder.name, None)  # else torch skips the build in this process
+            builder.load(verbose=False)
+    return build_dir
+
+
+def build_cpu_adam() -> None:
+    """Build the CPU Adam op now (``scripts/setup.sh``); prints where it is and how long the build took."""
+    from distrib_ft.runtime.dist import apply_env, worker_env
+
+    apply_env(worker_env(threads=os.cpu_count() or 1, use_gpu=False))
+    start = time.perf_counter()
+    where = ensure_cpu_adam()
+    if where is None:
+        print("distrib-ft: this DeepSpeed has no CPU Adam op for this machine; ZeRO offload jobs cannot run",
+              flush=True)
+        raise SystemExit(1)
+    print(f"distrib-ft: DeepSpeed's CPU Adam op is ready in {where} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    build_cpu_adam()
