@@ -190,12 +190,17 @@ def build_engine(model: torch.nn.Module, ds_config: dict, *, learning_rate: floa
     """
     import deepspeed
 
+    from distrib_ft.runtime.offload_ops import ensure_cpu_adam, offloads_optimizer
+
     groups = param_groups(model, weight_decay, learning_rate, lr_scale)
     if not groups:
         raise ValueError("the model has no trainable parameters: check method.type and its target modules")
     optimizer = None
     if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    if offloads_optimizer(ds_config):  # ZeRO's DeepSpeedCPUAdam: built once into the project's cache, or loaded
+        ensure_cpu_adam()
 
     def schedule(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
