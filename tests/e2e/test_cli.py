@@ -1,10 +1,14 @@
 """The real CLI end to end: `distrib-ft train` through an embedded Ray with 2 CPU workers."""
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +75,36 @@ def live_ray_processes(tag: str) -> list[str]:
             found.append(f"{pid}: {cmd[:120]}")
     return found
 
+
+
+@contextlib.contextmanager
+def ray_start_head(num_cpus: int):
+    """A ``ray start`` head with ``num_cpus`` CPUs, its own temp dir and ports; yields ``(temp_dir, port, dashboard
+    port)``; ended by PID (SIGTERM twice, then SIGKILL: gcs_server outlived SIGTERM here), never ``ray stop``.
+
+    The caller disables token auth (RAY_AUTH_MODE=disabled): a client of a throwaway head was refused here with
+    the default token."""
+    from distrib_ft.runtime.dist import free_port
+
+    temp_dir = tempfile.mkdtemp(prefix="dft-head-", dir="/tmp")
+    port, dash = free_port(), free_port()
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
+                    f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}",
+                    f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
+                   check=True, capture_output=True, env=clean_env(RAY_USAGE_STATS_ENABLED="0"), timeout=180)
+    try:
+        yield temp_dir, port, dash
+    finally:
+        for attempt in range(5):
+            pids = [int(line.split(":")[0]) for line in live_ray_processes(temp_dir)]
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGTERM if attempt < 2 else signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(2)
 
 def test_train_through_ray_with_two_workers(tmp_path, tiny_model_dir):
     raw = job_dict(tmp_path, tiny_model_dir, zero=2, max_steps=4, save_steps=2, per_device_train_batch_size=2,

@@ -1,18 +1,13 @@
 """An existing Ray cluster: a local head with its own temp dir and ports, the job run with --address and
 through `ray job submit`. Only the processes this test started are ended (by PID), never `ray stop`."""
 
-import os
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from distrib_ft.runtime.dist import free_port
-from tests.e2e.test_cli import clean_env, cli, live_ray_processes, write_job
+from tests.e2e.test_cli import clean_env, cli, live_ray_processes, ray_start_head, write_job
 from tests.jobs import ROOT, job_dict, set_in
 
 BIN = Path(sys.executable).parent
@@ -20,30 +15,10 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture
 def ray_head(monkeypatch):
-    temp_dir = tempfile.mkdtemp(prefix="dft-head-", dir="/tmp")
-    port, dash = free_port(), free_port()
-    # Ray 2.60 turns token auth on by default; a client of this throwaway head was refused here with
-    # the default token, so the head and its clients in this test run without it.
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    env = clean_env(RAY_USAGE_STATS_ENABLED="0")
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-                    "--dashboard-host=127.0.0.1", "--num-cpus=3", f"--temp-dir={temp_dir}",
-                    f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
-                   check=True, capture_output=True, env=env, timeout=180)
-    try:
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a throwaway head (see ray_start_head)
+    with ray_start_head(num_cpus=3) as (temp_dir, port, dash):
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
-    finally:
-        for attempt in range(5):  # SIGTERM twice, then SIGKILL (gcs_server outlived SIGTERM here)
-            pids = [int(line.split(":")[0]) for line in live_ray_processes(temp_dir)]
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGTERM if attempt < 2 else signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(2)
-        assert not live_ray_processes(temp_dir)
+    assert not live_ray_processes(temp_dir)
 
 
 def test_job_on_an_existing_cluster(tmp_path, tiny_model_dir, ray_head):

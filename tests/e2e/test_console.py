@@ -5,21 +5,18 @@ waits for on a cluster too small for it (a ``ray start`` head of 1 CPU); a faile
 its error line. Only the processes a test started are ended, by PID.
 """
 
-import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from distrib_ft.config import DistributedConfig
-from distrib_ft.runtime.dist import free_port
-from tests.e2e.test_cli import CLI, clean_env, live_ray_processes, write_job
+from tests.e2e.test_cli import CLI, clean_env, live_ray_processes, ray_start_head, write_job
 from tests.jobs import ROOT, job_dict, set_in
 
 BIN = Path(sys.executable).parent
@@ -111,27 +108,10 @@ def test_a_failed_job_keeps_rays_logs_and_says_where(tmp_path, tiny_model_dir):
 @pytest.fixture
 def small_head(monkeypatch):
     """A ``ray start`` head with 1 CPU, its own temp dir and ports; ended by PID."""
-    temp_dir = tempfile.mkdtemp(prefix="dft-head-", dir="/tmp")
-    port = free_port()
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as tests/e2e/test_cluster.py: a throwaway head
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={free_port()}",
-                    "--dashboard-host=127.0.0.1", "--num-cpus=1", f"--temp-dir={temp_dir}",
-                    f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
-                   check=True, capture_output=True, env=clean_env(RAY_USAGE_STATS_ENABLED="0"), timeout=180)
-    try:
+    with ray_start_head(num_cpus=1) as (temp_dir, port, _):
         yield f"127.0.0.1:{port}"
-    finally:
-        for attempt in range(5):  # SIGTERM twice, then SIGKILL
-            pids = [int(line.split(":")[0]) for line in live_ray_processes(temp_dir)]
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGTERM if attempt < 2 else signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(2)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_a_job_waiting_for_resources_says_what_is_missing(tmp_path, tiny_model_dir, small_head):
