@@ -107,9 +107,25 @@ def _tree_hash(files: dict[str, str]) -> str:
 
 
 def _write(path, text: str) -> None:
-    from distrib_ft.runtime.checkpoint import atomic_write_text
+    """Write atomically: one object on a URL (storage.UrlPath); locally a temp file, fsync, then a rename.
 
-    atomic_write_text(path, text)
+    (checkpoint.atomic_write_text does the same, but importing it imports torch: seconds for every CLI call.)
+    """
+    p = as_path(path)
+    if isinstance(p, UrlPath):
+        p.write_text(text)
+        return
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _read_json(path) -> dict | None:

@@ -13,6 +13,7 @@
     distrib-ft replay update DIR [--budget N] [--policy ...] [--quota NAME=N] [--weight NAME=W] FILE...
     distrib-ft replay show DIR [--version N]
     distrib-ft status OUTPUT_DIR [--json]
+    distrib-ft registry list|show|promote|rollback REGISTRY [VERSION] [--to VERSION] [--force] [--json]
 
 Exit codes (stable; schedulers may rely on them):
     0  the job finished and final/ is within the forgetting budget
@@ -126,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     rs = rsub.add_parser("show", help="print a version's manifest summary and the list of versions")
     rs.add_argument("buffer", help="the buffer: a folder or an fsspec URL")
     rs.add_argument("--version", type=int, default=None, help="default: the newest")
+    _registry_parser(sub)  # distrib_ft/registry.py
     return p
 
 
@@ -559,6 +561,61 @@ def cmd_replay(args) -> int:
     return EXIT_OK
 
 
+def _registry_parser(sub) -> None:
+    g = sub.add_parser("registry", help="list, show, promote or roll back the versions of a model registry")
+    gsub = g.add_subparsers(dest="action", required=True)
+    for action, text in (("list", "every version: round, parent, decision, whether current"),
+                         ("show", "one version's record (default: the current one)"),
+                         ("promote", "make a version current (a refused one needs --force)"),
+                         ("rollback", "make the previous current version (or --to VERSION) current again")):
+        q = gsub.add_parser(action, help=text)
+        q.add_argument("registry", metavar="REGISTRY", help="the registry: a folder or a URL (s3://, gs://, hdfs://)")
+        if action in ("show", "promote"):
+            q.add_argument("version", nargs="?" if action == "show" else None, help="v0003, v3 or 3")
+        if action == "promote":
+            q.add_argument("--force", action="store_true", help="promote a version its gate refused")
+        if action == "rollback":
+            q.add_argument("--to", default=None, metavar="VERSION", help="an earlier current version")
+        if action in ("promote", "rollback"):
+            q.add_argument("--note", default=None, help="a note for the registry's log")
+            q.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the registry's lock")
+        q.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_registry(args) -> int:
+    """``distrib-ft registry list|show|promote|rollback REGISTRY``: read or move a model registry's pointer.
+
+    Returns:
+        ``EXIT_OK``.
+
+    Raises:
+        UsageError: an unknown version, an empty registry, a refused version without --force, the lock held.
+    """
+    from distrib_ft import registry as rg
+    from distrib_ft.runtime.storage import StorageError
+
+    try:
+        reg = rg.Registry(args.registry, wait=getattr(args, "wait", 60.0))
+        if args.action == "list":
+            versions = reg.list()
+            if not versions:  # also with --json: a mistyped REGISTRY must not read as "no versions yet"
+                raise rg.RegistryError(f"{reg.root}: empty registry (no versions)")
+            print(json.dumps([v.as_dict() for v in versions], indent=2) if args.json else rg.table(versions))
+            return EXIT_OK
+        if args.action == "show":
+            v = reg.show(args.version) if args.version else reg.current()
+            if v is None:
+                raise rg.RegistryError(f"{reg.root}: nothing is current; name a version")
+        elif args.action == "promote":
+            v = reg.promote(args.version, force=args.force, note=args.note)
+        else:
+            v = reg.rollback(args.to, note=args.note)
+        print(json.dumps(v.as_dict(), indent=2) if args.json else rg.text(v))
+        return EXIT_OK
+    except (rg.RegistryError, StorageError) as e:
+        raise UsageError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``distrib-ft`` entry point: parse the arguments, run the command, map errors to exit codes.
 
@@ -580,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
         return {"train": cmd_train, "fisher": cmd_fisher, "eval": cmd_eval, "export": cmd_export, "merge": cmd_merge,
-                "replay": cmd_replay, "status": cmd_status}[args.command](args)
+                "replay": cmd_replay, "status": cmd_status, "registry": cmd_registry}[args.command](args)
     except _input_errors() as e:
         print(f"distrib-ft: error: {e}", file=sys.stderr)
         return EXIT_USAGE

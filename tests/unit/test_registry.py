@@ -187,7 +187,7 @@ with Registry(sys.argv[1], settle=0.2).lock("holder"):
 
 
 def test_a_live_holder_makes_the_second_wait_or_fail(root, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, root, "6"], env=_env(), stdout=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, root, "3"], env=_env(), stdout=subprocess.PIPE,
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
