@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 CPU_ADAM = "cpu_adam"  # the op's folder and .so name (DeepSpeed's CPUAdamBuilder)
-CPU_ADAM_NOTICE = ("building DeepSpeed's CPU Adam op once (ZeRO offload_optimizer; ~{} on 2 cores, measured "
-                   "idle) into {}")
-# Measured: the build of cpu_adam from an empty TORCH_EXTENSIONS_DIR on this project's 2-core machine (see
+CPU_ADAM_NOTICE = "building DeepSpeed's CPU Adam op once (ZeRO offload_optimizer; {}) into {}"
+# Measured: the build of cpu_adam into an empty folder on this project's 2-core machine took 678 s wall at load 12-22;
+# its two compile units took 62 CPU-s each (they run in parallel) and the link a few, so ~1 min on 2 idle cores (see
 # docs/benchmarks.md, "ZeRO-3 with CPU offload: memory per worker").
-CPU_ADAM_BUILD_ESTIMATE = "1-2 min"
+CPU_ADAM_BUILD_ESTIMATE = "~1 min on 2 idle cores, ~11 min on a loaded machine"
 
 
 def offloads_optimizer(ds_config: dict) -> bool:
