@@ -87,10 +87,15 @@ def file_sha256(path) -> str:
     p = as_path(path)
     if isinstance(p, UrlPath):
         if p.is_dir():
-            return _tree_hash({rel: hashlib.sha256((p / rel).read_bytes()).hexdigest() for rel in p.files()})
+            return _tree_hash({rel: file_sha256(p / rel) for rel in p.files()})
         if not p.is_file():
             raise RegistryError(f"{p}: data file not found")
-        return hashlib.sha256(p.read_bytes()).hexdigest()
+        fs, inner = p._fs()
+        h = hashlib.sha256()
+        with fs.open_input_stream(inner) as f:  # streamed: data files may be large
+            for chunk in iter(lambda: f.read(8 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
     if p.is_dir():
         return _tree_hash({f.relative_to(p).as_posix(): file_sha256(f) for f in sorted(p.rglob("*")) if f.is_file()})
     if not p.is_file():
@@ -209,7 +214,12 @@ class RegistryLock:
         except json.JSONDecodeError:  # a torn local write cannot happen (rename); treat garbage as stale
             return {"token": None, "expires": 0}
 
-    def _try_local(self) -> dict | None:
+    @contextlib.contextmanager
+    def _guard(self):
+        """Locally: ``flock`` of ``lock.json.guard`` around a read-decide-write of the lock; on a URL: nothing."""
+        if isinstance(self.root, UrlPath):
+            yield
+            return
         import fcntl
 
         path = Path(self.path)
@@ -217,15 +227,19 @@ class RegistryLock:
         with open(path.with_name(LOCK + ".guard"), "a+") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
             try:
-                held = self._read()
-                if held is not None and held.get("token") != self.token and self.stale_reason(held) is None:
-                    return held
-                if held is not None and held.get("token") != self.token:
-                    self.took_over = {**held, "reason": self.stale_reason(held)}
-                _write(path, json.dumps(self._claim(), indent=2) + "\n")
-                return None
+                yield
             finally:
                 fcntl.flock(guard, fcntl.LOCK_UN)
+
+    def _try_local(self) -> dict | None:
+        with self._guard():
+            held = self._read()
+            if held is not None and held.get("token") != self.token and self.stale_reason(held) is None:
+                return held
+            if held is not None and held.get("token") != self.token:
+                self.took_over = {**held, "reason": self.stale_reason(held)}
+            _write(self.path, json.dumps(self._claim(), indent=2) + "\n")
+            return None
 
     def _try_store(self) -> dict | None:
         held = self._read()
@@ -278,9 +292,11 @@ class RegistryLock:
 
     def renew(self) -> None:
         """Push the lease's expiry ``lease`` seconds ahead (only while this holder's token is in the lock)."""
-        if self.token is not None and self.held():
-            _write(self.path, json.dumps({**self._read(), "renewed": time.time(),
-                                          "expires": time.time() + self.lease}, indent=2) + "\n")
+        with self._guard():  # locally exact; on a URL a taker may land between the read and the PUT (see above)
+            claim = self._read()
+            if self.token is not None and claim is not None and claim.get("token") == self.token:
+                _write(self.path, json.dumps({**claim, "renewed": time.time(),
+                                              "expires": time.time() + self.lease}, indent=2) + "\n")
 
     def held(self) -> bool:
         """Whether ``lock.json`` still names this holder (the fence re-read before the pointer is written)."""
@@ -293,8 +309,9 @@ class RegistryLock:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
-        if self.token is not None and self.held():
-            as_path(self.path).unlink(missing_ok=True)
+        with self._guard():
+            if self.token is not None and self.held():
+                as_path(self.path).unlink(missing_ok=True)
         self.token = None
 
     def __enter__(self) -> RegistryLock:

@@ -128,7 +128,7 @@ def test_a_version_without_its_marker_is_not_listed(root, adapter_dir):
     assert reg.add(adapter_dir, round="r2").version == "v0003"  # its number is not reused
 
 
-def test_s3_layout_has_the_marker_last(s3_endpoint, monkeypatch, adapter_dir):
+def test_s3_layout_and_a_final_on_s3(s3_endpoint, monkeypatch, adapter_dir, tmp_path):
     for k, v in s3_env(s3_endpoint).items():
         monkeypatch.setenv(k, v)
     if BUCKET not in _made:
@@ -142,6 +142,20 @@ def test_s3_layout_has_the_marker_last(s3_endpoint, monkeypatch, adapter_dir):
     assert {f"{prefix}/current.json", f"{prefix}/versions/v0001/version.json",
             f"{prefix}/versions/v0001/model/adapter_model.safetensors"} <= keys
     assert not any(k.endswith((rg.LOCK, storage.COMPLETE)) for k in keys)
+
+    final = storage.UrlPath(f"s3://{BUCKET}/{prefix}-run/final")  # a job's final/ on S3: used once marked
+    storage.upload_tree(adapter_dir, final)
+    with pytest.raises(rg.RegistryError, match="no COMPLETE marker"):
+        reg.add(final, round="r2")
+    (final / storage.COMPLETE).write_text("complete\n")
+    data = storage.UrlPath(f"s3://{BUCKET}/{prefix}-run/train.jsonl")
+    data.write_text('{"text": "x"}\n')
+    for target in (reg, _reg(tmp_path / "local-registry")):
+        v = target.add(final, round="r2", data_files=[str(data)])
+        assert v.record["data_files"][0]["sha256"] == hashlib.sha256(b'{"text": "x"}\n').hexdigest()
+        got = storage.as_path(v.model) / "adapter_model.safetensors"
+        assert got.read_bytes() == (adapter_dir / "adapter_model.safetensors").read_bytes()
+        assert storage.COMPLETE not in v.record["artifact"]["files"]
 
 
 _KILLED_PROMOTE = """
