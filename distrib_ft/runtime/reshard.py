@@ -288,6 +288,12 @@ def load_universal(engine, path: str | Path, *, exclude_frozen: bool) -> dict:
     # restored schedule).
     for group, hyper in zip(inner.param_groups, groups):
         group.update(hyper)
+    # It also gives every sub-group's state the SAME 'step' tensor, which torch's AdamW increments in place: with
+    # more than one group (weight decay / no decay, layer-wise LRs) each optimizer step then advanced it once per
+    # sub-group, and Adam's bias correction ran ahead. One tensor per state.
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
     step = int(client_state.get("step", 0))
     rng_file = path / f"rng_rank{rank}.safetensors"
     if rank < (n or 0) and rng_file.exists():

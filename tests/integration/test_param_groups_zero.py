@@ -91,3 +91,39 @@ def test_a_checkpoint_with_other_parameter_groups_is_a_one_line_resume_error(tmp
     with pytest.raises(ValueError, match=r"^--resume: .*step-0: its optimizer state has another number of parameter "
                                          r"groups than this job builds"):
         load_checkpoint(engine_for(1.0), tmp_path / "ckpt" / "step-0", exclude_frozen=False)
+
+
+def test_zero3_universal_resume_with_several_groups_takes_the_same_next_step(tmp_path, tiny_model_dir):
+    """reshard.load_universal (a resume at another world size; here at the same size of one, which is the same
+    code) of a ZeRO-3 checkpoint with several groups: the next update equals the uninterrupted engine's. DeepSpeed's
+    stage-3 universal load shares one 'step' tensor among the groups' states; AdamW then counted every group's step
+    into it (5 groups here: the next step ran as step 4, 5, ..., 8 of Adam's bias correction, 7e-4 off without the
+    fix; the 1 -> 2 worker resume of full with weight decay was off by ~1e-3 three steps later)."""
+    from distrib_ft.runtime.reshard import load_universal
+
+    def engine():
+        return build_model_engine(start_worker(config_from_dict(_raw(tmp_path, tiny_model_dir, 3))), total_steps=4,
+                                  warmup_steps=0)[0]
+
+    def step(e, seed):
+        ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(seed))
+        e.backward(e(input_ids=ids, labels=ids).loss)
+        e.step()
+
+    def weights(e):
+        params = dict(e.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            return {n: p.detach().clone() for n, p in params.items()}
+
+    a = engine()
+    assert len(a.optimizer.fp16_groups) > 1
+    for seed in range(3):
+        step(a, seed)
+    a.save_checkpoint(str(tmp_path / "ckpt"), tag="step-3", client_state={"step": 3}, save_latest=False)
+    b = engine()
+    assert load_universal(b, tmp_path / "ckpt" / "step-3", exclude_frozen=False)["step"] == 3
+    step(a, 3)
+    step(b, 3)
+    want, got = weights(a), weights(b)
+    worst = max(want, key=lambda n: (got[n] - want[n]).abs().max().item())
+    assert (got[worst] - want[worst]).abs().max().item() < ATOL, worst
