@@ -10,6 +10,7 @@ job file and the key (ConfigError, DataError or DeepSpeedConfigError: exit code 
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +193,29 @@ def _candidates(path: str, source: str) -> list[Path]:
     return [b / p for b in (*bases, Path.cwd(), PROJECT_ROOT)]
 
 
+# Schemes pyarrow.fs opens itself; fsspec's registry adds the rest (gcs, abfs, http, ...).
+_PYARROW_SCHEMES = {"file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"}
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(/+)")
+
+
+def _check_url(value: str, key: str, source: str) -> None:
+    """Refuse what only looks like a URL: an unknown scheme, or ``s3:/bucket`` (one slash: a local folder ``s3:``)."""
+    m = _SCHEME.match(value)
+    if m is None:
+        return
+    scheme = m.group(1).lower()
+    if m.group(2) == "/":
+        raise ConfigError(f"{source}: {key}: {value} is a URL with one slash (it would be a local folder named "
+                          f"'{m.group(1)}:'); write {m.group(1)}://{value[m.end():]}")
+    from fsspec.registry import known_implementations
+
+    if scheme not in _PYARROW_SCHEMES and scheme not in known_implementations:
+        raise ConfigError(f"{source}: {key}: {value}: unknown filesystem '{m.group(1)}://'; use a local path or "
+                          "a URL such as s3://, gs://, hdfs://")
+
+
 def _resolve_one(value: str, kind: str, key: str, source: str) -> str:
+    _check_url(value, key, source)
     if "://" in value:  # a URL: the filesystem library resolves it
         return value
     if kind == "output":

@@ -193,6 +193,11 @@ def cmd_train(args) -> int:
 
     out = storage.as_path(cfg.training.output_dir)  # a local Path, or a storage.UrlPath (s3://, gs://, hdfs://)
     main_rank = os.environ.get("RANK", "0") == "0"  # once under torchrun
+    if main_rank:
+        try:  # an unreachable endpoint, a missing bucket or bad keys: one line, exit 2, before anything is read
+            storage.check_writable(out)
+        except ValueError as e:
+            raise UsageError(f"{cfg.source}: {e}") from None
     try:
         prior = vd.read(out)
     except ValueError:

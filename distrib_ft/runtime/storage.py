@@ -590,8 +590,10 @@ def check_writable(output_dir) -> None:
     except OSError as e:
         reason = (str(e).strip().splitlines() or [""])[0]
         reason = re.sub(r" \(Request ID: [^)]*\)", "", reason)
-        raise StorageError(f"training.output_dir: {url} cannot be written ({reason}); create the bucket, or check "
-                           "the URL and the AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)") from None
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        raise StorageError(f"training.output_dir: {url} cannot be written ({reason}"
+                           f"{f'; endpoint {endpoint}' if endpoint else ''}); create the bucket, or check the URL and "
+                           "the AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)") from None
 
 
 def forward_env(output_dir) -> dict[str, str]:

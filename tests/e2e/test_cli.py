@@ -165,6 +165,9 @@ def test_data_errors_are_one_line_exit_2_on_the_driver_and_on_the_workers(tmp_pa
     ("distributed.deepspeed=missing.json", "distributed.deepspeed: missing.json not found"),
     ("model.name_or_path=/nonexistent/model",
      "model.name_or_path: /nonexistent/model is not a Hugging Face model folder"),
+    # a URL typo trained into a local folder 's3:' and reported success (a new user's trial)
+    ("training.output_dir=s3:/bucket/run", "training.output_dir: s3:/bucket/run is a URL with one slash"),
+    ("training.output_dir=s4://bucket/run", "training.output_dir: s4://bucket/run: unknown filesystem 's4://'"),
 ])
 def test_input_errors_fail_before_any_worker(tmp_path, tiny_model_dir, override, message):
     job = write_job(tmp_path, job_dict(tmp_path, tiny_model_dir))

@@ -3,6 +3,7 @@ through `ray job submit`. Only the processes this test started are ended (by PID
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,14 @@ def test_job_on_an_existing_cluster(tmp_path, tiny_model_dir, ray_head):
 
     # The Jobs API: the driver runs on the head and connects with --address auto.
     env = clean_env(PYTHONPATH=str(ROOT))
-    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--",
-                        sys.executable, "-m", "launcher.cli", "train", str(job), "--address", "auto",
-                        f"training.output_dir={tmp_path / 'out2'}"],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    for _ in range(6):  # a loaded machine: the head's job agent may not be up yet, and Ray says to try again later
+        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--",
+                            sys.executable, "-m", "launcher.cli", "train", str(job), "--address", "auto",
+                            f"training.output_dir={tmp_path / 'out2'}"],
+                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+        if "No available agent to submit job" not in r.stderr:
+            break
+        time.sleep(10)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "succeeded" in r.stdout
     assert (tmp_path / "out2" / "final" / "adapter_model.safetensors").exists()
