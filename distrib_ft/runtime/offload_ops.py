@@ -73,7 +73,7 @@ def ensure_cpu_adam(say=None) -> Path | None:
             except BlockingIOError:
                 if since is not None and time.time() - since > 3:
                     guard.seek(0)
-                    say(f"distrib-ft: waiting for {guard.read().strip() or 'another process'} to build "
+                    say(f"distrib-ft: waiting for {guard.read().strip() or 'another process'} to load or build "
                         f"{builder.name} in {build_dir}")
                     since = None
                 time.sleep(0.2)
