@@ -59,7 +59,9 @@ class Job:
                 **{d.name: set(d.config_class.resume_checked) for d in DEFENCES
                    if getattr(d.config_class, "resume_checked", None)}}
         job = self.config.model_dump(mode="json", by_alias=True, exclude=free)
-        return {"world_size": self.world_size, "global_batch": self.global_batch, "job": job}
+        t = self.config.training  # the run's length: a re-submit without --resume must not change it silently
+        schedule = {"training.max_steps": t.max_steps, "training.num_train_epochs": t.num_train_epochs}
+        return {"world_size": self.world_size, "global_batch": self.global_batch, "job": job, "schedule": schedule}
 
 
 def resolve(config: JobConfig, world_size: int | None = None) -> Job:

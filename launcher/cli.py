@@ -221,6 +221,13 @@ def cmd_train(args) -> int:
             ckpt.check_owner(found[-1], job.owner())
         except ValueError as e:
             raise UsageError(f"{cfg.source}: {str(e).replace('--resume: ', 'training.output_dir: ', 1)}") from None
+        saved = json.loads((found[-1] / ckpt.OWNER).read_text()).get("schedule") or {}
+        changed = {k: (v, job.owner()["schedule"][k]) for k, v in saved.items() if job.owner()["schedule"][k] != v}
+        if changed:  # --resume may lengthen a run (its LR schedule follows); a plain re-submit does not
+            shown = ", ".join(f"{k}: {a} there, {b} here" for k, (a, b) in changed.items())
+            raise UsageError(f"{cfg.source}: training.output_dir: {out} holds an unfinished run of this job with "
+                             f"another length ({shown}); use --resume to continue it with this length, or "
+                             "another output_dir")
         resume = True
         if main_rank:
             print(f"distrib-ft: {out} holds an unfinished run of this job: resuming it from {found[-1].name} "

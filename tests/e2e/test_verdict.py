@@ -130,6 +130,11 @@ def test_an_interrupted_job_resumes_when_submitted_again(tmp_path, tiny_model_di
                    if (c / "COMPLETE").exists())[-1]
     assert last < 30
 
+    r = cli("train", job, "--launcher", "local", "training.max_steps=12", timeout=300)  # another length: refused
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "holds an unfinished run of this job with another length (training.max_steps: 30 there, 12 here); " \
+        "use --resume" in _last_line(r.stderr)
+
     r = cli("train", job, "--launcher", "local", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"{out} holds an unfinished run of this job: resuming it from step-{last} (as --resume)" in r.stderr
