@@ -209,4 +209,25 @@ def build_engine(model: torch.nn.Module, ds_config: dict, *, learning_rate: floa
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            model_parameters=groups if optimizer is None else None,
                                            lr_scheduler=schedule, config=ds_config)
+    _leave_out_frozen_aliases(engine)
     return engine
+
+
+def _leave_out_frozen_aliases(engine) -> None:
+    """Checkpoints that leave frozen weights out leave out every name of a tied one too.
+
+    DeepSpeed's ``module_state_dict(exclude_frozen_parameters=True)`` deletes the names ``named_parameters()``
+    yields, which names a tied weight once: a tied ``lm_head.weight`` stayed in every LoRA checkpoint (SmolLM2-135M:
+    113 of its 123 MB). Loading such a checkpoint is already non-strict, and the tie is the module's own.
+    """
+    original = engine.module_state_dict
+
+    def module_state_dict(*args, exclude_frozen_parameters=False, **kwargs):
+        sd = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters:
+            for name, p in engine.module.named_parameters(remove_duplicate=False):
+                if not p.requires_grad:
+                    sd.pop(name, None)
+        return sd
+
+    engine.module_state_dict = module_state_dict
