@@ -260,7 +260,9 @@ def cmd_train(args) -> int:
         _ensure_cpu_op(args)
         _run(job, args, "train", resume=resume)
     except KeyboardInterrupt:
-        verdict(EXIT_INTERRUPTED, decision="interrupted", error="interrupted (Ctrl-C)")
+        path = verdict(EXIT_INTERRUPTED, decision="interrupted", error="interrupted (Ctrl-C)")
+        if path is not None:
+            print(f"Verdict: {path}", flush=True)
         raise
     except Exception as e:
         code, message = _failure(e)
@@ -509,6 +511,12 @@ def cmd_status(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     if v is None:
+        from distrib_ft.runtime.checkpoint import complete_checkpoints
+
+        found = complete_checkpoints(folder)
+        if found:  # a driver that died (node lost, SIGKILL) wrote no verdict; its checkpoints are there
+            raise UsageError(f"{folder}: no {vd.VERDICT}, checkpoints up to {found[-1].name}: the job is running, or "
+                             "its driver died; submit the same job again to resume it")
         raise UsageError(f"{folder}: no {vd.VERDICT} (the job has not ended, or never ran with this output_dir)")
     print((folder / vd.VERDICT).read_text().rstrip() if args.json else vd.text(v, folder / vd.VERDICT))
     return v["exit_code"]

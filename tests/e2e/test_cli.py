@@ -292,9 +292,10 @@ def test_ctrl_c_exits_130_with_a_message_on_both_launchers(tmp_path, tiny_model_
         time.sleep(0.2)
     assert p.poll() is None, p.communicate()[1][-3000:]
     p.send_signal(signal.SIGINT)  # what Ctrl-C sends
-    _, err = p.communicate(timeout=180)
+    out, err = p.communicate(timeout=180)
     assert p.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1] == "distrib-ft: interrupted", err[-3000:]
+    assert out.strip().splitlines()[-1] == f"Verdict: {Path(raw['training']['output_dir']) / 'verdict.json'}", out
     deadline = time.time() + 30
     while set(live_ray_processes("dft-ray-")) - before and time.time() < deadline:
         time.sleep(1)

@@ -129,6 +129,9 @@ def test_an_interrupted_job_resumes_when_submitted_again(tmp_path, tiny_model_di
     last = sorted(int(c.name.removeprefix("step-")) for c in (out / "checkpoints").glob("step-*")
                    if (c / "COMPLETE").exists())[-1]
     assert last < 30
+    r = cli("status", out)  # a driver that died wrote no verdict: status says where the run got to
+    assert r.returncode == 2 and f"checkpoints up to step-{last}: the job is running, or its driver died; submit " \
+        "the same job again to resume it" in r.stderr, r.stderr
 
     r = cli("train", job, "--launcher", "local", "training.max_steps=12", timeout=300)  # another length: refused
     assert r.returncode == 2, r.stderr[-3000:]
