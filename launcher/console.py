@@ -86,14 +86,29 @@ def worker_lines(fn: Callable) -> Callable:
             from launcher.cli import _input_errors
 
             if not isinstance(e, _input_errors()):
-                print("\n".join([ERROR_BEGIN, traceback.format_exc().rstrip(), ERROR_END]), file=sys.stderr,
-                      flush=True)
+                print("\n".join([ERROR_BEGIN, _retried(e) or traceback.format_exc().rstrip(), ERROR_END]),
+                      file=sys.stderr, flush=True)
             raise
         finally:  # what this process prints next is Ray Train's ("Error in training function: ...")
             print(DONE_MARK, flush=True)
             print(DONE_MARK, file=sys.stderr, flush=True)
 
     return wrapper
+
+
+def _retried(e: BaseException) -> str | None:
+    """One line for a failure the job retries (a peer died or hung, and attempts are left); None otherwise.
+
+    A survivor's gloo traceback ("Connection closed by peer ... GLHF") says nothing the attempt line does not.
+    """
+    from distrib_ft.runtime import recovery
+
+    attempt = recovery.current()
+    if attempt.number >= attempt.of or not recovery._infrastructure(e):
+        return None
+    text = (str(e).strip().splitlines() or [""])[0][:160]
+    return f"{type(e).__name__}: {text} (a worker died or hangs: attempt {attempt.number} of {attempt.of} ends; " \
+           "the job retries from its newest checkpoint)"
 
 
 def worker_env() -> dict[str, str]:

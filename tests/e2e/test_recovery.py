@@ -138,6 +138,8 @@ def test_a_killed_and_a_hung_worker_are_survived_with_the_uninterrupted_weights(
     for n, a in ((2, attempts[1]), (3, attempts[2])):  # rank 0's line when the attempt resumes
         line = f"attempt {n} of 3: {attempts[n - 2]['error']}; resuming from {a['resumed_from']}"
         assert line in stderr, stderr[-4000:]
+    # the survivors' errors of a retried attempt are one line each, not gloo's tracebacks ("... GLHF!")
+    assert "the job retries from its newest checkpoint" in stderr and "GLHF" not in stderr, stderr[-4000:]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == list(range(1, 25))  # one line per step, as one uninterrupted run
