@@ -15,10 +15,13 @@ Supported: ZeRO 0, 1, 2 for both targets. ZeRO-3: target=trainable with paramete
 (full-parameter EWC) is sharded (distrib_ft/preservation/zero3.py): each rank keeps F and theta* of its own
 partition of every parameter, the penalty reads the optimizer's fp32 master partition and its gradient
 lambda F (theta - theta*) is added to the fp32 gradient partitions before the optimizer step; a Fisher file
-holds full tensors whatever the world size (gathered on write, scattered on read). Otherwise (parameters whole on
-every rank: LoRA matrices below ``stage3_param_persistence_threshold``) the penalty is autograd of the scalar, as
-under ZeRO 0-2; target=lora_merged needs the LoRA matrices whole. Under bf16 the unsharded penalty reads the
-module's bf16 copy of theta; F and theta* are fp32.
+holds full tensors whatever the world size (gathered on write, scattered on read). Otherwise (ZeRO 0-2, or
+parameters whole on every rank: LoRA matrices below ``stage3_param_persistence_threshold``) the penalty enters
+through the gradients: an autograd.Function (https://pytorch.org/docs/stable/notes/extending.html) whose backward
+returns the closed form lambda F (theta - theta*) (lora_merged: its chain rule to A and B), so DeepSpeed's hooks,
+averaging, gradient norm and clipping see it as before, without autograd of the scalar (issue 13; ~2x cheaper,
+bench/ewc_cost.py --parts grads); its value is computed on logging steps only. target=lora_merged needs the LoRA
+matrices whole. Under bf16 the unsharded penalty reads the module's bf16 copy of theta; F and theta* are fp32.
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ class EWC:
 
     name: ClassVar[str] = "ewc"
     config_class: ClassVar[type[Strict]] = EWCConfig
+    through_grads: ClassVar[bool] = True  # False: autograd of the scalar penalty (the reference in tests and bench)
 
     def __init__(self, config: EWCConfig, ctx=None):
         self.config, self.ctx = config, ctx
@@ -267,10 +271,32 @@ class EWC:
                 raise ValueError(f"ewc.fisher_path: {source}: {n} has shape {tuple(self.fisher[n].shape)}, "
                                  f"the model's is {shape}")
 
-    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
-        """lambda/2 * sum_i F_i (theta_i - theta*_i)^2, or None when lambda is 0."""
+    def penalty(self, model: torch.nn.Module, *, logging: bool = True) -> torch.Tensor | None:
+        """lambda/2 * sum_i F_i (theta_i - theta*_i)^2, or None when lambda is 0.
+
+        Through the gradients (``through_grads``, the default): a tensor whose backward adds the closed-form gradient
+        lambda F (theta - theta*) (lora_merged: its chain rule to A and B) to the parameters' gradients, scaled by
+        the gradient it receives (the loop's ``* accum``, the fp16 loss scale) like autograd of the scalar; its value
+        is computed only when ``logging`` (else 0). ``through_grads = False``: autograd of the scalar (the reference).
+        """
         if self.lam == 0 or self.fisher is None or self.sharded:  # sharded: added to the gradients in the step
             return None
+        if not self.through_grads:
+            return self._scalar_penalty()
+        if self.target == "trainable":
+            params = list(self._params.values())
+            value = self._value_trainable() if logging else None
+            out = through_gradients(value, self._grads_trainable, params)
+        else:
+            params = [p for m in self._lora.values() for p in _lora_ab(m)]
+            value = self._value_merged() if logging else None
+            out = through_gradients(value, self._grads_merged, params)
+        if logging:
+            self._penalty_sum += float(value)
+            self._penalty_steps += 1
+        return out
+
+    def _scalar_penalty(self) -> torch.Tensor:
         terms = []
         if self.target == "trainable":
             for n, p in self._params.items():
@@ -282,6 +308,45 @@ class EWC:
         self._penalty_sum += value.item()
         self._penalty_steps += 1
         return value
+
+    @torch.no_grad()
+    def _value_trainable(self) -> torch.Tensor:
+        diffs = torch._foreach_sub([p.detach().float() for p in self._params.values()],
+                                   [self.anchors[n] for n in self._params])
+        terms = [(self.fisher[n] * d * d).sum() for n, d in zip(self._params, diffs)]
+        return 0.5 * self.lam * torch.stack(terms).sum()
+
+    @torch.no_grad()
+    def _grads_trainable(self, g: torch.Tensor) -> list[torch.Tensor]:
+        """The gradient lambda * g * F (theta - theta*) of every trained parameter, in its dtype."""
+        params = list(self._params.values())
+        diffs = torch._foreach_sub([p.detach().float() for p in params], [self.anchors[n] for n in self._params])
+        torch._foreach_mul_(diffs, [self.fisher[n] for n in self._params])
+        torch._foreach_mul_(diffs, g.float() * self.lam)
+        return [d.to(p.dtype) for d, p in zip(diffs, params)]
+
+    @torch.no_grad()
+    def _value_merged(self) -> torch.Tensor:
+        terms = [(self.fisher[n] * lora_delta(m).pow(2)).sum() for n, m in self._lora.items()]
+        return 0.5 * self.lam * torch.stack(terms).sum()
+
+    @torch.no_grad()
+    def _grads_merged(self, g: torch.Tensor) -> list[torch.Tensor]:
+        """The penalty's gradient w.r.t. each layer's A and B, in closed form.
+
+        dW = s B A (W's layout, or its transpose with fan_in_fan_out); d/d dW = lambda F dW, so with
+        G = F (.) (B A): d/dB = lambda s^2 G A^T and d/dA = lambda s^2 B^T G (times the incoming gradient ``g``).
+        """
+        out = []
+        for n, m in self._lora.items():
+            a_p, b_p = _lora_ab(m)
+            a, b = a_p.detach().float(), b_p.detach().float()
+            s = float(m.scaling[m.active_adapters[0]])
+            f = self.fisher[n].T if getattr(m, "fan_in_fan_out", False) else self.fisher[n]
+            grad_ba = torch.mm(b, a).mul_(f)
+            c = g.float() * (self.lam * s * s)
+            out += [torch.mm(b.T, grad_ba).mul_(c).to(a_p.dtype), torch.mm(grad_ba, a.T).mul_(c).to(b_p.dtype)]
+        return out
 
     def metrics(self) -> dict:
         """``ewc_penalty``: the mean penalty per optimizer step since the last line.
@@ -312,6 +377,41 @@ class EWC:
         out = Path(final_dir) / FINAL_FILE
         self.write(out, model, fisher, {**info, "gamma": self.config.gamma, "rounds": rounds}, anchors)
         return [out]
+
+
+def _lora_ab(m: torch.nn.Module) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    a = m.active_adapters[0]
+    return m.lora_A[a].weight, m.lora_B[a].weight
+
+
+class _ThroughGradients(torch.autograd.Function):
+    """A precomputed penalty value whose backward returns closed-form gradients for ``params``.
+
+    torch.autograd.Function (https://pytorch.org/docs/stable/notes/extending.html): the gradients reach each
+    parameter's AccumulateGrad like any other, so DeepSpeed's gradient hooks (ZeRO 1/2 reduction and
+    partitioning), its averaging over ranks and accumulation steps, the gradient norm and clipping see them
+    exactly as the gradients of the autograd penalty.
+    """
+
+    @staticmethod
+    def forward(ctx, value, grads, *params):
+        ctx.grads = grads
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, None, *ctx.grads(g))
+
+
+def through_gradients(value: torch.Tensor | None, grads, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """A scalar equal to ``value`` (0 when None) whose gradient w.r.t. ``params`` is ``grads(g)`` (a list, in order).
+
+    ``grads`` receives the gradient flowing into the scalar (0-dim tensor) and must return one tensor per
+    parameter, of its shape and dtype.
+    """
+    if value is None:
+        value = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    return _ThroughGradients.apply(value, grads, *params)
 
 
 def _sample(n: int, k: int, seed: int) -> list[int]:

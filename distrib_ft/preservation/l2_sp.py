@@ -8,6 +8,8 @@ adapter, so it acts as a weight decay toward the adapter's initialisation, B = 0
 ``output_dir/l2_sp_anchors.safetensors`` so that a resumed job pulls toward the same point.
 
 Supported: ZeRO 0, 1, 2; ZeRO-3 only when the trained parameters stay whole on every rank (like EWC's penalty).
+The penalty enters through the gradients like EWC's (``distrib_ft.preservation.ewc.through_gradients``): its
+backward returns alpha (theta - theta0); the value is computed on logging steps only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
+from distrib_ft.preservation.ewc import through_gradients
 from distrib_ft.runtime import dist
 from distrib_ft.schema import Strict
 
@@ -39,6 +42,7 @@ class L2SPConfig(Strict):
 class L2SP:
     name: ClassVar[str] = "l2_sp"
     config_class: ClassVar[type[Strict]] = L2SPConfig
+    through_grads: ClassVar[bool] = True  # False: autograd of the scalar penalty (the reference)
 
     def __init__(self, config: L2SPConfig, ctx):
         self.alpha, self.ctx = config.alpha, ctx
@@ -68,13 +72,34 @@ class L2SP:
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.anchors = {n: self.anchors[n].to(dist.device()) for n in self._params}
 
-    def penalty(self, model: torch.nn.Module) -> torch.Tensor:
-        """alpha/2 * sum_i (theta_i - theta0_i)^2 over the trained parameters (fp32, a scalar)."""
-        value = 0.5 * self.alpha * torch.stack(
-            [(p.float() - self.anchors[n]).pow(2).sum() for n, p in self._params.items()]).sum()
-        self._sum += value.item()
-        self._steps += 1
-        return value
+    def penalty(self, model: torch.nn.Module, *, logging: bool = True) -> torch.Tensor:
+        """alpha/2 * sum_i (theta_i - theta0_i)^2 over the trained parameters (fp32, a scalar).
+
+        Like EWC's (``EWC.through_grads``): its backward adds alpha (theta - theta0) straight to the gradients, the
+        value is computed only when ``logging`` (else 0); ``through_grads = False``: autograd of the scalar.
+        """
+        if not self.through_grads:
+            value = 0.5 * self.alpha * torch.stack(
+                [(p.float() - self.anchors[n]).pow(2).sum() for n, p in self._params.items()]).sum()
+            self._sum += value.item()
+            self._steps += 1
+            return value
+        value = None
+        if logging:
+            with torch.no_grad():
+                diffs = torch._foreach_sub([p.detach().float() for p in self._params.values()],
+                                           [self.anchors[n] for n in self._params])
+                value = 0.5 * self.alpha * torch.stack([(d * d).sum() for d in diffs]).sum()
+            self._sum += float(value)
+            self._steps += 1
+        return through_gradients(value, self._grads, list(self._params.values()))
+
+    @torch.no_grad()
+    def _grads(self, g: torch.Tensor) -> list[torch.Tensor]:
+        params = list(self._params.values())
+        diffs = torch._foreach_sub([p.detach().float() for p in params], [self.anchors[n] for n in self._params])
+        torch._foreach_mul_(diffs, g.float() * self.alpha)
+        return [d.to(p.dtype) for d, p in zip(diffs, params)]
 
     def metrics(self) -> dict:
         """``l2_sp_penalty``: the mean penalty per optimizer step since the last line."""

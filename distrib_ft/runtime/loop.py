@@ -230,7 +230,8 @@ def run_steps(run: Run) -> str | None:
             call(run.defences, "observe", chunk, nll, targets)
             loss = nll.sum() * scale
             if i == len(micro) - 1:  # penalties once per step: DeepSpeed divides by accum and averages ranks
-                penalties = [p for p in call(run.defences, "penalty", engine.module) if p is not None]
+                penalties = [p for p in call(run.defences, "penalty", engine.module, logging=logging_step)
+                             if p is not None]  # the value computed on logging steps only
                 if penalties:
                     loss = loss + torch.stack(penalties).sum() * accum
             engine.backward(loss)
