@@ -16,6 +16,10 @@
 
 ``--parts attribution``: where the extra time goes, part by part (see ``worker_attribution``).
 
+(c) ``--parts grads``: the penalty through the gradients (``EWC.through_grads``, the default since issue 13) vs
+    autograd of the scalar (the implementation before), with and without the value (logging steps), against one
+    micro-batch's forward+backward, paired and interleaved inside each process (see ``worker_grads``).
+
 (b) ``--parts penalty`` (always on the tiny model):
     - ``train()`` runs: a LoRA job (distrib_ft.runtime.loop.train, DeepSpeed ZeRO-0, fp32, micro-batch 8)
       without EWC (``no-ewc``), with EWC target=trainable / lora_merged (lambda 1), each a fresh
@@ -31,6 +35,7 @@ Usage::
     python bench/ewc_cost.py --steps 60                    # tiny Llama (hidden 256, 4 layers), ~13 min
     python bench/ewc_cost.py --models smollm2 --parts fisher --out bench/results/ewc_cost_smollm2.json
     python bench/ewc_cost.py --models tiny smollm2 --parts attribution --out bench/results/ewc_cost_attribution.json
+    python bench/ewc_cost.py --models smollm2 --parts grads --penalty-reps 4 --out bench/results/ewc_cost_grads.json
 """
 
 from __future__ import annotations
@@ -281,9 +286,83 @@ def worker_attribution(spec: dict) -> dict:
     return out
 
 
+def worker_grads(spec: dict) -> dict:
+    """(c) The penalty through the gradients vs autograd of the scalar, paired in one process (issue 13).
+
+    Per repetition, in a rotated order: one micro-batch's forward+backward (``MICRO`` sequences, the loop's loss
+    scale), and for each EWC target the penalty's forward+backward as the loop runs it, added into gradients that
+    already hold the step's (``.grad`` preset to zeros, as after the micro-batch's backward):
+    ``autograd`` (``EWC.through_grads = False``, the implementation before), ``grads`` (the closed-form gradient
+    through ``distrib_ft.preservation.ewc.through_gradients``, a non-logging step) and ``grads+value`` (a logging
+    step: the value computed too). Returns the median seconds of each.
+    """
+    import torch
+    from datasets import load_from_disk
+
+    from distrib_ft.data.formats import collate
+    from distrib_ft.methods import METHODS, build_method
+    from distrib_ft.model import load_model, load_tokenizer
+    from distrib_ft.preservation.ewc import EWC, EWCConfig, lora_layers
+    from distrib_ft.runtime.loss import token_nll_sum
+    from distrib_ft.runtime.worker import set_seed
+
+    set_seed(0)
+    tok = load_tokenizer(spec["model_dir"])
+    section = {"type": spec["method"], **(LORA if spec["method"] == "lora" else {})}
+    method = build_method(METHODS[spec["method"]].config_class(**section))
+    model = method.apply(load_model(spec["model_dir"], dtype="float32"))
+    ds = load_from_disk(spec["data_dir"])
+    batch = collate([ds[i] for i in range(MICRO)], tok.pad_token_id)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    targets = ["trainable", "lora_merged"] if spec["method"] == "lora" else ["trainable"]
+    with torch.no_grad():  # a LoRA update away from 0 (B = 0 at init), so dW and its gradients are not all zeros
+        for _, m in lora_layers(model):
+            for b in m.lora_B.values():
+                b.weight.normal_(0, 1e-3)
+    pen = {}
+    for t in targets:
+        ewc = EWC(EWCConfig(**{"lambda": 1.0, "target": t}))
+        ewc._params = ewc.fisher_params(model)
+        ewc._lora = {f"{n}.base_layer.weight": m for n, m in lora_layers(model)} if t == "lora_merged" else {}
+        ewc.fisher = {n: torch.rand(p.shape, dtype=torch.float32) for n, p in ewc._params.items()}
+        ewc.anchors = ({n: p.detach().float() + 1e-3 * torch.randn(p.shape) for n, p in ewc._params.items()}
+                       if t == "trainable" else {})
+        pen[t] = ewc
+
+    def step():
+        model.train()
+        nll, n = token_nll_sum(model, batch)
+        (nll / max(n, 1)).backward()
+
+    def penalty(ewc, kind):
+        def run():
+            EWC.through_grads = kind != "autograd"
+            ewc.penalty(model, logging=kind != "grads").backward()
+        return run
+
+    items = [("step", step)] + [(f"{t}/{k}", penalty(pen[t], k)) for t in targets
+                                for k in ("autograd", "grads", "grads+value")]
+    rows: dict[str, list[float]] = {k: [] for k, _ in items}
+    for rep in range(spec["penalty_reps"] + 1):  # the first round warms up and is left out
+        k0 = (rep + spec["repeat"]) % len(items)
+        for key, fn in items[k0:] + items[:k0]:
+            for p in trainable:
+                p.grad = torch.zeros_like(p)
+            w0 = time.perf_counter()
+            fn()
+            if rep:
+                rows[key].append(time.perf_counter() - w0)
+    EWC.through_grads = True
+    return {"times": {k: statistics.median(v) for k, v in rows.items()}, "all": rows,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "fisher_parameters": {t: sum(p.numel() for p in pen[t]._params.values()) for t in targets},
+            "torch_threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
+
+
 def worker_main(spec_path: str) -> None:
     spec = harness.read_spec(spec_path)
-    result = {"fisher": worker_fisher, "train": worker_train, "attribution": worker_attribution}[spec["kind"]](spec)
+    result = {"fisher": worker_fisher, "train": worker_train, "attribution": worker_attribution,
+              "grads": worker_grads}[spec["kind"]](spec)
     harness.write_result(spec, result)
 
 
@@ -337,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--penalty-configs", nargs="+", default=list(PENALTY_CONFIGS), choices=PENALTY_CONFIGS,
                    help="train() runs of (b): plain runs without / with EWC, and alt-*: the penalty every other step")
     p.add_argument("--parts", nargs="+", default=["fisher", "attribution", "penalty"],
-                   choices=["fisher", "attribution", "penalty"])
+                   choices=["fisher", "attribution", "penalty", "grads"])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -396,8 +475,49 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"rep {rep} {c}: {res['median_tokens_per_second']:.0f} tok/s, "
                     f"{res['median_tokens_per_cpu_second']:.0f} tok/CPU-s; process {res['process_s']:.0f}s")
 
+    grads_runs = []
+    if "grads" in args.parts:
+        for rep in range(args.repeats):
+            for m in args.models:
+                for method in args.methods:
+                    spec = {"kind": "grads", "threads": args.threads, "model_dir": prep[m]["model_dir"],
+                            "data_dir": prep[m]["data_dir"], "method": method, "repeat": rep,
+                            "penalty_reps": args.penalty_reps}
+                    res = run_worker(spec, work / f"run{rid:03d}")
+                    rid += 1
+                    res.update(model=m, method=method, repeat=rep)
+                    grads_runs.append(res)
+                    st = res["times"]["step"]
+                    log(f"rep {rep} {m} {method}: step fwd+bwd {st:.2f}s (load {res['loadavg'][0]:.1f}); " + ", ".join(
+                        f"{k} {100 * v / st:.1f}%" for k, v in res["times"].items() if k != "step"))
+
     # ---- summary
-    summary, lines = {"fisher": {}, "micro_penalty": {}, "train_penalty": {}}, []
+    summary, lines = {"fisher": {}, "micro_penalty": {}, "train_penalty": {}, "grads": {}}, []
+    if grads_runs:
+        lines += ["### (c) The penalty through the gradients vs autograd of the scalar, paired in one process", "",
+                  "| model | method | EWC target | step fwd+bwd ms | penalty: autograd ms | through the gradients ms | "
+                  "+ value (logging steps) ms | **autograd / step** | **gradients / step** | + value / step | "
+                  "per-process gradients / step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for m in args.models:
+            for method in args.methods:
+                rs = [r for r in grads_runs if r["model"] == m and r["method"] == method]
+                if not rs:
+                    continue
+                st = med([r["times"]["step"] for r in rs])
+                for t in (["trainable", "lora_merged"] if method == "lora" else ["trainable"]):
+                    ms = {k: med([r["times"][f"{t}/{k}"] for r in rs]) for k in ("autograd", "grads", "grads+value")}
+                    share = {k: med([r["times"][f"{t}/{k}"] / r["times"]["step"] for r in rs]) for k in ms}
+                    per = [r["times"][f"{t}/grads"] / r["times"]["step"] for r in rs]
+                    summary["grads"][f"{m}/{method}/{t}"] = {"step_ms": 1e3 * st, **{f"{k}_ms": 1e3 * v for k, v in
+                                                             ms.items()}, **{f"{k}_share": v for k, v in share.items()},
+                                                             "grads_share_per_process": per,
+                                                             "loadavg": [r["loadavg"] for r in rs]}
+                    lines.append(f"| {m} | {method} | {t} | {1e3 * st:.0f} | {1e3 * ms['autograd']:.1f} | "
+                                 f"{1e3 * ms['grads']:.1f} | {1e3 * ms['grads+value']:.1f} | "
+                                 f"**{100 * share['autograd']:.1f}%** | **{100 * share['grads']:.1f}%** | "
+                                 f"{100 * share['grads+value']:.1f}% | "
+                                 f"{' / '.join(f'{100 * x:.1f}%' for x in per)} |")
+        lines.append("")
     if fisher_runs:
         lines += ["### Fisher pass vs training forward+backward (same sequences, same process)", "",
                   "| model | method | EWC target (F over) | estimator | backward passes | Fisher s | train fwd+bwd s | "
@@ -511,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
                            "sequences": {"tiny": args.sequences, "smollm2": args.smollm2_sequences},
                            "train_steps": args.steps, "warmup_steps_excluded": args.warmup},
               "versions": harness.versions(), "loadavg_at_end": os.getloadavg(), "total_s": time.time() - t_start,
-              "summary": summary, "table_markdown": table, "fisher_runs": fisher_runs,
+              "summary": summary, "table_markdown": table, "fisher_runs": fisher_runs, "grads_runs": grads_runs,
               "train_runs": [{k: ([round(x, 3) if isinstance(x, float) else x for x in v] if isinstance(v, list) else v)
                               for k, v in r.items()} for r in train_runs]}
     args.out.write_text(json.dumps(record, indent=1) + "\n")
