@@ -171,8 +171,6 @@ def ensure_cpu_ops(say=None) -> None:
     Args:
         say: where lines go (default: stderr).
     """
-    import fcntl
-
     if torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
         return
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -186,11 +184,22 @@ def ensure_cpu_ops(say=None) -> None:
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False) \
             or builder.name in OpBuilder._loaded_ops:
         return
+    load_op(builder, BUILD_NOTICE.format(root / builder.name), say)
+
+
+def load_op(builder, notice: str, say) -> None:
+    """Load DeepSpeed op ``builder`` from the project's extensions folder, building it first when needed.
+
+    The build is announced with ``notice`` and runs under the lock and the checks :func:`ensure_cpu_ops` describes:
+    any number of processes may call it at once; one builds, the others wait (a line after 3 s).
+    """
+    import fcntl
+    import time
+
+    root = extensions_dir()
     build_dir = root / builder.name
     build_dir.mkdir(parents=True, exist_ok=True)
     with open(root / f".{builder.name}.build-lock", "a+") as guard:
-        import time
-
         since = time.time()
         while True:  # another process of ours loads or builds it: wait (a line if that takes a while)
             try:
@@ -199,7 +208,7 @@ def ensure_cpu_ops(say=None) -> None:
             except BlockingIOError:
                 if since is not None and time.time() - since > 3:
                     guard.seek(0)
-                    say(f"distrib-ft: waiting for {guard.read().strip() or 'another process'} to build "
+                    say(f"distrib-ft: waiting for {guard.read().strip() or 'another process'} to load or build "
                         f"{builder.name} in {build_dir}")
                     since = None
                 time.sleep(0.2)
@@ -215,7 +224,7 @@ def ensure_cpu_ops(say=None) -> None:
             say(f"distrib-ft: {so} was cut short ({short}): a build was killed while linking; rebuilding it")
             so.unlink(missing_ok=True)
         if not so.exists():
-            say(f"distrib-ft: {BUILD_NOTICE.format(build_dir)}")
+            say(f"distrib-ft: {notice}")
         try:
             builder.load(verbose=False)
         except (ImportError, RuntimeError) as e:

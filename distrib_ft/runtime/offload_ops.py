@@ -48,64 +48,18 @@ def ensure_cpu_adam(say=None) -> Path | None:
     Raises:
         RuntimeError: the op failed to build twice (the compiler's message is in the exception).
     """
-    import fcntl
-
-    from distrib_ft.runtime.dist import _same_ninja, clear_stale_lock, elf_cut_short, extensions_dir
+    from distrib_ft.runtime.dist import extensions_dir, load_op
 
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
-    root = extensions_dir()
     from deepspeed.accelerator import get_accelerator
     from deepspeed.ops.op_builder.builder import OpBuilder
 
     builder = get_accelerator().create_op_builder("CPUAdamBuilder")
     if builder is None or not builder.is_compatible(verbose=False):
         return None
-    build_dir = root / builder.name
-    if builder.name in OpBuilder._loaded_ops:
-        return build_dir
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{builder.name}.build-lock", "a+") as guard:
-        since = time.time()
-        while True:  # another process of ours loads or builds it: wait (a line if that takes a while)
-            try:
-                fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if since is not None and time.time() - since > 3:
-                    guard.seek(0)
-                    say(f"distrib-ft: waiting for {guard.read().strip() or 'another process'} to load or build "
-                        f"{builder.name} in {build_dir}")
-                    since = None
-                time.sleep(0.2)
-        guard.seek(0)
-        guard.truncate()
-        guard.write(f"process {os.getpid()}")
-        guard.flush()
-        clear_stale_lock(build_dir, say)
-        _same_ninja()
-        so = build_dir / f"{builder.name}.so"
-        short = elf_cut_short(so) if so.exists() else None
-        if short:  # ninja would see it as up to date, and loading it would kill this process (SIGBUS)
-            say(f"distrib-ft: {so} was cut short ({short}): a build was killed while linking; rebuilding it")
-            so.unlink(missing_ok=True)
-        if not so.exists():
-            say(f"distrib-ft: {CPU_ADAM_NOTICE.format(CPU_ADAM_BUILD_ESTIMATE, build_dir)}")
-        try:
-            builder.load(verbose=False)
-        except (ImportError, RuntimeError) as e:
-            if isinstance(e, ImportError):  # a .so that was cut short: ninja saw it as up to date
-                say(f"distrib-ft: {so} does not load ({str(e).splitlines()[0]}); rebuilding it")
-                so.unlink(missing_ok=True)
-            else:  # the build failed: start it again from nothing (a killed build's objects included)
-                say(f"distrib-ft: building {builder.name} failed ({str(e).splitlines()[0]}); rebuilding it from "
-                    "its sources")
-                for f in build_dir.iterdir():
-                    if f.is_file() and f.name != "lock":
-                        f.unlink(missing_ok=True)
-            from torch.utils.cpp_extension import JIT_EXTENSION_VERSIONER
-
-            JIT_EXTENSION_VERSIONER.entries.pop(builder.name, None)  # else torch skips the build in this process
-            builder.load(verbose=False)
+    build_dir = extensions_dir() / builder.name
+    if builder.name not in OpBuilder._loaded_ops:
+        load_op(builder, CPU_ADAM_NOTICE.format(CPU_ADAM_BUILD_ESTIMATE, build_dir), say)
     return build_dir
 
 
