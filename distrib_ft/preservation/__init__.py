@@ -16,7 +16,8 @@ ones it needs; there is no base class), in this order:
 - ``batch_share``: attribute, the share of every global batch that ``mix`` supplies (replay's ratio);
 - ``mix(step, examples)``: this rank's examples of an optimizer step -> the examples to train on
   (replay appends old ones marked ``"replay": True``);
-- ``penalty(model)``: an extra loss term for this optimizer step, or None;
+- ``penalty(model, logging)``: an extra loss term for this optimizer step, or None (``logging``: a metrics line
+  follows this step, so a defence computes its value then; its gradient may come from a custom backward);
 - ``observe(examples, nll, targets)``: after each micro-batch's forward: its examples and their per-sequence
   NLL sums and target counts, shape (B,) (replay splits the loss into new and replayed);
 - ``metrics()``: values for the next metrics.jsonl line since the previous call; collective (every rank
