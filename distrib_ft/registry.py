@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distrib_ft.runtime import storage
-from distrib_ft.runtime.storage import COMPLETE, UrlPath, as_path
+from distrib_ft.runtime.storage import COMPLETE, UrlPath, as_path, atomic_write_text
 
 VERSION_FILE = "version.json"
 POINTER = "current.json"
@@ -109,28 +109,6 @@ def file_sha256(path) -> str:
 
 def _tree_hash(files: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{k}\0{files[k]}\n" for k in sorted(files)).encode()).hexdigest()
-
-
-def _write(path, text: str) -> None:
-    """Write atomically: one object on a URL (storage.UrlPath); locally a temp file, fsync, then a rename.
-
-    (checkpoint.atomic_write_text does the same, but importing it imports torch: seconds for every CLI call.)
-    """
-    p = as_path(path)
-    if isinstance(p, UrlPath):
-        p.write_text(text)
-        return
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_json(path) -> dict | None:
@@ -238,7 +216,7 @@ class RegistryLock:
                 return held
             if held is not None and held.get("token") != self.token:
                 self.took_over = {**held, "reason": self.stale_reason(held)}
-            _write(self.path, json.dumps(self._claim(), indent=2) + "\n")
+            atomic_write_text(self.path, json.dumps(self._claim(), indent=2) + "\n")
             return None
 
     def _try_store(self) -> dict | None:
@@ -246,7 +224,7 @@ class RegistryLock:
         if held is not None and held.get("token") != self.token and self.stale_reason(held) is None:
             return held
         stale = {**held, "reason": self.stale_reason(held)} if held is not None else None
-        _write(self.path, json.dumps(self._claim(), indent=2) + "\n")
+        atomic_write_text(self.path, json.dumps(self._claim(), indent=2) + "\n")
         time.sleep(self.settle)
         again = self._read()
         if again is None or again.get("token") != self.token:  # another claim landed after ours: theirs
@@ -295,7 +273,7 @@ class RegistryLock:
         with self._guard():  # locally exact; on a URL a taker may land between the read and the PUT (see above)
             claim = self._read()
             if self.token is not None and claim is not None and claim.get("token") == self.token:
-                _write(self.path, json.dumps({**claim, "renewed": time.time(),
+                atomic_write_text(self.path, json.dumps({**claim, "renewed": time.time(),
                                               "expires": time.time() + self.lease}, indent=2) + "\n")
 
     def held(self) -> bool:
@@ -449,7 +427,7 @@ class Registry:
             files = self._copy_artifact(src, self._version_dir(name))
             kind = "adapter" if "adapter_config.json" in files else "full"
             record["artifact"] = {"kind": kind, "path": MODEL, "files": files, "bytes": sum(files.values())}
-            _write(self._version_dir(name) / VERSION_FILE, json.dumps(record, indent=2) + "\n")  # the marker
+            atomic_write_text(self._version_dir(name) / VERSION_FILE, json.dumps(record, indent=2) + "\n")  # the marker
             if not isinstance(self.root, UrlPath):
                 _fsync_dir(self._version_dir(name))
             return self._version(name, pointer)
@@ -480,7 +458,7 @@ class Registry:
         path = self._version_dir(name) / VERSION_FILE
         record = _read_json(path)
         record.update(decision=decision, **fields)
-        _write(path, json.dumps(record, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
     def refuse(self, version, *, reason: str, details: dict | None = None) -> Version:
         """Mark a candidate ``refused`` (the gate said no): it stays listed, the pointer does not move.
@@ -568,7 +546,7 @@ class Registry:
             raise RegistryError(f"{lk.path}: this process lost the registry lock (its lease ran out); nothing "
                                 "was changed, retry")
         pointer["updated"] = now()
-        _write(self.root / POINTER, json.dumps(pointer, indent=2) + "\n")
+        atomic_write_text(self.root / POINTER, json.dumps(pointer, indent=2) + "\n")
         if not isinstance(self.root, UrlPath):
             _fsync_dir(Path(self.root))
 

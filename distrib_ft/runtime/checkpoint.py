@@ -34,31 +34,10 @@ from distrib_ft.methods import exports_trainable_only
 from distrib_ft.runtime import dist, storage
 from distrib_ft.schema import flatten
 
+atomic_write_text = storage.atomic_write_text  # temp file + rename locally, one object on a URL
 COMPLETE = "COMPLETE"
 OWNER = "job.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file through a temp file in the same folder and a rename: never half-written.
-
-    A URL (storage.UrlPath) is written as one object (a temp name then a move where the store needs one).
-    """
-    if storage.is_url(path):
-        storage.as_path(path).write_text(text)
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_rng_state(path: str | Path) -> None:

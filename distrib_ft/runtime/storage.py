@@ -301,7 +301,7 @@ def staging_dir(url: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     mark = folder / STAGING_MARK
     if not mark.is_file():
-        _atomic_local(mark, url + "\n")
+        atomic_write_text(mark, url + "\n")
     return folder
 
 
@@ -340,12 +340,23 @@ def public(path) -> str:
     return str(p)
 
 
-def _atomic_local(path: Path, text: str) -> None:
+def atomic_write_text(path, text: str) -> None:
+    """Write a file so that it is never half-written.
+
+    A URL as one object (UrlPath.write_text); a local file through a temp file in the same folder, fsync, then a
+    rename. Imports no torch (the CLI and the registry use it).
+    """
+    if isinstance(path, UrlPath) or is_url(path):
+        as_path(path).write_text(text)
+        return
+    path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -560,7 +571,7 @@ def check_shared(output_dir) -> None:
     probe = out / f".distrib-ft-probe-{token}"
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_local(probe, token)
+        atomic_write_text(probe, token)
     dist.barrier()
     seen = dist.all_gather_object(probe.is_file())
     dist.barrier()
