@@ -104,7 +104,7 @@ def _retried(e: BaseException) -> str | None:
     from distrib_ft.runtime import recovery
 
     attempt = recovery.current()
-    if attempt.number >= attempt.of or not recovery._infrastructure(e):
+    if attempt.number >= attempt.of or not recovery.infrastructure(e):
         return None
     text = (str(e).strip().splitlines() or [""])[0][:160]
     return f"{type(e).__name__}: {text} (a worker died or hangs: attempt {attempt.number} of {attempt.of} ends; " \

@@ -228,7 +228,7 @@ def _input_error(e: BaseException) -> bool:
                for x in _chain(e))
 
 
-def _infrastructure(e: BaseException) -> bool:
+def infrastructure(e: BaseException) -> bool:
     """A failure of the workers' machinery, not of the job: a death, a hang, a lost connection, a network timeout."""
     if _is_death(e) or _timeout_of(e) is not None or type(e).__name__.startswith("WorkerHealthCheck"):
         return True
@@ -248,7 +248,7 @@ def recoverable(error: BaseException) -> bool:
     every attempt: the run ends with it at once.
     """
     failures = failures_of(error).values()
-    return not any(_input_error(e) for e in failures) and any(_infrastructure(e) for e in failures)
+    return not any(_input_error(e) for e in failures) and any(infrastructure(e) for e in failures)
 
 
 def failure_policy(failure_config):
