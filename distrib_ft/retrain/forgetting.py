@@ -149,7 +149,9 @@ def write_report(registry, matrix: dict) -> dict:
         ValueError: a malformed matrix (missing key, duplicate task, a row whose round is not the task at its
             position), one line.
     """
-    root = as_path(getattr(registry, "root", registry))
+    if not isinstance(registry, (str, os.PathLike, UrlPath)):  # a Registry (a Path's .root is "/")
+        registry = registry.root
+    root = as_path(registry)
     for key in ("metric", "tasks", "base", "rows"):
         if key not in matrix:
             raise ValueError(f"{REPORT_JSON}: the matrix has no {key!r} (keys: metric, tasks, base, rows)")
