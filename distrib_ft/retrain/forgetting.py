@@ -1,7 +1,9 @@
 """Forgetting across the rounds of a retraining pipeline: the matrix R, GEM's ACC / BWT / FWT, and the report.
 
-R follows GEM (Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory for Continual Learning", NeurIPS, Sec. 5
-"Experiments", https://arxiv.org/abs/1706.08840): tasks are the rounds' held-out sets in round order; ``R[i][j]``
+R and its three metrics follow GEM (Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory for Continual Learning",
+NeurIPS, https://arxiv.org/abs/1706.08840: ACC, BWT, FWT; the same differences as its released metrics/metrics.py,
+github.com/facebookresearch/GradientEpisodicMemory, which however averages BWT and FWT over T terms one of which is
+0, where the paper, and this module, divide by T-1). Tasks are the rounds' held-out sets in round order; ``R[i][j]``
 is task j's metric for the model current after round i (round i trains task i); ``base[j]`` is the base model's
 (GEM's ``b̄_j``, there the model at random initialisation). With T rows evaluated (T <= the number of tasks)::
 
@@ -15,7 +17,8 @@ accuracy, a positive value means better and a negative BWT is forgetting (in NLL
 is the mean NLL (lower is better). T = 1: ACC = R[0][0]; BWT and FWT are None (GEM's 1/(T-1) has no term: nothing
 trained before, nothing to forget). A metric any of whose terms needs an entry that is None (not evaluated) is
 None itself (not an average over fewer terms, which would be another quantity); the entries are listed in
-``missing``. Entries outside these formulas (R[i][j] for j > i + 1) are reported but enter no metric.
+``missing``. Only the last row, the diagonal R[j][j] and the cells just above it R[j-1][j] enter the metrics; the
+other entries are in the report (table, plots) only.
 
 ``write_report(registry, matrix)`` writes, each file atomically (a local temp file then a rename; on a URL one
 object PUT, distrib_ft/runtime/storage.py), the plots first and the JSON last::
@@ -193,7 +196,7 @@ def render_markdown(report: dict, plots: list[tuple[str, str]] = ()) -> str:
         lines += [f"Pipeline exit code {report.get('exit_code', '-')}; current version "
                   f"{report.get('current') or 'none'}.", ""]
     lines += [f"R[i][j] = {metric} ({better} is better) of task j (round j's held-out set) for the model current "
-              f"after round i; T = {T} round(s) evaluated. Definitions: GEM (Lopez-Paz & Ranzato 2017, Sec. 5)"
+              f"after round i; T = {T} round(s) evaluated. Definitions: GEM (Lopez-Paz & Ranzato 2017)"
               + ("; BWT and FWT negated for a lower-is-better metric, so positive means better." if lower else "."),
               ""]
     sign = "R[j][j] - R[T-1][j]" if lower else "R[T-1][j] - R[j][j]"
