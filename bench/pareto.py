@@ -1,0 +1,439 @@
+"""The measured Pareto of every defence on a real model: new-task gain against forgetting, two retention suites.
+
+Issue 13, must-have 5. One setting = one in-process ``train()`` job in a fresh worker process (the way
+``bench/stm_smollm2.py`` and ``bench/methods.py`` run SmolLM2; ``bench/harness.py``), ONE at a time:
+
+- model ``offline:SmolLM2-135M-Instruct`` (``distrib_ft.assets.smollm2_path()``), the README demo's regime
+  (``examples/demo.yaml``): LoRA r16 alpha 32 on all projections, lr 5e-4 cosine with 10% warmup, 30 optimizer
+  steps of 8 sequences (a world of one, per_device_train_batch_size 8 = the demo's 4 x 2 workers), ZeRO-2
+  (``ds_configs/zero2.json``), fp32, max_seq_length 128. At this rate plain training forgets (general_qa
+  +22..30% in the demo, ``bench/stm_smollm2.py`` and ``bench/methods.py``): the regime where a defence has
+  something to protect. Every defence is added on top of that job; ``lr/10`` and ``full`` change the job itself.
+- new task: ``examples/data/units_train.jsonl``; its held-out ``units_eval.jsonl`` (60) gives the new-task NLL
+  (``eval_loss``); **gain = eval_loss at step 0 - eval_loss at the end** (nats per answer token).
+- suite ``general_qa`` (inside replay's distribution): the first 64 of ``examples/data/general_qa.jsonl`` (the
+  base model's own greedy answers to general prompts). The last 36 (disjoint) are the *old data* the defences
+  may use: the replay buffer (``distrib_ft.data.replay_buffer.build``), generative replay's prompts (their
+  instructions only; the answers are generated) and EWC's Fisher data.
+- suite ``python_docs`` (outside it): 64 answers in a different style, human-written reference prose. No
+  second such set exists in ``examples/data``, so it is built deterministically here (:func:`python_docs_records`)
+  from the docstrings of Python's own built-ins and ``str`` methods (CPython 3.11's text; sorted by name):
+  instruction "What does Python's built-in `abs` do?", answer the docstring's first paragraph. Nothing of it is
+  replayed or in the Fisher data.
+- per suite: **relative change = NLL at the end / NLL at step 0 - 1** (monitor, metric nll; > 0 = forgetting).
+- time: the worker's wall seconds (start-up, Fisher / base-model / generation passes, 2 evaluations included),
+  on a 2-core machine shared with other work: read them to about +-30%.
+
+Settings (``SETTINGS``): none; lr/10; full fine-tuning (the method switch: full at 2e-5, the rate of
+``bench/methods.py``; LoRA is the baseline's own method here); EWC (``estimator: sampled``,
+``target: lora_merged``, lambda 1e2 / 1e4 / 1e6, Fisher on the 36 old examples); L2-SP (alpha 1); replay 10% and
+25%; generative replay (32 generated answers, ratio 10%); STM (token masking, tau 2.5); EMA (decay 0.95); replay
+25% + EWC (lambda 1e4); and merge-back alpha 0.5 / 0.25: the no-defence run's merged weights interpolated toward
+the start, ``theta0 + alpha (theta1 - theta0)`` (Wortsman et al. 2022, WiSE-FT), computed with torch on its
+saved ``final/`` adapter and evaluated on the same data, no training (its time = the no-defence run's + the
+merge and evaluation). Seeds (``training.seed``: data order, sampling): every setting with seed 0 first, then 1.
+
+Results go to ``bench/results/pareto.json`` after every run (temp file then rename), so a partial sweep is
+kept and ``--resume`` skips what is there; the plots ``bench/results/pareto_<suite>.png`` (x: the suite's
+relative change, y: the new-task gain; one point per run, the mean of the seeds marked) are redrawn with it.
+
+Usage (from the repository root)::
+
+    nice -n 10 .venv/bin/python bench/pareto.py --seeds 0 1 --resume > /tmp/pareto.log 2>&1 &
+    .venv/bin/python bench/pareto.py --table-from bench/results/pareto.json   # table + plots again
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+if "--worker" not in sys.argv:  # a worker keeps the OMP_NUM_THREADS its parent gave it (read_spec checks it)
+    harness.limit_own_threads(1)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+from harness import ROOT  # noqa: E402
+
+DATA = ROOT / "examples" / "data"
+DEFAULT_OUT = ROOT / "bench" / "results" / "pareto.json"
+SUITE_EXAMPLES = 64
+SUITES = ("general_qa", "python_docs")
+LR = 5e-4
+STEPS = 30
+BATCH = 8
+MERGE_ALPHAS = (0.5, 0.25)
+EWC_LAMBDAS = (1e2, 1e4, 1e6)
+
+# name -> (what it changes in the job); the order is the run order within a seed
+SETTINGS: dict[str, dict] = {
+    "none": {},
+    "lr/10": {"lr": LR / 10},
+    "stm": {"token_masking": {"mode": "stm", "threshold": 2.5}},
+    "replay 10%": {"replay": 0.10},
+    "replay 25%": {"replay": 0.25},
+    "ewc 1e4": {"ewc": 1e4},
+    "l2_sp": {"l2_sp": {"alpha": 1.0}},
+    "ema": {"ema": {"decay": 0.95}},
+    "generative replay": {"generative_replay": True},
+    "replay 25% + ewc 1e4": {"replay": 0.25, "ewc": 1e4},
+    "ewc 1e2": {"ewc": 1e2},
+    "ewc 1e6": {"ewc": 1e6},
+    "full": {"method": {"type": "full"}, "lr": 2e-5},
+}
+
+
+# ------------------------------------------------------------------------------------ data
+
+def python_docs_records(n: int = SUITE_EXAMPLES) -> list[dict]:
+    """The outside-distribution suite: first docstring paragraphs of Python's built-ins, then of ``str`` methods.
+
+    Deterministic for a given CPython (the text is the interpreter's own); functions and types only, no
+    exceptions, no private names, no docstring shorter than 40 characters; signature lines are skipped.
+    """
+    import builtins
+    import inspect
+
+    def first_paragraph(obj) -> str | None:
+        doc = inspect.getdoc(obj) or ""
+        paras = [p.strip() for p in doc.split("\n\n") if p.strip()]
+        paras = [p for p in paras if "(" not in p.split("\n")[0] or not p.split("\n")[0].rstrip().endswith(")")
+                 and "->" not in p.split("\n")[0]]
+        if not paras:
+            return None
+        text = " ".join(paras[0].split())
+        return text if len(text) >= 40 else None
+
+    out = []
+    for name in sorted(dir(builtins)):
+        obj = getattr(builtins, name)
+        if name.startswith("_") or not callable(obj) or (isinstance(obj, type) and issubclass(obj, BaseException)):
+            continue
+        text = first_paragraph(obj)
+        if text:
+            out.append({"instruction": f"What does Python's built-in `{name}` do?", "input": "", "output": text})
+    for name in sorted(dir(str)):
+        if name.startswith("_"):
+            continue
+        text = first_paragraph(getattr(str, name))
+        if text:
+            out.append({"instruction": f"What does the Python string method `str.{name}` do?", "input": "",
+                        "output": text})
+    if len(out) < n:
+        raise ValueError(f"python_docs: only {len(out)} docstrings found, {n} wanted")
+    return out[:n]
+
+
+def prepare_data(work: Path) -> dict:
+    """The suites' files, the old data (general_qa's last 36) and the replay buffer built from it, in ``work``."""
+    from distrib_ft.data import replay_buffer as rb
+
+    work.mkdir(parents=True, exist_ok=True)
+    qa = [json.loads(line) for line in (DATA / "general_qa.jsonl").read_text().splitlines() if line.strip()]
+    files = {"general_qa": work / "general_qa_suite.jsonl", "old": work / "general_qa_old.jsonl",
+             "python_docs": work / "python_docs.jsonl", "buffer": work / "replay_buffer"}
+    files["general_qa"].write_text("".join(json.dumps(r) + "\n" for r in qa[:SUITE_EXAMPLES]))
+    files["old"].write_text("".join(json.dumps(r) + "\n" for r in qa[SUITE_EXAMPLES:]))
+    files["python_docs"].write_text("".join(json.dumps(r) + "\n" for r in python_docs_records()))
+    if not rb.list_versions(str(files["buffer"])):
+        rb.build(str(files["buffer"]), [str(files["old"])], budget=None, seed=0)
+    return {k: str(v) for k, v in files.items()}
+
+
+# ------------------------------------------------------------------------------------ one run (worker)
+
+def job_dict(out: Path, setting: dict, seed: int, files: dict) -> dict:
+    from distrib_ft.assets import smollm2_path
+
+    method = setting.get("method", {"type": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0})
+    raw = harness.job_dict(
+        smollm2_path(), method,
+        {"train_files": [str(DATA / "units_train.jsonl")], "eval_files": [str(DATA / "units_eval.jsonl")],
+         "format": "alpaca", "max_seq_length": 128},
+        {"output_dir": str(out), "max_steps": STEPS, "per_device_train_batch_size": BATCH,
+         "gradient_accumulation_steps": 1, "learning_rate": setting.get("lr", LR), "lr_scheduler_type": "cosine",
+         "warmup_ratio": 0.1, "bf16": False, "logging_steps": 5, "eval_steps": 0, "save_steps": 0,
+         "per_device_eval_batch_size": 16, "seed": seed},
+        zero=2,
+        monitor={"suites": [{"name": s, "files": [files[s]], "format": "alpaca", "metric": "nll",
+                             "max_examples": SUITE_EXAMPLES} for s in SUITES],
+                 "eval_at": [0], "policy": "report"})
+    if "token_masking" in setting:
+        raw["token_masking"] = setting["token_masking"]
+    if "l2_sp" in setting:
+        raw["l2_sp"] = setting["l2_sp"]
+    if "ema" in setting:
+        raw["ema"] = setting["ema"]
+    if "ewc" in setting:
+        raw["ewc"] = {"lambda": setting["ewc"], "estimator": "sampled", "target": "lora_merged",
+                      "fisher_data_files": [files["old"]], "fisher_max_sequences": 64}
+    if "replay" in setting:
+        raw["replay"] = {"buffer": files["buffer"], "ratio": setting["replay"]}
+    if setting.get("generative_replay"):
+        buffer = str(out.parent / f"{out.name}-generated")
+        raw["generative_replay"] = {"buffer": buffer, "prompts_files": [files["old"]], "prompts_format": "alpaca",
+                                    "num_examples": 32, "max_new_tokens": 64, "temperature": 0.7, "top_p": 0.9}
+        raw["replay"] = {"buffer": buffer, "ratio": 0.10}
+    return raw
+
+
+def merge_back(out: Path, raw: dict, alphas: tuple[float, ...]) -> list[dict]:
+    """Interpolate the trained (merged) weights toward the start and evaluate like the monitor does.
+
+    ``theta(alpha) = theta0 + alpha * (theta1 - theta0)`` over every weight of the merged model (for LoRA:
+    the base plus alpha times the adapter's update). Alpha 1 (the trained model) is evaluated too: it must
+    give the run's own end values, the check that this evaluation is the monitor's.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from distrib_ft.data.formats import build_dataset
+    from distrib_ft.model import load_tokenizer
+    from distrib_ft.monitor.evaluation import evaluate_nll
+
+    base_dir = raw["model"]["name_or_path"]
+    tok = load_tokenizer(base_dir, False)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    theta0 = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    tuned = PeftModel.from_pretrained(base, str(out / "final")).merge_and_unload()
+    theta1 = {k: v.detach().clone() for k, v in tuned.state_dict().items()}
+    sets = {"eval_loss": ([raw["data"]["eval_files"][0]], 10**9)}
+    sets.update({s["name"]: (s["files"], s["max_examples"]) for s in raw["monitor"]["suites"]})
+    data = {}
+    for name, (fs, n) in sets.items():
+        ds, _ = build_dataset(fs, fmt="alpaca", tokenizer=tok, max_seq_length=raw["data"]["max_seq_length"],
+                              prompt_template="auto", text_field="text", packing=False, streaming=False)
+        data[name] = ds.select(range(min(len(ds), n)))
+    rows = []
+    for alpha in (1.0, *alphas):
+        t0 = time.time()
+        with torch.no_grad():
+            tuned.load_state_dict({k: theta0[k] + alpha * (theta1[k] - theta0[k]) for k in theta1})
+        vals = {name: evaluate_nll(tuned, ds, batch_size=16, pad_token_id=tok.pad_token_id)["eval_loss"]
+                for name, ds in data.items()}
+        rows.append({"alpha": alpha, "values": vals, "seconds": time.time() - t0})
+    return rows
+
+
+def worker_main(spec_path: str) -> None:
+    spec = harness.read_spec(spec_path)
+    from distrib_ft.runtime.metrics import read_metrics
+
+    out = Path(spec["out"])
+    setting = SETTINGS[spec["setting"]]
+    raw = job_dict(out, setting, spec["seed"], spec["files"])
+    summary, train_s = harness.train_job(raw)
+    metrics = read_metrics(out / "metrics.jsonl")
+    evals = [r for r in metrics if "eval_loss" in r]
+    first, last = evals[0], evals[-1]
+    res = {"setting": spec["setting"], "seed": spec["seed"], "train_s": train_s, "end_step": last["step"],
+           "steps": summary.get("steps"), "trainable_parameters": summary.get("trainable_parameters"),
+           "eval_start": first["eval_loss"], "eval_end": last["eval_loss"],
+           "start": {s: first[f"retention/{s}"] for s in SUITES}, "end": {s: last[f"retention/{s}"] for s in SUITES},
+           "loss_curve": [(r["step"], r["loss"]) for r in metrics if "loss" in r],
+           "extra": {k: next((r[k] for r in metrics if k in r), None)
+                     for k in ("masked_fraction", "replay_sequences", "ewc_penalty", "l2_sp_penalty")},
+           "config": raw}
+    res["replay_sequences_total"] = sum(r.get("replay_sequences", 0) for r in metrics)
+    state = out / "ewc_state.safetensors"
+    if state.exists():
+        from distrib_ft.preservation.fisher import load_fisher
+
+        fisher, _, info = load_fisher(state)
+        res["fisher_trace"] = float(sum(float(t.double().sum()) for t in fisher.values()))
+    if setting == {}:
+        try:
+            res["merge_back"] = merge_back(out, raw, MERGE_ALPHAS)
+        except Exception as e:  # noqa: BLE001 -- keep the run's own result; the merge-back rows are then missing
+            import traceback
+
+            traceback.print_exc()
+            res["merge_back_error"] = repr(e)
+    harness.write_result(spec, res, indent=1)
+    shutil.rmtree(out, ignore_errors=True)  # the weights are not needed after the evaluation
+
+
+# ------------------------------------------------------------------------------------ results
+
+def row_of(r: dict) -> dict:
+    """A run's Pareto row: gain, each suite's relative change, wall time."""
+    return {"setting": r["setting"], "seed": r["seed"], "gain": r["eval_start"] - r["eval_end"],
+            "eval_start": r["eval_start"], "eval_end": r["eval_end"],
+            **{f"{s}_change": r["end"][s] / r["start"][s] - 1 for s in SUITES}, "wall_s": r.get("wall_s")}
+
+
+def merge_rows(r: dict) -> list[dict]:
+    """The merge-back rows derived from a no-defence run (alpha < 1)."""
+    rows = []
+    for m in r.get("merge_back", []):
+        if m["alpha"] == 1.0:
+            continue
+        v = m["values"]
+        rows.append({"setting": f"merge-back {m['alpha']:g}", "seed": r["seed"],
+                     "gain": r["eval_start"] - v["eval_loss"],
+                     "eval_start": r["eval_start"], "eval_end": v["eval_loss"],
+                     **{f"{s}_change": v[s] / r["start"][s] - 1 for s in SUITES},
+                     "wall_s": (r.get("wall_s") or 0) + m["seconds"]})
+    return rows
+
+
+def all_rows(doc: dict) -> list[dict]:
+    rows = []
+    for r in doc["runs"]:
+        if "error" in r:
+            continue
+        rows.append(row_of(r))
+        rows.extend(merge_rows(r))
+    return rows
+
+
+def order_of(name: str) -> int:
+    names = list(SETTINGS) + [f"merge-back {a:g}" for a in MERGE_ALPHAS]
+    return names.index(name) if name in names else len(names)
+
+
+def table(doc: dict) -> str:
+    rows = all_rows(doc)
+    names = sorted({r["setting"] for r in rows}, key=order_of)
+    lines = ["| setting | seeds | new-task gain (NLL) | general_qa change | python_docs change | wall s / run |",
+             "|---|---|---|---|---|---|"]
+    for name in names:
+        rs = sorted([r for r in rows if r["setting"] == name], key=lambda r: r["seed"])
+
+        def cell(key, fmt, rs=rs):
+            vals = [r[key] for r in rs]
+            mean = sum(vals) / len(vals)
+            return f"{mean:{fmt}}" + (f" ({' / '.join(f'{v:{fmt}}' for v in vals)})" if len(vals) > 1 else "")
+
+        lines.append(f"| {name} | {', '.join(str(r['seed']) for r in rs)} | {cell('gain', '.3f')} | "
+                     f"{cell('general_qa_change', '+.1%')} | {cell('python_docs_change', '+.1%')} | "
+                     f"{cell('wall_s', '.0f')} |")
+    failed = [f"{r['setting']} seed {r['seed']}: {r['error']}" for r in doc["runs"] if "error" in r]
+    if failed:
+        lines.append("")
+        lines.append("Failed: " + "; ".join(failed))
+    return "\n".join(lines)
+
+
+def plot(doc: dict, out_dir: Path) -> list[Path]:
+    """One scatter per suite: x its relative change, y the new-task gain; per-seed points and the seeds' mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = all_rows(doc)
+    names = sorted({r["setting"] for r in rows}, key=order_of)
+    cmap = plt.get_cmap("tab20")
+    paths = []
+    for suite in SUITES:
+        fig, ax = plt.subplots(figsize=(8, 5.5))
+        for i, name in enumerate(names):
+            rs = [r for r in rows if r["setting"] == name]
+            xs, ys = [100 * r[f"{suite}_change"] for r in rs], [r["gain"] for r in rs]
+            color = cmap(i % 20)
+            ax.scatter(xs, ys, color=color, alpha=0.45, s=18)
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            ax.scatter([mx], [my], color=color, s=60, edgecolor="black", label=name)
+            ax.annotate(name, (mx, my), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.axvline(0, color="grey", lw=0.6)
+        ax.set_xlabel(f"{suite}: relative NLL change, end vs step 0 (%)  (right = forgetting)")
+        ax.set_ylabel("new-task gain: units eval NLL step 0 - end")
+        ax.set_title(f"Defences on SmolLM2-135M-Instruct, LoRA lr {LR:g}, {STEPS} steps: {suite}")
+        ax.legend(fontsize=7, loc="lower right", ncol=2)
+        fig.tight_layout()
+        path = out_dir / f"pareto_{suite}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def save(doc: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.rename(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), help="a subset of SETTINGS, in this order")
+    ap.add_argument("--threads", type=int, default=2, help="OMP threads of the one worker")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/pareto-work"), help="data and run folders")
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in --out and skip them")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--table-from", type=Path, help="print the table of a results JSON, redraw its plots, exit")
+    a = ap.parse_args()
+    if a.worker:
+        worker_main(a.worker)
+        return
+    if a.table_from:
+        doc = json.loads(a.table_from.read_text())
+        print(table(doc))
+        print("plots:", *plot(doc, a.table_from.parent))
+        return
+    unknown = [s for s in a.settings if s not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}")
+    doc = json.loads(a.out.read_text()) if a.resume and a.out.exists() else None
+    if doc is None:
+        doc = {"command": harness.command(__file__),
+               "settings": {"model": "offline:SmolLM2-135M-Instruct", "method": "LoRA r16 alpha 32, all projections",
+                            "lr": LR, "scheduler": "cosine, warmup 10%", "steps": STEPS, "batch": BATCH, "world": 1,
+                            "deepspeed": "ds_configs/zero2.json", "bf16": False, "max_seq_length": 128,
+                            "threads": a.threads, "suite_examples": SUITE_EXAMPLES,
+                            "new_task": "examples/data/units_train.jsonl, eval units_eval.jsonl (60)",
+                            "general_qa": "examples/data/general_qa.jsonl[:64]; old data (replay, Fisher, "
+                                          "generative prompts) = [64:]",
+                            "python_docs": "python_docs_records(): built-in and str docstrings, first paragraph",
+                            "definitions": {k: v for k, v in SETTINGS.items()}},
+               "versions": harness.versions(("torch", "transformers", "peft", "deepspeed"), machine=False),
+               "runs": []}
+    files = prepare_data(a.work)
+    done = {(r["setting"], r["seed"]) for r in doc["runs"] if "error" not in r}
+    doc["runs"] = [r for r in doc["runs"] if "error" not in r]
+    for seed in a.seeds:
+        for name in a.settings:
+            if (name, seed) in done:
+                continue
+            tag = f"{name.replace(' ', '_').replace('/', '-').replace('%', 'pct').replace('+', 'and')}-s{seed}"
+            run_dir = a.work / "runs" / f"{tag}-{int(time.time())}"
+            print(f"[{time.strftime('%H:%M:%S')}] start {name} seed {seed}", flush=True)
+            t0 = time.time()
+            try:
+                res = harness.run_worker(__file__, {"out": str(run_dir / "out"), "setting": name, "seed": seed,
+                                                    "files": files}, run_dir, threads=a.threads, time_key="wall_s")
+            except SystemExit as e:
+                res = {"setting": name, "seed": seed, "error": str(e), "wall_s": time.time() - t0}
+            doc["runs"].append(res)
+            save(doc, a.out)
+            if "error" in res:
+                print(f"[{time.strftime('%H:%M:%S')}] FAILED {name} seed {seed}: {res['error']}", flush=True)
+                continue
+            row = row_of(res)
+            print(f"[{time.strftime('%H:%M:%S')}] done {name} seed {seed} ({res['wall_s']:.0f}s): gain "
+                  f"{row['gain']:.3f}, general_qa {row['general_qa_change']:+.1%}, "
+                  f"python_docs {row['python_docs_change']:+.1%}", flush=True)
+            for m in merge_rows(res):
+                print(f"    {m['setting']}: gain {m['gain']:.3f}, general_qa {m['general_qa_change']:+.1%}, "
+                      f"python_docs {m['python_docs_change']:+.1%}", flush=True)
+            try:
+                plot(doc, a.out.parent)
+            except Exception as e:  # noqa: BLE001 -- a plot failure must not stop the sweep
+                print(f"plot failed: {e!r}", flush=True)
+    print(table(doc))
+
+
+if __name__ == "__main__":
+    main()
