@@ -146,7 +146,7 @@ def write_report(registry, matrix: dict) -> dict:
     Returns:
         The dict written to pipeline_report.json: ``matrix``'s keys plus R (rows x tasks, None where not
         evaluated), ACC, BWT, FWT, T, missing, lower_is_better, base (``{task: value}``), rounds (``matrix``'s, else
-        ``[{name, version}]`` of the rows).
+        ``[{name, version}]`` of the rows). NaN and inf are None in it (strict JSON has neither; the .md shows them).
 
     Raises:
         ValueError: a malformed matrix (missing key, duplicate task, a row whose round is not the task at its
@@ -181,7 +181,8 @@ def write_report(registry, matrix: dict) -> dict:
     _write_png(plots / LINES, lines_figure(R, base, tasks, labels, metric, lower))
     atomic_write_text(root / REPORT_MD, render_markdown(out, [("R heatmap", f"{PLOTS_DIR}/{HEATMAP}"),
                                                               ("each task across rounds", f"{PLOTS_DIR}/{LINES}")]))
-    atomic_write_text(root / REPORT_JSON, json.dumps(_finite(out), indent=2) + "\n")
+    out = _finite(out)
+    atomic_write_text(root / REPORT_JSON, json.dumps(out, indent=2) + "\n")
     return out
 
 
@@ -348,11 +349,11 @@ def _finite(obj):
 
 
 def _f(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
+    return "n/a" if v is None else f"{v:.4f}" if abs(v) < 1e6 else f"{v:.4g}"
 
 
 def _s(v) -> str:
-    return "n/a" if v is None else f"{v:+.4f}"
+    return "n/a" if v is None else f"{v:+.4f}" if abs(v) < 1e6 else f"{v:+.4g}"
 
 
 def _cell(v) -> str:

@@ -133,6 +133,17 @@ def test_write_report_none_and_defaults(tmp_path):
     _check_png((tmp_path / "reg" / PLOTS_DIR / HEATMAP).read_bytes())
 
 
+def test_write_report_non_finite(tmp_path):
+    matrix = _matrix()
+    matrix["rows"][1]["scores"]["r1"] = float("nan")  # a diverged model
+    report = write_report(tmp_path, matrix)
+    text = (tmp_path / "pipeline_report.json").read_text()
+    assert "NaN" not in text and json.loads(text) == report  # strict JSON: NaN is null
+    assert report["R"][1][0] is None and report["ACC"] is None and report["BWT"] is None and report["FWT"] == 0.5
+    assert "| after r2 (v0002) | nan | **2.0000** | 3.5000 |" in (tmp_path / "pipeline_report.md").read_text()
+    _check_png((tmp_path / PLOTS_DIR / HEATMAP).read_bytes())
+
+
 def test_write_report_rows_out_of_order(tmp_path):
     matrix = _matrix()
     matrix["rows"].reverse()
