@@ -10,6 +10,7 @@ import json
 import pytest
 from PIL import Image
 
+from distrib_ft.monitor.budget import Monitor, Suite
 from distrib_ft.registry import Registry
 from distrib_ft.retrain.forgetting import (
     HEATMAP,
@@ -163,8 +164,12 @@ def test_heatmap_cells_hold_the_values():
 
 
 def test_row_from_eval_report():
-    report = {"suites": {"r1": {"baseline": 2.0, "evaluations": [{"step": 1, "value": 1.5}, {"step": 0, "value": 2}]},
-                         "general": {"baseline": 9.0, "evaluations": [{"step": 1, "value": 9.5}]}}}
+    # the report an eval job writes, made by the same Monitor calls as jobs.evaluate: step 0 = base, 1 = the model
+    monitor = Monitor([Suite(name, "nll", "loss") for name in ("r1", "general")], policy="report")
+    monitor.record(0, {"r1": 2.0, "general": 9.0})
+    monitor.record(1, {"r1": 1.5, "general": 9.5})
+    chosen, decision = monitor.choose(monitor.steps[-1], [])
+    report = json.loads(json.dumps(monitor.report(chosen, decision)))  # as read back from report.json
     assert row_from_eval_report(report, ["r1", "r2"]) == ({"r1": 2.0, "r2": None}, {"r1": 1.5, "r2": None})
 
 
