@@ -187,3 +187,15 @@ def test_write_report_on_s3(s3_endpoint, monkeypatch):
     assert "| after r1 (v0001) | **1.0000** | 3.0000 | 4.0000 |" in UrlPath(url + "/pipeline_report.md").read_text()
     for png in (HEATMAP, LINES):
         _check_png(UrlPath(f"{url}/{PLOTS_DIR}/{png}").read_bytes())
+
+
+def test_write_report_round_one_refused(tmp_path):
+    """Round 1 refused: no row, no base (the pipeline evaluates only promoted models); the report still says so."""
+    rounds = [{"name": "r1", "version": "v0001", "decision": "refused", "verdict": "no new-task gain"}]
+    report = write_report(tmp_path, {"metric": "nll", "tasks": ["r1", "r2"], "base": {}, "rows": [], "exit_code": 3,
+                                     "current": None, "rounds": rounds})
+    assert (report["R"], report["ACC"], report["BWT"], report["FWT"], report["T"]) == ([], None, None, None, 0)
+    md = (tmp_path / "pipeline_report.md").read_text()
+    assert "Pipeline exit code 3; current version none." in md and "| r1 | v0001 | refused | no new-task gain |" in md
+    for png in (HEATMAP, LINES):
+        _check_png((tmp_path / PLOTS_DIR / png).read_bytes())
