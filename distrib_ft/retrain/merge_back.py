@@ -1,0 +1,277 @@
+"""Merge-back for the retraining gate: WiSE-FT-style interpolation theta0 + alpha (theta - theta0), and choosing alpha.
+
+Wortsman et al. 2022, "Robust fine-tuning of zero-shot models" (arXiv:2109.01903): a fine-tuned model's weights
+interpolated with the weights it started from keep much of the start's robustness for a small loss on the new task.
+The gate of ``distrib-ft retrain`` (issue 12, option ``merge_back``) uses it when a candidate breaks the
+retention budget: :func:`interpolate` writes the model at one alpha, :func:`choose` tries a grid largest first and
+keeps the first alpha the measurements pass.
+
+``kind="full"`` (full / partial / bitfit: final/ is a Hugging Face model folder): every floating tensor is
+``torch.lerp(theta0, theta, alpha)`` in fp32 (https://pytorch.org/docs/stable/generated/torch.lerp.html; its CPU and
+CUDA kernels compute ``end - (end - start) * (1 - w)`` for w >= 0.5, so alpha = 1 gives the candidate and alpha = 0
+the start bit for bit), stored in the candidate's dtype; weights tied in the candidate (one storage under several
+names) are interpolated once and stay tied; written with ``save_pretrained`` plus the candidate's tokenizer.
+
+``kind="adapter"`` (a peft LoRA adapter, trained on the start = the base with the earlier rounds' adapters merged):
+theta - theta0 is the adapter's own update dW = B @ A * s, and theta0 + alpha dW is the same adapter with ``lora_B``
+(its weight, and its bias when ``lora_bias``; ``lora_embedding_B`` for embedding layers) multiplied by alpha: dW is
+linear in B, and s (lora_alpha / r, rsLoRA's lora_alpha / sqrt(r), rank_pattern / alpha_pattern) is read from the
+untouched adapter_config.json, so the result is exact whatever the scaling rule (peft docs,
+https://huggingface.co/docs/peft/developer_guides/lora). B rather than A because A is the input projection shared by
+nothing else and B's scaling needs no knowledge of s; the adapter is loaded and saved with peft's own
+``PeftModel.from_pretrained`` / ``save_pretrained``. DoRA (Liu et al. 2024) is refused: its magnitude vector
+renormalises the rows of W0 + dW, so the merged weight is not linear in B (export both with ``distrib-ft export
+--merge`` and interpolate them with kind "full" instead). modules_to_save and trainable tokens hold whole
+replacement tensors, not updates, and are refused too.
+
+An EWC Fisher file in the candidate (final/fisher.safetensors, ``ewc.update_after``) is copied with its anchors
+(theta*, target ``trainable``) moved to the interpolated values; F itself stays the one computed at the candidate
+(an approximation near alpha = 1; recorded in merge_back.json). Every output is written to a temporary folder beside
+``out`` and renamed into place (:func:`distrib_ft.export.atomic_folder`). Bad input: a one-line ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+FISHER_FILE = "fisher.safetensors"  # distrib_ft.preservation.ewc.FINAL_FILE (not imported: keeps this module light)
+RECORD_FILE = "merge_back.json"
+KINDS = ("adapter", "full")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json", "config.json", "generation_config.json")
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha)
+                                                                             and 0 <= alpha <= 1):
+        raise ValueError(f"merge_back alpha: {alpha!r}; give a number in [0, 1] (1 = the candidate, 0 = the start)")
+    return float(alpha)
+
+
+def interpolate(start: str | Path | None, candidate: str | Path, alpha: float, out: str | Path, *, kind: str,
+                overwrite: bool = False) -> Path:
+    """Write theta0 + alpha (theta - theta0) to ``out`` and return ``out`` (absolute).
+
+    Args:
+        start: kind "full": the Hugging Face model folder the candidate was trained from (theta0). Kind "adapter":
+            the base model folder the adapter loads on (``model.name_or_path`` of the round); None: the adapter's
+            recorded ``base_model_name_or_path``. The adapter's update does not depend on it (see the module
+            docstring); it only gives peft a model to load the adapter onto.
+        candidate: kind "full": the candidate's model folder (a run's final/); kind "adapter": its peft LoRA
+            adapter folder (a run's final/).
+        alpha: in [0, 1]; 1 writes the candidate, 0 the start.
+        out: the folder to write (atomically); an existing non-empty one only with ``overwrite``.
+        kind: "adapter" or "full" (the registry's artifact kind).
+        overwrite: replace an existing ``out`` (atomically); a re-run of the same merge-back passes True.
+
+    Raises:
+        ValueError: a bad alpha or kind, a missing folder, a DoRA / non-LoRA adapter, models whose tensor names or
+            shapes differ, weights tied in the candidate but different in the start, ``out`` taken.
+    """
+    from distrib_ft.export import ExportError, _check_out
+
+    alpha = _check_alpha(alpha)
+    if kind not in KINDS:
+        raise ValueError(f"merge_back kind: {kind!r}; use one of {', '.join(KINDS)}")
+    try:
+        _check_out(out, overwrite)  # before any model loads
+        if kind == "full":
+            return _interpolate_full(start, candidate, alpha, out, overwrite=overwrite)
+        return _interpolate_adapter(start, candidate, alpha, out, overwrite=overwrite)
+    except ExportError as e:
+        raise ValueError(str(e)) from None
+
+
+def _model_folder(path, what: str) -> Path:
+    if path is None:
+        raise ValueError(f"merge_back {what}: no folder given; kind 'full' needs the start and the candidate model "
+                         "folders")
+    p = Path(path).expanduser().resolve()
+    if not (p / "config.json").is_file():
+        raise ValueError(f"merge_back {what}: {path} is no Hugging Face model folder (no config.json); give the model "
+                         "folder (a full fine-tuning run's final/)")
+    return p
+
+
+def _interpolate_full(start, candidate, alpha: float, out, *, overwrite: bool) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from distrib_ft.export import _config_dtype, _copy_tokenizer, atomic_folder
+    from distrib_ft.model import TORCH_DTYPES
+
+    s_dir, c_dir = _model_folder(start, "start"), _model_folder(candidate, "candidate")
+    dt = _config_dtype(str(c_dir))
+    cand = AutoModelForCausalLM.from_pretrained(str(c_dir), dtype=TORCH_DTYPES[dt])
+    base = AutoModelForCausalLM.from_pretrained(str(s_dir), dtype=torch.float32)
+    sd_c, sd_s = cand.state_dict(), base.state_dict()
+    only = sorted(set(sd_c) ^ set(sd_s))
+    if only:
+        side = "candidate" if only[0] in sd_c else "start"
+        raise ValueError(f"merge_back: {len(only)} tensor name(s) in only one of start {s_dir} and candidate {c_dir} "
+                         f"(e.g. {only[0]} only in the {side}); interpolate models of one architecture")
+    for name, t in sd_c.items():
+        if t.shape != sd_s[name].shape:
+            raise ValueError(f"merge_back: {name} has shape {tuple(t.shape)} in the candidate {c_dir} but "
+                             f"{tuple(sd_s[name].shape)} in the start {s_dir}; interpolate models of one architecture")
+    groups: dict[tuple, list[str]] = {}  # tied weights: one storage under several names
+    for name, t in sd_c.items():
+        groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype), []).append(name)
+    values: dict[str, torch.Tensor] = {}  # the interpolated fp32 values, for the Fisher's anchors
+    with torch.no_grad():
+        for names in groups.values():
+            first = names[0]
+            for other in names[1:]:
+                if not torch.equal(sd_s[other], sd_s[first]):
+                    raise ValueError(f"merge_back: {first} and {other} are tied in the candidate {c_dir} but differ in "
+                                     f"the start {s_dir}; interpolate models with the same tie_word_embeddings")
+            t = sd_c[first]
+            if not t.is_floating_point():
+                continue
+            v = torch.lerp(sd_s[first].float(), t.float(), alpha)
+            t.copy_(v.to(t.dtype))  # state_dict() shares storage with the model's parameters and buffers
+            values.update(dict.fromkeys(names, v))
+    out = Path(out).expanduser().resolve()
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        cand.save_pretrained(tmp, safe_serialization=True)
+        _copy_tokenizer([c_dir, s_dir], tmp)
+        fisher = _copy_extras(c_dir, tmp, values, alpha)
+        _record(tmp, kind="full", alpha=alpha, start=s_dir, candidate=c_dir, dtype=dt, fisher=fisher,
+                how="every floating tensor torch.lerp(start, candidate, alpha) in fp32, stored in the candidate's "
+                    "dtype; tied weights interpolated once")
+    return out
+
+
+def _interpolate_adapter(start, candidate, alpha: float, out, *, overwrite: bool) -> Path:
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import load_peft_weights
+    from transformers import AutoModelForCausalLM
+
+    from distrib_ft.export import PEFT_CONFIG, _read_json, atomic_folder, describe, resolve_base
+
+    if candidate is None or not Path(candidate).expanduser().is_dir():
+        raise ValueError(f"merge_back candidate: {candidate} is no folder; give the round's adapter (its final/)")
+    a = describe(candidate)
+    if a.kind != "peft" or a.peft_type != "LORA":
+        what = a.peft_type or a.owner or a.kind
+        raise ValueError(f"merge_back candidate: {a.path} is not a peft LoRA adapter ({what}); "
+                         "kind 'adapter' interpolates LoRA adapters only (use kind 'full' for model folders)")
+    cfg = _read_json(a.path / PEFT_CONFIG)
+    if cfg.get("use_dora"):
+        raise ValueError(f"merge_back candidate: {a.path} is a DoRA adapter: its magnitude vector renormalises "
+                         "W0 + dW, so the merged weight is not linear in the update; export the start and the "
+                         "candidate with `distrib-ft export --merge` and interpolate them with kind 'full'")
+    for key, what in (("modules_to_save", "whole copies of modules"), ("trainable_token_indices", "whole new token "
+                                                                                                   "embeddings")):
+        if cfg.get(key):
+            raise ValueError(f"merge_back candidate: {a.path / PEFT_CONFIG}: {key} holds {what}, not low-rank "
+                             "updates; interpolate the merged models with kind 'full' instead")
+    base_dir = (str(_model_folder(start, "start")) if start is not None
+                else resolve_base(a.base, what=str(a.path / PEFT_CONFIG)))
+    stored = {t.dtype for t in load_peft_weights(str(a.path)).values() if t.is_floating_point()}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                      str(a.path))
+    scaled = 0
+    with torch.no_grad():
+        for _, m in model.named_modules():
+            if not isinstance(m, LoraLayer):
+                continue
+            for b in (*m.lora_B.values(), *m.lora_embedding_B.values()):
+                for p in ([b] if isinstance(b, torch.nn.Parameter) else list(b.parameters())):
+                    p.mul_(alpha)  # dW = B @ A * s is linear in B (and in B's bias)
+                    scaled += 1
+    if not scaled:
+        raise ValueError(f"merge_back candidate: {a.path} has no LoRA B matrices; nothing to interpolate")
+    if len(stored) == 1:  # keep the adapter's saved dtype (peft loads adapters in fp32)
+        dtype = next(iter(stored))
+        for n, p in model.named_parameters():
+            if ".lora_" in n:
+                p.data = p.data.to(dtype)
+    values = {n: p.detach().float() for n, p in model.named_parameters()}
+    out = Path(out).expanduser().resolve()
+    if out == a.path or a.path in out.parents:
+        raise ValueError(f"merge_back out: {out} is inside the candidate {a.path}; give a folder outside it")
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        scratch = Path(tempfile.mkdtemp(prefix=".peft-", dir=tmp))
+        model.save_pretrained(scratch, safe_serialization=True)
+        for f in a.path.iterdir():  # the adapter folder as it is (config, tokenizer, qlora.json, ...)
+            if f.name in ("adapter_model.safetensors", "adapter_model.bin", FISHER_FILE):
+                continue
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        (scratch / "adapter_model.safetensors").replace(tmp / "adapter_model.safetensors")
+        shutil.rmtree(scratch)
+        fisher = _copy_fisher(a.path / FISHER_FILE, tmp / FISHER_FILE, values, alpha)
+        _record(tmp, kind="adapter", alpha=alpha, start=base_dir, candidate=a.path, fisher=fisher,
+                how=f"lora_B (weight, bias; lora_embedding_B) of {scaled} tensor(s) multiplied by alpha: "
+                    "dW = B @ A * s is linear in B; adapter_config.json unchanged")
+    return out
+
+
+def _copy_extras(src: Path, dest: Path, values: dict[str, torch.Tensor], alpha: float) -> str | None:
+    """The candidate's other files (not weights or config, not written already); the Fisher with moved anchors."""
+    for f in src.iterdir():
+        if f.name in _WEIGHT_FILES or f.name == FISHER_FILE or (dest / f.name).exists():
+            continue
+        if f.name.startswith("model-") and f.suffix == ".safetensors":  # shards of the candidate's weights
+            continue
+        (shutil.copytree if f.is_dir() else shutil.copy2)(f, dest / f.name)
+    return _copy_fisher(src / FISHER_FILE, dest / FISHER_FILE, values, alpha)
+
+
+def _copy_fisher(src: Path, dest: Path, values: dict[str, torch.Tensor], alpha: float) -> str | None:
+    """Copy an EWC Fisher file with its anchors (theta*) set to the interpolated values; None when there is none."""
+    if not src.is_file():
+        return None
+    from distrib_ft.preservation.fisher import load_fisher, save_fisher
+
+    fisher, anchors, info = load_fisher(src)
+    missing = [n for n in anchors if n not in values]
+    if missing:
+        raise ValueError(f"merge_back: {src} has anchors for {len(missing)} parameter(s) the candidate does not have "
+                         f"(e.g. {missing[0]}); it belongs to another model")
+    moved = {n: values[n] for n in anchors}
+    save_fisher(dest, fisher, {**info, "merge_back_alpha": alpha}, moved)
+    return (f"{FISHER_FILE}: F as computed at the candidate; "
+            + (f"{len(moved)} anchor(s) moved to the interpolated weights" if moved else "no anchors (lora_merged)"))
+
+
+def _record(folder: Path, **fields) -> None:
+    data = {k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()}
+    (folder / RECORD_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def choose(alphas: Iterable[float], measure: Callable[[float], dict]) -> dict:
+    """Try ``alphas`` largest first; stop at the first whose measurement passes.
+
+    ``measure(alpha)`` returns a dict with at least ``within_budget`` and ``new_task_better`` (bools) and any
+    numbers to keep. An alpha passes when both are true.
+
+    Returns:
+        ``{"alpha": the passing alpha or None, "table": [{"alpha": a, **measure(a)} for each alpha tried]}``.
+
+    Raises:
+        ValueError: no alphas, an alpha outside [0, 1], a repeated alpha, a measurement without the two keys.
+    """
+    grid = [_check_alpha(a) for a in alphas]
+    if not grid:
+        raise ValueError("merge_back_alphas: empty; give at least one alpha in (0, 1], e.g. [0.75, 0.5, 0.25]")
+    if len(set(grid)) != len(grid):
+        raise ValueError(f"merge_back_alphas: {grid} repeats a value; give each alpha once")
+    table = []
+    for alpha in sorted(grid, reverse=True):
+        row = measure(alpha)
+        if not isinstance(row, dict) or any(not isinstance(row.get(k), bool)
+                                            for k in ("within_budget", "new_task_better")):
+            raise ValueError(f"merge_back: the measurement at alpha {alpha:g} is {row!r}; it must hold the bools "
+                             "within_budget and new_task_better")
+        table.append({"alpha": alpha, **{k: v for k, v in row.items() if k != "alpha"}})
+        if row["within_budget"] and row["new_task_better"]:
+            return {"alpha": alpha, "table": table}
+    return {"alpha": None, "table": table}
