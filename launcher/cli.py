@@ -14,6 +14,7 @@
     distrib-ft replay show DIR [--version N]
     distrib-ft status OUTPUT_DIR [--json]
     distrib-ft registry list|show|promote|rollback REGISTRY [VERSION] [--to VERSION] [--force] [--json]
+    distrib-ft retrain PIPELINE.yaml [--round NAME] [--launcher ray|local] [--address ADDR]
 
 Exit codes (stable; schedulers may rely on them):
     0  the job finished and final/ is within the forgetting budget
@@ -128,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("buffer", help="the buffer: a folder or an fsspec URL")
     rs.add_argument("--version", type=int, default=None, help="default: the newest")
     _registry_parser(sub)  # distrib_ft/registry.py
+    _retrain_parser(sub)  # distrib_ft/retrain/pipeline.py
     return p
 
 
@@ -636,6 +638,37 @@ def cmd_registry(args) -> int:
         raise UsageError(str(e)) from None
 
 
+def _retrain_parser(sub) -> None:
+    r = sub.add_parser("retrain", help="run a retraining pipeline's pending rounds: train, gate, registry")
+    r.add_argument("pipeline", metavar="PIPELINE.yaml", help="the pipeline file (registry, base_model, job, "
+                   "retention_budget, rounds)")
+    r.add_argument("--round", default=None, metavar="NAME", help="run the pending rounds up to and including NAME")
+    r.add_argument("--launcher", choices=["ray", "local"], default="ray", help="how each round's job runs (as train)")
+    r.add_argument("--address", default=None, help="Ray cluster the rounds run on; default: an embedded local Ray")
+    r.add_argument("--verbose", action="store_true", help="Ray's own lines on the console too (as train)")
+
+
+def cmd_retrain(args) -> int:
+    """``distrib-ft retrain PIPELINE.yaml``: the pending rounds, each a train job, a gate and a registry decision.
+
+    Returns:
+        0 every round promoted, 3 a round refused (the pipeline stops there), 1 a job failed, 130 interrupted.
+
+    Raises:
+        UsageError: a bad pipeline file, a changed data file of a round that ran, the registry's lock held.
+    """
+    from distrib_ft import registry as rg
+    from distrib_ft.retrain.config import load_pipeline
+    from distrib_ft.retrain.pipeline import run
+    from distrib_ft.runtime.storage import StorageError
+
+    try:
+        return run(load_pipeline(args.pipeline), only_round=args.round, launcher=args.launcher,
+                   address=args.address, verbose=args.verbose)
+    except (rg.RegistryError, StorageError) as e:
+        raise UsageError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``distrib-ft`` entry point: parse the arguments, run the command, map errors to exit codes.
 
@@ -657,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
         return {"train": cmd_train, "fisher": cmd_fisher, "eval": cmd_eval, "export": cmd_export, "merge": cmd_merge,
-                "replay": cmd_replay, "status": cmd_status, "registry": cmd_registry}[args.command](args)
+                "replay": cmd_replay, "status": cmd_status, "registry": cmd_registry,
+                "retrain": cmd_retrain}[args.command](args)
     except _input_errors() as e:
         print(f"distrib-ft: error: {e}", file=sys.stderr)
         return EXIT_USAGE
