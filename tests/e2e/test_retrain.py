@@ -1,0 +1,243 @@
+"""``distrib-ft retrain`` end to end through the real CLI (issue 12, must-haves 5 and 7), ``--launcher local``.
+
+Three rounds of full fine-tuning of the tiny model, one toy skill each (tests/retrain_data.py): convert, join,
+spell. Rounds 1 and 2 (24 steps, learning rate 2e-3) each learn their skill and keep the earlier ones within the
+retention budget (10%); round 3 has ``training.learning_rate: 3.0e-2`` in its ``overrides`` and forgets (measured
+with ``distrib-ft train`` jobs built as the design says: round 2 moves convert's NLL +1.6%; round 3 moves convert
++105% and join +113% while its own task improves 6.0 -> 2.2), so its gate refuses it: exit 3, ``current`` stays
+at round 2's version.
+
+One pipeline is run once per module (the ``pipeline`` fixture) and killed on the way: SIGKILL to its process group
+once round 2 has written its first checkpoint, then submitted again, which resumes round 2 from that checkpoint and
+finishes the pipeline. Each test checks one scenario on that finished registry: the decisions and the registry,
+the round jobs the pipeline built, the resumed round, R against separate ``distrib-ft eval`` runs, a re-run that
+trains nothing, a changed data file (exit 2), rollback (on a copy of the registry).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e.test_cli import CLI, assert_one_line_error, clean_env, cli
+from tests.jobs import ROOT
+from tests.retrain_data import skill_files
+
+ROUNDS = [("r1", "convert"), ("r2", "join"), ("r3", "spell")]
+STEPS, LR, FORGET_LR, BUDGET = 24, 2e-3, 3e-2, 0.10
+
+
+def _listing(registry) -> list[tuple]:
+    r = cli("registry", "list", registry, "--json", timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [(v["version"], v["round"], v["decision"], v["current"]) for v in json.loads(r.stdout)]
+
+
+def _round_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("round ")]
+
+
+def _loss_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def _tree_state(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` with its mtime (ns): what a run that trains nothing must leave as it is."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_model_dir):
+    """The three-round pipeline, killed once in round 2 and run again to its end; what the tests read."""
+    tmp = tmp_path_factory.mktemp("retrain")
+    files = skill_files(tmp / "data", n_train=64, n_eval=8)
+    runs, registry = tmp / "runs", tmp / "registry"
+    template = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "method": {"type": "full"},
+        "data": {"train_files": [str(files["convert"][0])], "max_seq_length": 64},
+        "training": {"output_dir": str(runs), "max_steps": STEPS, "per_device_train_batch_size": 4,
+                     "learning_rate": LR, "warmup_ratio": 0.0, "logging_steps": 1, "save_steps": 2,
+                     "save_total_limit": 2, "bf16": False, "seed": 0},
+        "distributed": {"num_workers": 1, "deepspeed": str(ROOT / "ds_configs" / "zero2.json")},
+    }
+    (tmp / "job.yaml").write_text(yaml.safe_dump(template))
+    rounds = [{"name": name, "train_files": [str(files[skill][0])], "eval_files": [str(files[skill][1])]}
+              for name, skill in ROUNDS]
+    rounds[2]["overrides"] = {"training.learning_rate": FORGET_LR}  # built to forget
+    spec = {"registry": str(registry), "base_model": str(tiny_model_dir), "job": "job.yaml",  # relative: the file's
+            "retention_budget": BUDGET, "rounds": rounds}                                   # folder
+    path = tmp / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+    env = clean_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    began = time.time()
+    p = subprocess.Popen([*CLI, "retrain", str(path), "--launcher", "local"], cwd=ROOT, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    first = runs / "r2" / "checkpoints" / "step-2" / "COMPLETE"
+    deadline = time.time() + 600
+    while not first.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    killed = p.poll() is None
+    if killed:
+        os.killpg(p.pid, signal.SIGKILL)  # the pipeline and its round's train process: a node lost
+    out, err = p.communicate(timeout=60)
+    r2 = runs / "r2"
+    kill = {"killed": killed, "returncode": p.returncode, "stdout": out, "stderr": err,
+            "r2_verdict": (r2 / "verdict.json").exists(), "r2_record": (registry / "rounds" / "r2.json").exists(),
+            "listing": _listing(registry) if killed and (registry / "current.json").exists() else None,
+            "checkpoints": sorted(int(c.name.removeprefix("step-")) for c in (r2 / "checkpoints").glob("step-*")
+                                  if (c / "COMPLETE").exists()) if killed else [],
+            "r1_state": _tree_state(runs / "r1") if (runs / "r1").exists() else {}}
+    resumed = cli("retrain", path, "--launcher", "local", timeout=900)
+    return {"tmp": tmp, "files": files, "runs": runs, "registry": registry, "path": path, "kill": kill,
+            "run": resumed, "seconds": time.time() - began}
+
+
+def test_rounds_1_and_2_promote_round_3_is_refused(pipeline):
+    r, runs, registry = pipeline["run"], pipeline["runs"], pipeline["registry"]
+    assert r.returncode == 3, r.stderr[-3000:]
+    lines = _round_lines(r.stdout)
+    assert [line.split(" (")[0].split(":")[0:2] for line in lines] == [
+        ["round r1", " promoted v0001"], ["round r2", " promoted v0002"], ["round r3", " refused v0003"]], r.stdout
+    assert "over budget" in lines[2] or "r1" in lines[2], lines[2]  # the gate's reason names what broke
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("Pipeline: 2 promoted, r3 refused; current v0002; report "), r.stdout
+    assert last.endswith("pipeline_report.md") and (registry / "pipeline_report.md").exists(), last
+
+    assert _listing(registry) == [("v0001", "r1", "promoted", False), ("v0002", "r2", "promoted", True),
+                                  ("v0003", "r3", "refused", False)]
+    shown = json.loads(cli("registry", "show", registry, "v3", "--json", timeout=120).stdout)
+    assert shown["parent"] == "v0002" and shown["decision"] == "refused" and not shown["current"]
+    # the current version's model is round 2's final/, byte for byte
+    assert (registry / "versions" / "v0002" / "model" / "model.safetensors").read_bytes() == \
+        (runs / "r2" / "final" / "model.safetensors").read_bytes()
+
+    verdicts = {name: json.loads((runs / name / "verdict.json").read_text()) for name, _ in ROUNDS}
+    assert [(v["exit_code"], v["decision"]) for v in verdicts.values()] == [(0, "accepted"), (0, "accepted"),
+                                                                            (3, "rejected")]
+    breached = {k for k, s in verdicts["r3"]["metrics"]["suites"].items() if not s["within_budget"]}
+    assert breached == {"r1", "r2"}, verdicts["r3"]["metrics"]["suites"]
+    for name, _ in ROUNDS:  # every round learned its own task: the refusal is forgetting alone
+        assert verdicts[name]["metrics"]["eval_loss"] < verdicts[name]["metrics"]["eval_loss_start"], name
+
+    report = json.loads((registry / "pipeline_report.json").read_text())
+    assert (report["exit_code"], report["current"]) == (3, "v0002")
+    assert [(x["name"], x["version"], x["decision"]) for x in report["rounds"]] == [
+        ("r1", "v0001", "promoted"), ("r2", "v0002", "promoted"), ("r3", "v0003", "refused")]
+    print(f"pipeline (killed once, resumed) took {pipeline['seconds']:.0f} s")
+
+
+def test_round_jobs_start_from_the_current_version_with_earlier_rounds_as_suites(pipeline, tiny_model_dir):
+    """What rounds.py built, read back from each version's resolved job (the registry records it)."""
+    registry, files = pipeline["registry"], pipeline["files"]
+    jobs = {}
+    for v in ("v1", "v2", "v3"):
+        r = cli("registry", "show", registry, v, "--json", timeout=120)
+        assert r.returncode == 0, r.stderr
+        shown = json.loads(r.stdout)
+        jobs[shown["round"]] = yaml.safe_load(shown["job"])
+    weights = registry / "versions" / "v{:04d}" / "model" / "model.safetensors"
+    assert jobs["r1"]["model"]["name_or_path"] == str(tiny_model_dir)  # round 1 starts at base_model
+    for name, parent in (("r2", 1), ("r3", 2)):  # later rounds: a copy of the current version's model
+        start = Path(jobs[name]["model"]["name_or_path"]) / "model.safetensors"
+        assert start.read_bytes() == Path(str(weights).format(parent)).read_bytes(), name
+    suites = {name: [(s["name"], s["files"], s.get("metric", "nll"), s["max_relative_increase"])
+                     for s in job.get("monitor", {}).get("suites", [])] for name, job in jobs.items()}
+    assert suites == {"r1": [],
+                      "r2": [("r1", [str(files["convert"][1])], "nll", BUDGET)],
+                      "r3": [("r1", [str(files["convert"][1])], "nll", BUDGET),
+                             ("r2", [str(files["join"][1])], "nll", BUDGET)]}
+    assert [jobs[n]["data"]["train_files"] for n, _ in ROUNDS] == [[str(files[s][0])] for _, s in ROUNDS]
+    assert [jobs[n]["training"]["learning_rate"] for n, _ in ROUNDS] == [LR, LR, FORGET_LR]
+    assert [jobs[n]["training"]["output_dir"] for n, _ in ROUNDS] == [str(pipeline["runs"] / n) for n, _ in ROUNDS]
+
+
+def test_a_round_killed_midway_resumes_from_its_checkpoint(pipeline):
+    kill, r, runs = pipeline["kill"], pipeline["run"], pipeline["runs"]
+    assert kill["killed"], f"the pipeline ended before round 2's first checkpoint:\n{kill['stderr'][-3000:]}"
+    assert kill["returncode"] == -signal.SIGKILL
+    assert not kill["r2_verdict"] and not kill["r2_record"], "round 2 had finished when it was killed"
+    assert kill["listing"] == [("v0001", "r1", "promoted", True)]  # round 1 done, round 2 not added
+    last = kill["checkpoints"][-1]
+    assert 2 <= last < STEPS
+    assert f"resuming it from step-{last}" in r.stderr, r.stderr[-3000:]
+    steps = _loss_steps(runs / "r2")
+    assert steps[-1] == STEPS and [s for s in steps if s > last] == list(range(last + 1, STEPS + 1)), steps
+    assert steps.count(1) == 1, steps  # continued, not restarted
+    v = json.loads((runs / "r2" / "verdict.json").read_text())
+    assert v["attempts"][-1]["resumed_from"] == f"step-{last}" and v["steps"] == STEPS
+    assert _tree_state(runs / "r1") == kill["r1_state"]  # round 1 was not trained again
+    assert "round r1: promoted v0001" in r.stdout
+
+
+def test_r_equals_separate_eval_runs_of_the_same_models(pipeline, tiny_model_dir):
+    registry, files, tmp = pipeline["registry"], pipeline["files"], pipeline["tmp"]
+    report = json.loads((registry / "pipeline_report.json").read_text())
+    tasks = [name for name, _ in ROUNDS]
+    assert report["tasks"] == tasks and report["metric"] == "nll"
+    assert len(report["R"]) == 2 and all(len(row) == 3 for row in report["R"])  # rows: the promoted rounds
+    R, base = report["R"], [report["base"][t] for t in tasks]
+    # GEM (lower is better: BWT and FWT negated, ACC the mean NLL), from R itself
+    assert report["ACC"] == pytest.approx((R[1][0] + R[1][1]) / 2, rel=1e-9)
+    assert report["BWT"] == pytest.approx(R[0][0] - R[1][0], rel=1e-9)
+    assert report["FWT"] == pytest.approx(base[1] - R[0][1], rel=1e-9)
+    assert R[0][0] < base[0] and R[1][1] < base[1]  # each round learned its task
+
+    raw = yaml.safe_load((tmp / "job.yaml").read_text())
+    raw["training"]["output_dir"] = str(tmp / "eval-runs")
+    raw["monitor"] = {"suites": [{"name": name, "files": [str(files[skill][1])], "metric": "nll"}
+                                 for name, skill in ROUNDS]}
+    job = tmp / "eval-job.yaml"
+    job.write_text(yaml.safe_dump(raw))
+    for i, version in enumerate(("v0001", "v0002")):
+        out = tmp / f"eval-{version}"
+        r = cli("eval", job, "--model", registry / "versions" / version / "model", "--out", out,
+                "--launcher", "local")
+        assert r.returncode == 0, r.stderr[-3000:]
+        suites = json.loads((out / "report.json").read_text())["suites"]
+        assert [suites[t]["baseline"] for t in tasks] == pytest.approx(base, rel=1e-5)
+        assert [suites[t]["evaluations"][-1]["value"] for t in tasks] == pytest.approx(R[i], rel=1e-5), version
+
+
+def test_a_rerun_trains_nothing_and_exits_the_same(pipeline):
+    runs, registry, first = pipeline["runs"], pipeline["registry"], pipeline["run"]
+    before_runs, before_versions = _tree_state(runs), _listing(registry)
+    r = cli("retrain", pipeline["path"], "--launcher", "local", timeout=300)
+    assert r.returncode == first.returncode == 3, r.stderr[-3000:]
+    assert _round_lines(r.stdout) == _round_lines(first.stdout), (r.stdout, first.stdout)
+    assert r.stdout.strip().splitlines()[-1] == first.stdout.strip().splitlines()[-1]
+    assert _tree_state(runs) == before_runs  # no checkpoint, metric or verdict written
+    assert _listing(registry) == before_versions  # no version added, current unchanged
+
+
+def test_a_changed_data_file_under_an_existing_round_name_is_exit_2(pipeline):
+    runs, registry = pipeline["runs"], pipeline["registry"]
+    train = pipeline["files"]["join"][0]
+    kept = train.read_bytes()
+    before_runs, before_versions = _tree_state(runs), _listing(registry)
+    try:
+        train.write_bytes(kept + b'{"instruction": "join cloud and table", "input": "", "output": "cloud-table"}\n')
+        r = cli("retrain", pipeline["path"], "--launcher", "local", timeout=300)
+    finally:
+        train.write_bytes(kept)
+    assert_one_line_error(r, "rounds[1] (r2)", str(train), "changed since the round ran")
+    assert _tree_state(runs) == before_runs and _listing(registry) == before_versions
+
+
+def test_rollback_after_the_pipeline(pipeline, tmp_path):
+    copy = tmp_path / "registry"
+    shutil.copytree(pipeline["registry"], copy)
+    r = cli("registry", "rollback", copy, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("v0001 (current)"), r.stderr[-3000:]
+    assert _listing(copy) == [("v0001", "r1", "promoted", True), ("v0002", "r2", "promoted", False),
+                              ("v0003", "r3", "refused", False)]
+    r = cli("registry", "rollback", copy, "--to", "v2", timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("v0002 (current)"), r.stderr[-3000:]
