@@ -20,6 +20,9 @@ ones it needs; there is no base class), in this order:
   follows this step, so a defence computes its value then; its gradient may come from a custom backward);
 - ``observe(examples, nll, targets)``: after each micro-batch's forward: its examples and their per-sequence
   NLL sums and target counts, shape (B,) (replay splits the loss into new and replayed);
+- ``add_to_grads(model, logging)``: after the optimizer step's last backward, before ``engine.step()``: add a
+  gradient in place into DeepSpeed's reduced gradient buffers (EWC's lambda F (theta - theta*); the gradient
+  norm and clipping see it);
 - ``metrics()``: values for the next metrics.jsonl line since the previous call; collective (every rank
   calls it at the same steps, so a defence may all-reduce);
 - ``after_step(model, step)``: after each optimizer step (``step``: the steps done), e.g. the EMA's update;

@@ -33,7 +33,7 @@ import torch
 from pydantic import ConfigDict, Field
 
 from distrib_ft.data.formats import collate
-from distrib_ft.preservation import zero3
+from distrib_ft.preservation import grad_buffers, zero3
 from distrib_ft.preservation.fisher import compute_fisher, load_fisher, merge_online, save_fisher
 from distrib_ft.runtime import dist
 from distrib_ft.schema import DataFormat, InputPath, Strict
@@ -124,6 +124,7 @@ class EWC:
     name: ClassVar[str] = "ewc"
     config_class: ClassVar[type[Strict]] = EWCConfig
     through_grads: ClassVar[bool] = True  # False: autograd of the scalar penalty (the reference in tests and bench)
+    in_place: ClassVar[bool] = True  # target=trainable, ZeRO 0-2: added into the gradient buffers (add_to_grads)
 
     def __init__(self, config: EWCConfig, ctx=None):
         self.config, self.ctx = config, ctx
@@ -136,6 +137,7 @@ class EWC:
         self._penalty_sum, self._penalty_steps = 0.0, 0
         self.sharded = False  # ZeRO-3 partitions: self.fisher / self.anchors hold this rank's flat partitions
         self._sharded_penalty: zero3.ShardedPenalty | None = None
+        self._in_place = False  # the gradient is added by add_to_grads, penalty() returns None
 
     @staticmethod
     def preflight(config: EWCConfig, job, tokenizer) -> None:
@@ -241,6 +243,8 @@ class EWC:
         self.fisher = {n: t.to(device) for n, t in self.fisher.items()}
         self.anchors = {n: t.to(device) for n, t in self.anchors.items()}
         self._params = params
+        self._in_place = (self.in_place and self.through_grads and self.target == "trainable" and not self.sharded
+                          and grad_buffers.supports(params))
         self._lora = ({f"{n}.base_layer.weight": m for n, m in lora_layers(model)}
                       if self.target == "lora_merged" else {})
         where = ""
@@ -283,6 +287,8 @@ class EWC:
             return None
         if not self.through_grads:
             return self._scalar_penalty()
+        if self._in_place:  # added into the gradient buffers after the backward (add_to_grads)
+            return None
         if self.target == "trainable":
             params = list(self._params.values())
             value = self._value_trainable() if logging else None
@@ -295,6 +301,29 @@ class EWC:
             self._penalty_sum += float(value)
             self._penalty_steps += 1
         return out
+
+    def add_to_grads(self, model: torch.nn.Module, *, logging: bool = True) -> None:
+        """After the optimizer step's last backward, before ``engine.step()``: lambda F (theta - theta*) in place.
+
+        target=trainable under ZeRO 0-2 (``in_place``, the default): added into the buffers DeepSpeed's step reads
+        (``p.grad``; ZeRO-1/2: this rank's averaged gradient partition, theta from its fp32 master copy;
+        distrib_ft/preservation/grad_buffers.py), so the gradient norm and clipping see it as they see the
+        autograd penalty's; once per optimizer step, not scaled by the accumulation (it is added after DeepSpeed
+        divides by it). The value is computed only when ``logging`` (in the same pass; ZeRO-1/2: summed over the
+        ranks' partitions, collective).
+        """
+        if not self._in_place or self.lam == 0 or self.fisher is None:
+            return
+        slices = grad_buffers.grad_slices(self._params)
+        if slices is None:
+            raise RuntimeError("ewc: the gradient buffers changed layout after start-up (set EWC.in_place = False)")
+        value = grad_buffers.add_penalty_(slices, self.anchors, self.lam, self.fisher, value=logging)
+        if logging:
+            value = float(value)
+            if grad_buffers.partitioned(self._params):  # this rank's partitions: the sum over ranks
+                value = dist.all_reduce_sum([value], device=dist.device())[0]
+            self._penalty_sum += value
+            self._penalty_steps += 1
 
     def _scalar_penalty(self) -> torch.Tensor:
         terms = []

@@ -235,6 +235,8 @@ def run_steps(run: Run) -> str | None:
                 if penalties:
                     loss = loss + torch.stack(penalties).sum() * accum
             engine.backward(loss)
+            if i == len(micro) - 1:  # gradients added in place into the reduced buffers, before norm and clipping
+                call(run.defences, "add_to_grads", engine.module, logging=logging_step)
             if own_grad_norm and logging_step and i == len(micro) - 1:
                 grad_norm = _grad_norm(engine.module)  # reduced, not yet clipped
             engine.step()
