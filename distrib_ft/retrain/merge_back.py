@@ -17,12 +17,16 @@ theta - theta0 is the adapter's own update dW = B @ A * s, and theta0 + alpha dW
 (its weight, and its bias when ``lora_bias``; ``lora_embedding_B`` for embedding layers) multiplied by alpha: dW is
 linear in B, and s (lora_alpha / r, rsLoRA's lora_alpha / sqrt(r), rank_pattern / alpha_pattern) is read from the
 untouched adapter_config.json, so the result is exact whatever the scaling rule (peft docs,
-https://huggingface.co/docs/peft/developer_guides/lora). B rather than A because A is the input projection shared by
-nothing else and B's scaling needs no knowledge of s; the adapter is loaded and saved with peft's own
-``PeftModel.from_pretrained`` / ``save_pretrained``. DoRA (Liu et al. 2024) is refused: its magnitude vector
-renormalises the rows of W0 + dW, so the merged weight is not linear in B (export both with ``distrib-ft export
---merge`` and interpolate them with kind "full" instead). modules_to_save and trainable tokens hold whole
-replacement tensors, not updates, and are refused too.
+https://huggingface.co/docs/peft/developer_guides/lora). B rather than A because B's scaling needs no knowledge of s
+and also covers B's bias; the adapter is loaded and saved with peft's own ``PeftModel.from_pretrained`` /
+``save_pretrained``. DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") on Linear layers is
+done exactly too, though it is not linear: peft merges W' = m / ||W0 + dW||_row * (W0 + dW), and with
+d = m / ||W0 + dW||, row i of (1 - alpha) W0 + alpha W' is k_i (W0_i + c_i dW_i), k_i = 1 - alpha + alpha d_i,
+c_i = alpha d_i / k_i: B's rows scaled by c and the magnitude set to k ||W0 + c dW||_row give exactly that weight.
+It needs W0, so the start is loaded with the earlier adapters merged (``earlier``, else the candidate run's
+config.yaml ``method.merge_adapters``). Refused in one line: other peft LoRA variants (aLoRA, Arrow, ...; their
+update is not B @ A * s), DoRA on embeddings / with fan_in_fan_out / lora_bias / a quantised base, and
+modules_to_save / trainable tokens (whole replacement tensors, not updates): export both merged and use kind "full".
 
 An EWC Fisher file in the candidate (final/fisher.safetensors, ``ewc.update_after``) is copied with its anchors
 (theta*, target ``trainable``) moved to the interpolated values; F itself stays the one computed at the candidate
@@ -56,7 +60,7 @@ def _check_alpha(alpha) -> float:
 
 
 def interpolate(start: str | Path | None, candidate: str | Path, alpha: float, out: str | Path, *, kind: str,
-                overwrite: bool = False) -> Path:
+                earlier: list[str | Path] | None = None, overwrite: bool = False) -> Path:
     """Write theta0 + alpha (theta - theta0) to ``out`` and return ``out`` (absolute).
 
     Args:
@@ -69,6 +73,9 @@ def interpolate(start: str | Path | None, candidate: str | Path, alpha: float, o
         alpha: in [0, 1]; 1 writes the candidate, 0 the start.
         out: the folder to write (atomically); an existing non-empty one only with ``overwrite``.
         kind: "adapter" or "full" (the registry's artifact kind).
+        earlier: kind "adapter", DoRA only: the adapters merged into the base before the candidate trained
+            (``method.merge_adapters``, oldest first); None: those in the candidate run's config.yaml. A LoRA
+            adapter's interpolation does not depend on them.
         overwrite: replace an existing ``out`` (atomically); a re-run of the same merge-back passes True.
 
     Raises:
@@ -84,7 +91,7 @@ def interpolate(start: str | Path | None, candidate: str | Path, alpha: float, o
         _check_out(out, overwrite)  # before any model loads
         if kind == "full":
             return _interpolate_full(start, candidate, alpha, out, overwrite=overwrite)
-        return _interpolate_adapter(start, candidate, alpha, out, overwrite=overwrite)
+        return _interpolate_adapter(start, candidate, alpha, out, earlier=earlier, overwrite=overwrite)
     except ExportError as e:
         raise ValueError(str(e)) from None
 
@@ -148,57 +155,50 @@ def _interpolate_full(start, candidate, alpha: float, out, *, overwrite: bool) -
     return out
 
 
-def _interpolate_adapter(start, candidate, alpha: float, out, *, overwrite: bool) -> Path:
+def _interpolate_adapter(start, candidate, alpha: float, out, *, earlier, overwrite: bool) -> Path:
     from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
     from peft.utils import load_peft_weights
-    from transformers import AutoModelForCausalLM
 
-    from distrib_ft.export import PEFT_CONFIG, _read_json, atomic_folder, describe, resolve_base
+    from distrib_ft import export as ex
 
     if candidate is None or not Path(candidate).expanduser().is_dir():
         raise ValueError(f"merge_back candidate: {candidate} is no folder; give the round's adapter (its final/)")
-    a = describe(candidate)
+    a = ex.describe(candidate)
     if a.kind != "peft" or a.peft_type != "LORA":
         what = a.peft_type or a.owner or a.kind
         raise ValueError(f"merge_back candidate: {a.path} is not a peft LoRA adapter ({what}); "
                          "kind 'adapter' interpolates LoRA adapters only (use kind 'full' for model folders)")
-    cfg = _read_json(a.path / PEFT_CONFIG)
-    if cfg.get("use_dora"):
-        raise ValueError(f"merge_back candidate: {a.path} is a DoRA adapter: its magnitude vector renormalises "
-                         "W0 + dW, so the merged weight is not linear in the update; export the start and the "
-                         "candidate with `distrib-ft export --merge` and interpolate them with kind 'full'")
-    for key, what in (("modules_to_save", "whole copies of modules"), ("trainable_token_indices", "whole new token "
-                                                                                                   "embeddings")):
+    out = Path(out).expanduser().resolve()
+    if out == a.path or a.path in out.parents:
+        raise ValueError(f"merge_back out: {out} is inside the candidate {a.path}; give a folder outside it")
+    cfg = ex._read_json(a.path / ex.PEFT_CONFIG)
+    for key, what in (("modules_to_save", "whole copies of modules"),
+                      ("trainable_token_indices", "whole new token embeddings")):
         if cfg.get(key):
-            raise ValueError(f"merge_back candidate: {a.path / PEFT_CONFIG}: {key} holds {what}, not low-rank "
+            raise ValueError(f"merge_back candidate: {a.path / ex.PEFT_CONFIG}: {key} holds {what}, not low-rank "
                              "updates; interpolate the merged models with kind 'full' instead")
-    base_dir = (str(_model_folder(start, "start")) if start is not None
-                else resolve_base(a.base, what=str(a.path / PEFT_CONFIG)))
+    dora = bool(cfg.get("use_dora"))
+    odd = "a quantised base" if a.quantised else next((k for k in ("fan_in_fan_out", "lora_bias") if cfg.get(k)), None)
+    if dora and odd:
+        raise ValueError(f"merge_back candidate: {a.path} is a DoRA adapter with {odd}; its interpolation is done for "
+                         "DoRA on plain Linear layers only: export the start and the "
+                         "candidate merged (`distrib-ft export --merge`) and interpolate them with kind 'full'")
+    base_dir = ex.resolve_base(a.base, what=str(a.path / ex.PEFT_CONFIG),
+                               override=None if start is None else str(start))
     stored = {t.dtype for t in load_peft_weights(str(a.path)).values() if t.is_floating_point()}
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                                      str(a.path))
-    scaled = 0
-    with torch.no_grad():
-        for _, m in model.named_modules():
-            if not isinstance(m, LoraLayer):
-                continue
-            for b in (*m.lora_B.values(), *m.lora_embedding_B.values()):
-                for p in ([b] if isinstance(b, torch.nn.Parameter) else list(b.parameters())):
-                    p.mul_(alpha)  # dW = B @ A * s is linear in B (and in B's bias)
-                    scaled += 1
-    if not scaled:
-        raise ValueError(f"merge_back candidate: {a.path} has no LoRA B matrices; nothing to interpolate")
+    start_model = ex._load_base(base_dir)  # fp32
+    merged_first = [ex.locate(p) for p in (a.earlier if earlier is None else earlier)] if dora else []
+    if merged_first:  # DoRA's update depends on W0: the start is the base with the earlier adapters merged
+        start_model = ex.load_merged(start_model, merged_first, what="merge_back earlier adapters")
+    model = PeftModel.from_pretrained(start_model, str(a.path))
+    scaled = _scale_adapter(model, alpha, a.path)
     if len(stored) == 1:  # keep the adapter's saved dtype (peft loads adapters in fp32)
         dtype = next(iter(stored))
         for n, p in model.named_parameters():
             if ".lora_" in n:
                 p.data = p.data.to(dtype)
     values = {n: p.detach().float() for n, p in model.named_parameters()}
-    out = Path(out).expanduser().resolve()
-    if out == a.path or a.path in out.parents:
-        raise ValueError(f"merge_back out: {out} is inside the candidate {a.path}; give a folder outside it")
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    with ex.atomic_folder(out, overwrite=overwrite) as tmp:
         scratch = Path(tempfile.mkdtemp(prefix=".peft-", dir=tmp))
         model.save_pretrained(scratch, safe_serialization=True)
         for f in a.path.iterdir():  # the adapter folder as it is (config, tokenizer, qlora.json, ...)
@@ -208,10 +208,65 @@ def _interpolate_adapter(start, candidate, alpha: float, out, *, overwrite: bool
         (scratch / "adapter_model.safetensors").replace(tmp / "adapter_model.safetensors")
         shutil.rmtree(scratch)
         fisher = _copy_fisher(a.path / FISHER_FILE, tmp / FISHER_FILE, values, alpha)
+        how = (f"DoRA on {scaled} layer(s): lora_B rows scaled by c = alpha d / k and the magnitude set to "
+               "k ||W0 + c dW||, d = m / ||W0 + dW||, k = 1 - alpha + alpha d (the merged weight is exactly "
+               "(1 - alpha) W0 + alpha W1)" if dora else
+               f"lora_B (weight, bias; lora_embedding_B) of {scaled} layer(s) multiplied by alpha: dW = B @ A * s "
+               "is linear in B")
         _record(tmp, kind="adapter", alpha=alpha, start=base_dir, candidate=a.path, fisher=fisher,
-                how=f"lora_B (weight, bias; lora_embedding_B) of {scaled} tensor(s) multiplied by alpha: "
-                    "dW = B @ A * s is linear in B; adapter_config.json unchanged")
+                earlier=[str(p) for p in merged_first], how=how + "; adapter_config.json unchanged")
     return out
+
+
+def _scale_adapter(model, alpha: float, path: Path) -> int:
+    """Turn the loaded adapter into theta0 + alpha dW in place; return the number of LoRA layers changed.
+
+    Plain LoRA: B (and its bias) times alpha. DoRA on a Linear layer (peft: W' = m / ||W0 + dW||_row * (W0 + dW),
+    row norms of the [out, in] weight): with d = m / ||W0 + dW||, row i of (1 - alpha) W0 + alpha W' is
+    k_i (W0_i + c_i dW_i) with k_i = 1 - alpha + alpha d_i and c_i = alpha d_i / k_i; scaling B's row i by c_i scales
+    dW_i by c_i, and the magnitude m''_i = k_i ||W0_i + c_i dW_i|| makes DoRA's merge give exactly that row.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    changed = 0
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if not isinstance(m, LoraLayer):
+                continue
+            for key in (*m.lora_B.keys(), *m.lora_embedding_B.keys()):
+                variant = getattr(m, "lora_variant", {}).get(key)
+                if variant is not None and type(variant) is not DoraLinearVariant:  # DoRA embeddings subclass it
+                    raise ValueError(f"merge_back candidate: {path}: layer {name} uses peft's "
+                                     f"{type(variant).__name__}, whose update is not B @ A * s; interpolate the "
+                                     "merged models with kind 'full' instead")
+                if variant is None:
+                    b = m.lora_B[key] if key in m.lora_B else None
+                    for p in ([m.lora_embedding_B[key]] if b is None else list(b.parameters())):
+                        p.mul_(alpha)  # dW = B @ A * s is linear in B (and in B's bias)
+                else:
+                    _scale_dora(m, key, alpha)
+                changed += 1
+    if not changed:
+        raise ValueError(f"merge_back candidate: {path} has no LoRA layers; nothing to interpolate")
+    return changed
+
+
+def _scale_dora(m, key: str, alpha: float) -> None:
+    """One DoRA Linear layer moved to (1 - alpha) W0 + alpha W' (see :func:`_scale_adapter`), computed in fp64."""
+    if alpha == 1:
+        return
+    w0 = m.get_base_layer().weight.detach().double()
+    dw = m.get_delta_weight(key).detach().double()
+    mag = m.lora_magnitude_vector[key].weight
+    d = mag.detach().double() / torch.linalg.norm(w0 + dw, dim=1)
+    k = 1 - alpha + alpha * d
+    if bool((k == 0).any()):
+        raise ValueError(f"merge_back: a DoRA magnitude of {alpha:g}-interpolation is zero; try another alpha")
+    c = alpha * d / k
+    b = m.lora_B[key].weight
+    b.copy_((b.double() * c[:, None]).to(b.dtype))
+    mag.copy_((k * torch.linalg.norm(w0 + c[:, None] * dw, dim=1)).to(mag.dtype))
 
 
 def _copy_extras(src: Path, dest: Path, values: dict[str, torch.Tensor], alpha: float) -> str | None:

@@ -98,6 +98,52 @@ def test_adapter_merged_weights_are_start_plus_alpha_delta(tiny_model_dir, biase
     assert all(torch.equal(w_zero[k], w0[k]) for k in w0)  # alpha 0: the start, exactly
 
 
+def test_dora_merged_weights_are_start_plus_alpha_delta(tiny_model_dir, tmp_path):
+    """DoRA is not linear in its update; the interpolation still merges to exactly W0 + alpha (W1 - W0).
+
+    The candidate trains on the base with an earlier adapter merged (method.merge_adapters), as round 2 of a LoRA
+    pipeline does; its magnitudes are moved off their initial ||W0 + dW|| so that DoRA's renormalisation matters.
+    """
+    import yaml
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from distrib_ft.export import load_merged
+
+    earlier = _lora(tiny_model_dir, tmp_path / "r1", seed=5)
+
+    def start():
+        return load_merged(_load(tiny_model_dir), [earlier])
+
+    torch.manual_seed(2)
+    model = get_peft_model(start(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                               init_lora_weights=False, use_dora=True))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+    run = tmp_path / "run"  # a run folder: final/ and the job's config.yaml naming the earlier adapter
+    model.save_pretrained(run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({"method": {"type": "lora", "merge_adapters": [str(earlier)]}}))
+    cand = run / "final"
+
+    def merged(adapter):
+        return {k: v.clone() for k, v in PeftModel.from_pretrained(start(), str(adapter)).merge_and_unload()
+                .state_dict().items()}
+
+    w0 = {k: v.clone() for k, v in start().state_dict().items()}
+    w1 = merged(cand)
+    for alpha in (0.0, 0.25, 0.75, 1.0):
+        out = mb.interpolate(tiny_model_dir, cand, alpha, tmp_path / f"a{alpha}", kind="adapter")
+        wa = merged(out)
+        for k in w0:
+            torch.testing.assert_close(wa[k], w0[k] + alpha * (w1[k] - w0[k]), atol=ATOL, rtol=RTOL, msg=k)
+        assert json.loads((out / mb.RECORD_FILE).read_text())["earlier"] == [str(earlier)]
+    plain = mb.interpolate(tiny_model_dir, cand, 0.5, tmp_path / "wrong", kind="adapter", earlier=[])
+    wrong = merged(plain)  # W0 without the earlier adapter: DoRA's norms are off, the result is not the midpoint
+    k = "model.layers.0.self_attn.q_proj.weight"
+    assert (wrong[k] - (w0[k] + 0.5 * (w1[k] - w0[k]))).abs().max() > 1e-4
+
+
 def test_adapter_keeps_dtype_and_moves_ewc_anchors(tiny_model_dir, tmp_path):
     from peft import PeftModel
 
@@ -184,8 +230,8 @@ def test_bad_input_is_one_line(tiny_model_dir, tmp_path):
     assert "give a number in [0, 1]" in err(tiny_model_dir, cand, 1.5, tmp_path / "o", kind="adapter")
     assert "give a number in [0, 1]" in err(tiny_model_dir, cand, float("nan"), tmp_path / "o", kind="adapter")
     assert "use one of adapter, full" in err(tiny_model_dir, cand, 0.5, tmp_path / "o", kind="lora")
-    dora = _lora(tiny_model_dir, tmp_path / "dora", use_dora=True)
-    assert "DoRA" in err(tiny_model_dir, dora, 0.5, tmp_path / "o", kind="adapter")
+    dora_emb = _lora(tiny_model_dir, tmp_path / "dora_emb", targets=("embed_tokens",), use_dora=True)
+    assert "DoraEmbeddingVariant" in err(tiny_model_dir, dora_emb, 0.5, tmp_path / "o", kind="adapter")
     mts = _lora(tiny_model_dir, tmp_path / "mts", modules_to_save=["lm_head"])
     assert "modules_to_save" in err(tiny_model_dir, mts, 0.5, tmp_path / "o", kind="adapter")
     assert "not a peft LoRA adapter" in err(tiny_model_dir, tiny_model_dir, 0.5, tmp_path / "o", kind="adapter")
