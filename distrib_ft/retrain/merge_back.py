@@ -107,16 +107,38 @@ def _model_folder(path, what: str) -> Path:
     return p
 
 
+def _start_model(start, what: str = "start") -> str:
+    """The start model to load: a model folder, ``offline:NAME`` (its converted folder) or a hub id in the cache."""
+    from distrib_ft.export import ExportError, resolve_base
+
+    if start is not None and (str(start).startswith("offline:") or not Path(start).expanduser().exists()):
+        try:
+            return resolve_base(str(start), what=f"merge_back {what}")
+        except ExportError:
+            raise ValueError(f"merge_back {what}: {start} is neither a model folder nor a known offline:NAME nor a "
+                             "hub id in the local cache; give the model the round started from") from None
+    return str(_model_folder(start, what))
+
+
+def _outside(out, inputs: list[Path]) -> Path:
+    out = Path(out).expanduser().resolve()
+    for p in inputs:
+        if out == p or p in out.parents:
+            raise ValueError(f"merge_back out: {out} is inside {p}, an input; give a folder outside it")
+    return out
+
+
 def _interpolate_full(start, candidate, alpha: float, out, *, overwrite: bool) -> Path:
     from transformers import AutoModelForCausalLM
 
     from distrib_ft.export import _config_dtype, _copy_tokenizer, atomic_folder
     from distrib_ft.model import TORCH_DTYPES
 
-    s_dir, c_dir = _model_folder(start, "start"), _model_folder(candidate, "candidate")
+    s_dir, c_dir = _start_model(start), _model_folder(candidate, "candidate")
+    out = _outside(out, [c_dir] + ([Path(s_dir)] if Path(s_dir).is_dir() else []))
     dt = _config_dtype(str(c_dir))
     cand = AutoModelForCausalLM.from_pretrained(str(c_dir), dtype=TORCH_DTYPES[dt])
-    base = AutoModelForCausalLM.from_pretrained(str(s_dir), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32)
     sd_c, sd_s = cand.state_dict(), base.state_dict()
     only = sorted(set(sd_c) ^ set(sd_s))
     if only:
@@ -129,7 +151,8 @@ def _interpolate_full(start, candidate, alpha: float, out, *, overwrite: bool) -
                              f"{tuple(sd_s[name].shape)} in the start {s_dir}; interpolate models of one architecture")
     groups: dict[tuple, list[str]] = {}  # tied weights: one storage under several names
     for name, t in sd_c.items():
-        groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype), []).append(name)
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype) if t.numel() else (name,)
+        groups.setdefault(key, []).append(name)
     values: dict[str, torch.Tensor] = {}  # the interpolated fp32 values, for the Fisher's anchors
     with torch.no_grad():
         for names in groups.values():
@@ -144,12 +167,11 @@ def _interpolate_full(start, candidate, alpha: float, out, *, overwrite: bool) -
             v = torch.lerp(sd_s[first].float(), t.float(), alpha)
             t.copy_(v.to(t.dtype))  # state_dict() shares storage with the model's parameters and buffers
             values.update(dict.fromkeys(names, v))
-    out = Path(out).expanduser().resolve()
     with atomic_folder(out, overwrite=overwrite) as tmp:
         cand.save_pretrained(tmp, safe_serialization=True)
         _copy_tokenizer([c_dir, s_dir], tmp)
         fisher = _copy_extras(c_dir, tmp, values, alpha)
-        _record(tmp, kind="full", alpha=alpha, start=s_dir, candidate=c_dir, dtype=dt, fisher=fisher,
+        _record(tmp, kind="full", alpha=alpha, start=str(s_dir), candidate=c_dir, dtype=dt, fisher=fisher,
                 how="every floating tensor torch.lerp(start, candidate, alpha) in fp32, stored in the candidate's "
                     "dtype; tied weights interpolated once")
     return out
@@ -168,9 +190,7 @@ def _interpolate_adapter(start, candidate, alpha: float, out, *, earlier, overwr
         what = a.peft_type or a.owner or a.kind
         raise ValueError(f"merge_back candidate: {a.path} is not a peft LoRA adapter ({what}); "
                          "kind 'adapter' interpolates LoRA adapters only (use kind 'full' for model folders)")
-    out = Path(out).expanduser().resolve()
-    if out == a.path or a.path in out.parents:
-        raise ValueError(f"merge_back out: {out} is inside the candidate {a.path}; give a folder outside it")
+    out = _outside(out, [a.path])
     cfg = ex._read_json(a.path / ex.PEFT_CONFIG)
     for key, what in (("modules_to_save", "whole copies of modules"),
                       ("trainable_token_indices", "whole new token embeddings")):
@@ -183,8 +203,8 @@ def _interpolate_adapter(start, candidate, alpha: float, out, *, earlier, overwr
         raise ValueError(f"merge_back candidate: {a.path} is a DoRA adapter with {odd}; its interpolation is done for "
                          "DoRA on plain Linear layers only: export the start and the "
                          "candidate merged (`distrib-ft export --merge`) and interpolate them with kind 'full'")
-    base_dir = ex.resolve_base(a.base, what=str(a.path / ex.PEFT_CONFIG),
-                               override=None if start is None else str(start))
+    base_dir = (_start_model(start) if start is not None
+                else ex.resolve_base(a.base, what=f"merge_back candidate {a.path / ex.PEFT_CONFIG}"))
     stored = {t.dtype for t in load_peft_weights(str(a.path)).values() if t.is_floating_point()}
     start_model = ex._load_base(base_dir)  # fp32
     merged_first = [ex.locate(p) for p in (a.earlier if earlier is None else earlier)] if dora else []

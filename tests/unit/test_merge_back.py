@@ -236,6 +236,8 @@ def test_bad_input_is_one_line(tiny_model_dir, tmp_path):
     assert "modules_to_save" in err(tiny_model_dir, mts, 0.5, tmp_path / "o", kind="adapter")
     assert "not a peft LoRA adapter" in err(tiny_model_dir, tiny_model_dir, 0.5, tmp_path / "o", kind="adapter")
     assert "no Hugging Face model folder" in err(tiny_model_dir, cand, 0.5, tmp_path / "o", kind="full")
+    assert "neither a model folder" in err(tmp_path / "no-such-model", tiny_model_dir, 0.5, tmp_path / "o", kind="full")
+    assert "is inside" in err(tiny_model_dir, cand, 0.5, cand / "sub", kind="adapter")
     wider = build_tiny_model(tmp_path / "wider", hidden_size=48)
     assert "has shape" in err(tiny_model_dir, wider, 0.5, tmp_path / "o", kind="full")
     deeper = build_tiny_model(tmp_path / "deeper", num_layers=3)
