@@ -128,16 +128,38 @@ def _outside(out, inputs: list[Path]) -> Path:
     return out
 
 
+def _stored_dtypes(folder: Path) -> dict[str, torch.dtype]:
+    """The dtype each tensor has in ``folder``'s safetensors files (read from the headers, nothing loaded)."""
+    from safetensors import safe_open
+
+    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        if f.name == FISHER_FILE:
+            continue
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                dt = names.get(st.get_slice(k).get_dtype())
+                if dt is not None:
+                    out[k] = dt
+    return out
+
+
 def _interpolate_full(start, candidate, alpha: float, out, *, overwrite: bool) -> Path:
+    from collections import Counter
+
     from transformers import AutoModelForCausalLM
 
-    from distrib_ft.export import _config_dtype, _copy_tokenizer, atomic_folder
-    from distrib_ft.model import TORCH_DTYPES
+    from distrib_ft.export import _copy_tokenizer, atomic_folder
 
     s_dir, c_dir = _start_model(start), _model_folder(candidate, "candidate")
     out = _outside(out, [c_dir] + ([Path(s_dir)] if Path(s_dir).is_dir() else []))
-    dt = _config_dtype(str(c_dir))
-    cand = AutoModelForCausalLM.from_pretrained(str(c_dir), dtype=TORCH_DTYPES[dt])
+    stored = _stored_dtypes(c_dir)  # a run's final/ holds fp32 master weights even when config.json says bf16
+    if not stored:
+        raise ValueError(f"merge_back candidate: {c_dir} has no floating tensors in *.safetensors; give a model folder "
+                         "saved with safetensors (a run's final/)")
+    common = Counter(stored.values()).most_common(1)[0][0]
+    cand = AutoModelForCausalLM.from_pretrained(str(c_dir), dtype=torch.float32)  # fp32 holds every dtype exactly
     base = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32)
     sd_c, sd_s = cand.state_dict(), base.state_dict()
     only = sorted(set(sd_c) ^ set(sd_s))
@@ -153,27 +175,31 @@ def _interpolate_full(start, candidate, alpha: float, out, *, overwrite: bool) -
     for name, t in sd_c.items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype) if t.numel() else (name,)
         groups.setdefault(key, []).append(name)
+    state: dict[str, torch.Tensor] = {}  # what is saved: one tensor object per group, so ties stay ties
     values: dict[str, torch.Tensor] = {}  # the interpolated fp32 values, for the Fisher's anchors
-    with torch.no_grad():
-        for names in groups.values():
-            first = names[0]
-            for other in names[1:]:
-                if not torch.equal(sd_s[other], sd_s[first]):
-                    raise ValueError(f"merge_back: {first} and {other} are tied in the candidate {c_dir} but differ in "
-                                     f"the start {s_dir}; interpolate models with the same tie_word_embeddings")
-            t = sd_c[first]
-            if not t.is_floating_point():
-                continue
-            v = torch.lerp(sd_s[first].float(), t.float(), alpha)
-            t.copy_(v.to(t.dtype))  # state_dict() shares storage with the model's parameters and buffers
+    for names in groups.values():
+        first = names[0]
+        for other in names[1:]:
+            if not torch.equal(sd_s[other], sd_s[first]):
+                raise ValueError(f"merge_back: {first} and {other} are tied in the candidate {c_dir} but differ in "
+                                 f"the start {s_dir}; interpolate models with the same tie_word_embeddings")
+        t = sd_c[first]
+        if t.is_floating_point():
+            v = torch.lerp(sd_s[first].float(), t, alpha)
             values.update(dict.fromkeys(names, v))
+            t = v.to(next((stored[n] for n in names if n in stored), common))  # the candidate's stored dtype
+        state.update(dict.fromkeys(names, t))
     with atomic_folder(out, overwrite=overwrite) as tmp:
-        cand.save_pretrained(tmp, safe_serialization=True)
+        cand.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        for f in ("config.json", "generation_config.json"):  # the candidate's own (its dtype field included)
+            if (c_dir / f).is_file():
+                shutil.copy2(c_dir / f, tmp / f)
         _copy_tokenizer([c_dir, s_dir], tmp)
         fisher = _copy_extras(c_dir, tmp, values, alpha)
-        _record(tmp, kind="full", alpha=alpha, start=str(s_dir), candidate=c_dir, dtype=dt, fisher=fisher,
-                how="every floating tensor torch.lerp(start, candidate, alpha) in fp32, stored in the candidate's "
-                    "dtype; tied weights interpolated once")
+        _record(tmp, kind="full", alpha=alpha, start=str(s_dir), candidate=c_dir, fisher=fisher,
+                dtypes=sorted({str(d).removeprefix("torch.") for d in stored.values()}),
+                how="every floating tensor torch.lerp(start, candidate, alpha) in fp32, stored in the dtype it has "
+                    "in the candidate's files; tied weights interpolated once; config.json the candidate's")
     return out
 
 

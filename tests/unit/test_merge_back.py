@@ -165,12 +165,25 @@ def test_adapter_keeps_dtype_and_moves_ewc_anchors(tiny_model_dir, tmp_path):
         torch.testing.assert_close(anchors[n], expect.to(torch.bfloat16).float(), atol=0, rtol=0, msg=n)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_full_interpolation_is_exact_per_tensor(tiny_model_dir, tmp_path, dtype):
+@pytest.mark.parametrize("stored", ["fp32", "bf16", "fp32_files_bf16_config", "mixed"])
+def test_full_interpolation_is_exact_per_tensor(tiny_model_dir, tmp_path, stored):
+    """Every tensor is lerp(start, candidate, alpha) in fp32, stored in the dtype it has in the candidate's files.
+
+    ``fp32_files_bf16_config``: what a bf16 full fine-tuning run's final/ holds (the fp32 master weights under a
+    config.json that says bfloat16); ``mixed``: bf16 weights with fp32 norms.
+    """
     from distrib_ft.preservation.fisher import load_fisher, save_fisher
 
-    cand = _moved(tiny_model_dir, tmp_path / "cand", dtype=dtype)
+    cand = _moved(tiny_model_dir, tmp_path / "cand", dtype=torch.bfloat16 if stored == "bf16" else torch.float32)
+    if stored in ("fp32_files_bf16_config", "mixed"):
+        model = _load(cand)
+        if stored == "mixed":
+            model.save_pretrained(cand, state_dict={k: v if "norm" in k else v.to(torch.bfloat16)
+                                                    for k, v in model.state_dict().items()})
+        cfg = json.loads((cand / "config.json").read_text())
+        (cand / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))
     s, c = _tensors(tiny_model_dir), _tensors(cand)
+    assert len({t.dtype for t in c.values()}) == (2 if stored == "mixed" else 1)
     params = {n: t.float() for n, t in c.items()}
     save_fisher(cand / mb.FISHER_FILE, {n: torch.ones_like(t) for n, t in params.items()}, {"target": "trainable"},
                 params)
@@ -179,19 +192,18 @@ def test_full_interpolation_is_exact_per_tensor(tiny_model_dir, tmp_path, dtype)
         o = _tensors(out)
         assert o.keys() == c.keys()
         for k in c:
-            expect = torch.lerp(s[k].float(), c[k].float(), alpha).to(dtype)
-            assert o[k].dtype == dtype and torch.equal(o[k], expect), k
+            expect = torch.lerp(s[k].float(), c[k].float(), alpha).to(c[k].dtype)
+            assert o[k].dtype == c[k].dtype and torch.equal(o[k], expect), k
             if alpha == 1.0:
                 assert torch.equal(o[k], c[k]), k
             if alpha == 0.0:
-                assert torch.equal(o[k], s[k].to(dtype)), k
-        assert json.loads((out / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+                assert torch.equal(o[k], s[k].to(c[k].dtype)), k
+        assert (out / "config.json").read_bytes() == (cand / "config.json").read_bytes()
         assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
         _, anchors, _ = load_fisher(out / mb.FISHER_FILE)
         for k in c:
             assert torch.equal(anchors[k], torch.lerp(s[k].float(), c[k].float(), alpha)), k
-    model = _load(out, dtype)  # a normal HF model folder
-    assert next(model.parameters()).dtype == dtype
+    _load(out, "auto")  # a normal HF model folder
 
 
 def test_full_keeps_tied_weights_tied(tmp_path):
