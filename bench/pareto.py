@@ -67,8 +67,9 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "pareto.json"
 SUITE_EXAMPLES = 64
 SUITES = ("general_qa", "python_docs")
 LR = 5e-4
-STEPS = 30
-BATCH = 8
+STEPS = 20
+BATCH = 4
+NEW_EVAL_EXAMPLES = 32
 MERGE_ALPHAS = (0.5, 0.25)
 EWC_LAMBDAS = (1e2, 1e4, 1e6)
 
@@ -76,12 +77,12 @@ EWC_LAMBDAS = (1e2, 1e4, 1e6)
 SETTINGS: dict[str, dict] = {
     "none": {},
     "lr/10": {"lr": LR / 10},
-    "stm": {"token_masking": {"mode": "stm", "threshold": 2.5}},
-    "replay 10%": {"replay": 0.10},
     "replay 25%": {"replay": 0.25},
     "ewc 1e4": {"ewc": 1e4},
     "l2_sp": {"l2_sp": {"alpha": 1.0}},
     "ema": {"ema": {"decay": 0.95}},
+    "stm": {"token_masking": {"mode": "stm", "threshold": 2.5}},
+    "replay 10%": {"replay": 0.10},
     "generative replay": {"generative_replay": True},
     "replay 25% + ewc 1e4": {"replay": 0.25, "ewc": 1e4},
     "ewc 1e2": {"ewc": 1e2},
@@ -138,7 +139,10 @@ def prepare_data(work: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     qa = [json.loads(line) for line in (DATA / "general_qa.jsonl").read_text().splitlines() if line.strip()]
     files = {"general_qa": work / "general_qa_suite.jsonl", "old": work / "general_qa_old.jsonl",
-             "python_docs": work / "python_docs.jsonl", "buffer": work / "replay_buffer"}
+             "python_docs": work / "python_docs.jsonl", "buffer": work / "replay_buffer",
+             "new_eval": work / "units_eval_first32.jsonl"}
+    units_eval = (DATA / "units_eval.jsonl").read_text().splitlines(keepends=True)
+    files["new_eval"].write_text("".join(units_eval[:NEW_EVAL_EXAMPLES]))
     files["general_qa"].write_text("".join(json.dumps(r) + "\n" for r in qa[:SUITE_EXAMPLES]))
     files["old"].write_text("".join(json.dumps(r) + "\n" for r in qa[SUITE_EXAMPLES:]))
     files["python_docs"].write_text("".join(json.dumps(r) + "\n" for r in python_docs_records()))
@@ -155,7 +159,7 @@ def job_dict(out: Path, setting: dict, seed: int, files: dict) -> dict:
     method = setting.get("method", {"type": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0})
     raw = harness.job_dict(
         smollm2_path(), method,
-        {"train_files": [str(DATA / "units_train.jsonl")], "eval_files": [str(DATA / "units_eval.jsonl")],
+        {"train_files": [str(DATA / "units_train.jsonl")], "eval_files": [files["new_eval"]],
          "format": "alpaca", "max_seq_length": 128},
         {"output_dir": str(out), "max_steps": STEPS, "per_device_train_batch_size": BATCH,
          "gradient_accumulation_steps": 1, "learning_rate": setting.get("lr", LR), "lr_scheduler_type": "cosine",
