@@ -74,7 +74,8 @@ def interpolate(start: str | Path | None, candidate: str | Path, alpha: float, o
         out: the folder to write (atomically); an existing non-empty one only with ``overwrite``.
         kind: "adapter" or "full" (the registry's artifact kind).
         earlier: kind "adapter", DoRA only: the adapters merged into the base before the candidate trained
-            (``method.merge_adapters``, oldest first); None: those in the candidate run's config.yaml. A LoRA
+            (``method.merge_adapters``, oldest first); None: those in the candidate run's config.yaml (a DoRA
+            adapter with no config.yaml beside it, e.g. downloaded from a URL, is refused: pass them). A LoRA
             adapter's interpolation does not depend on them.
         overwrite: replace an existing ``out`` (atomically); a re-run of the same merge-back passes True.
 
@@ -232,6 +233,10 @@ def _interpolate_adapter(start, candidate, alpha: float, out, *, earlier, overwr
     base_dir = (_start_model(start) if start is not None
                 else ex.resolve_base(a.base, what=f"merge_back candidate {a.path / ex.PEFT_CONFIG}"))
     stored = {t.dtype for t in load_peft_weights(str(a.path)).values() if t.is_floating_point()}
+    if dora and earlier is None and not (a.path.parent / "config.yaml").is_file():
+        raise ValueError(f"merge_back candidate: {a.path} is a DoRA adapter and no run config.yaml beside it says "
+                         "which adapters were merged into its start (method.merge_adapters); pass earlier=[...] "
+                         "([] for none)")
     start_model = ex._load_base(base_dir)  # fp32
     merged_first = [ex.locate(p) for p in (a.earlier if earlier is None else earlier)] if dora else []
     if merged_first:  # DoRA's update depends on W0: the start is the base with the earlier adapters merged

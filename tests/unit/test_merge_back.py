@@ -138,7 +138,14 @@ def test_dora_merged_weights_are_start_plus_alpha_delta(tiny_model_dir, tmp_path
         for k in w0:
             torch.testing.assert_close(wa[k], w0[k] + alpha * (w1[k] - w0[k]), atol=ATOL, rtol=RTOL, msg=k)
         assert json.loads((out / mb.RECORD_FILE).read_text())["earlier"] == [str(earlier)]
-    plain = mb.interpolate(tiny_model_dir, cand, 0.5, tmp_path / "wrong", kind="adapter", earlier=[])
+    bare = shutil.copytree(cand, tmp_path / "bare")  # e.g. downloaded from a registry URL: no config.yaml beside
+    with pytest.raises(ValueError, match=r"pass earlier=\[\.\.\.\]"):
+        mb.interpolate(tiny_model_dir, bare, 0.5, tmp_path / "unknown", kind="adapter")
+    given = mb.interpolate(tiny_model_dir, bare, 0.5, tmp_path / "given", kind="adapter", earlier=[earlier])
+    assert _tensors(given).keys() == _tensors(tmp_path / "a0.25").keys()
+    wg = merged(given)
+    assert all(torch.allclose(wg[k], w0[k] + 0.5 * (w1[k] - w0[k]), atol=ATOL, rtol=RTOL) for k in w0)
+    plain = mb.interpolate(tiny_model_dir, bare, 0.5, tmp_path / "wrong", kind="adapter", earlier=[])
     wrong = merged(plain)  # W0 without the earlier adapter: DoRA's norms are off, the result is not the midpoint
     k = "model.layers.0.self_attn.q_proj.weight"
     assert (wrong[k] - (w0[k] + 0.5 * (w1[k] - w0[k]))).abs().max() > 1e-4
@@ -243,7 +250,7 @@ def test_bad_input_is_one_line(tiny_model_dir, tmp_path):
     assert "give a number in [0, 1]" in err(tiny_model_dir, cand, float("nan"), tmp_path / "o", kind="adapter")
     assert "use one of adapter, full" in err(tiny_model_dir, cand, 0.5, tmp_path / "o", kind="lora")
     dora_emb = _lora(tiny_model_dir, tmp_path / "dora_emb", targets=("embed_tokens",), use_dora=True)
-    assert "DoraEmbeddingVariant" in err(tiny_model_dir, dora_emb, 0.5, tmp_path / "o", kind="adapter")
+    assert "DoraEmbeddingVariant" in err(tiny_model_dir, dora_emb, 0.5, tmp_path / "o", kind="adapter", earlier=[])
     mts = _lora(tiny_model_dir, tmp_path / "mts", modules_to_save=["lm_head"])
     assert "modules_to_save" in err(tiny_model_dir, mts, 0.5, tmp_path / "o", kind="adapter")
     assert "not a peft LoRA adapter" in err(tiny_model_dir, tiny_model_dir, 0.5, tmp_path / "o", kind="adapter")
