@@ -47,18 +47,20 @@ def _at(evaluations: list[dict], step: int | None) -> dict | None:
 
 
 def _limit(su: dict, budget: float) -> float | None:
-    b = su.get("budget") or {}
+    """The suite's worst allowed value: its own budget; ``budget`` only for a loss suite with no budget record."""
     base = su.get("baseline")
     if base is None:
         return None
+    if "budget" not in su:
+        return base * (1 + budget) if su.get("kind", "loss") == "loss" else None
+    b = su.get("budget") or {}
     if b.get("max_value") is not None:
         return b["max_value"]
-    if su.get("kind", "loss") == "loss":
-        rel = b.get("max_relative_increase")
-        return base * (1 + (budget if rel is None else rel))
-    if b.get("max_absolute_drop") is not None:
+    if su.get("kind", "loss") == "loss" and b.get("max_relative_increase") is not None:
+        return base * (1 + b["max_relative_increase"])
+    if su.get("kind") == "score" and b.get("max_absolute_drop") is not None:
         return base - b["max_absolute_drop"]
-    return None
+    return None  # a suite measured without a budget
 
 
 def gate(report: dict, budget: float) -> GateResult:

@@ -28,6 +28,7 @@ A round killed after its version was added but before its record is recognised b
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import signal
@@ -36,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from distrib_ft.retrain.rounds import RoundJob, build_round, work_root
+from distrib_ft.retrain.rounds import RoundJob, build_round, registry_hash, work_root
 from distrib_ft.schema import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -201,8 +202,10 @@ class Pipeline:
     def _added(self, name: str, output_dir: str):
         """A version of round ``name`` whose source is this round's final/ or rejected/ (a killed earlier run)."""
         sources = {f"{output_dir}/final", f"{output_dir}/rejected"}
+        merged = str(self.merge_dir(name)) + "/"
         for v in reversed(self.registry.list()):
-            if v.round == name and str(v.record.get("source")) in sources:
+            if v.round == name and (str(v.record.get("source")) in sources
+                                    or str(v.record.get("source")).startswith(merged)):
                 return v
         return None
 
@@ -227,22 +230,26 @@ class Pipeline:
         result = gate(report, cfg.retention_budget)
         info = {"passed": result.passed, "reason": result.reason, "step": result.step, "suites": result.suites,
                 "new_task": result.new_task}
-        merged = None
-        if not result.passed and cfg.merge_back and result.improved:
-            merged = self._merge_back(index, built, result)
         artifact = verdict.get("final") or verdict.get("rejected")
         if not artifact:
             artifact = str(out / ("final" if (out / "final").exists() else "rejected"))
+        chosen = None
+        if found is None and not result.passed and cfg.merge_back and result.improved:
+            chosen = self._merge_back(index, built, result, report, self._local_artifact(artifact))
+            if chosen is not None and chosen["alpha"] is not None:
+                return self._add_merged(index, built, hashes, info, chosen, verdict)
         if found is None:
             data = [*rnd.train_files, *rnd.eval_files]
             metrics = {"gate": info, "pipeline": cfg.source, "verdict": _vline(verdict)}
+            if chosen is not None:
+                metrics["merge_back"] = {"alpha": None, "table": chosen["table"]}
             found = reg.add(artifact, round=rnd.name, parent=built.parent, data_files=data, metrics=metrics)
-        if merged is not None:
-            return self._promote_merged(index, built, found, hashes, info, merged)
         if result.passed:
             reg.promote(found.version, note=f"retrain {rnd.name}: gate passed")
         else:
-            reg.refuse(found.version, reason=result.reason, details={"gate": info})
+            reason = result.reason + ("; merge_back: no alpha of "
+                                      f"{', '.join(f'{a:g}' for a in cfg.merge_back_alphas)} passed" if chosen else "")
+            reg.refuse(found.version, reason=reason, details={"gate": info})
         return self._finish(index, built, reg.show(found.version), hashes, gate_info=info, verdict=verdict)
 
     def _finish(self, index: int, built: RoundJob, version, hashes: dict, *, gate_info=None,
@@ -256,8 +263,9 @@ class Pipeline:
                "reason": (version.record.get("refused") or {}).get("reason") if version.decision == "refused" else
                None, "gate": gate_info, "pipeline": cfg.source, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                       time.gmtime())}
-        if version.record.get("merge_back"):
-            rec["merge_back"] = {"alpha": version.record["merge_back"].get("alpha")}
+        mb = (version.record.get("metrics") or {}).get("merge_back")
+        if mb and mb.get("alpha") is not None:
+            rec["merge_back"] = {"alpha": mb["alpha"]}
         if version.decision == "promoted" and built.replay_buffer:
             rec["replay_version"] = self._replay_update(built, hashes)
         write_record(self.registry, rec)
@@ -288,17 +296,102 @@ class Pipeline:
         return m["version"]
 
     # ------------------------------------------------------------------ merge back (merge_back.py)
-    def _merge_back(self, index: int, built: RoundJob, result):
-        """Interpolated candidates theta0 + alpha (theta - theta0), largest alpha first; the first that passes."""
+    def merge_dir(self, name: str) -> Path:
+        """Where a round's interpolated candidates are written: ``<work dir>/merge_back/<round>/``."""
+        return work_root(self.registry) / "merge_back" / name
+
+    def _start_model(self, built: RoundJob) -> str:
+        """The folder of the model a round started from (its ``model.name_or_path``, ``offline:`` resolved)."""
+        from distrib_ft.job import _model_folder
+
+        return _model_folder(built.job["model"]["name_or_path"], self.cfg.job)
+
+    def _merge_back(self, index: int, built: RoundJob, result, report: dict, artifact: str):
+        """Interpolated candidates theta0 + alpha (theta - theta0), largest alpha first; the first that passes.
+
+        Each is measured by an eval job (the round's suites and new task) against the round's own step-0
+        baselines. Returns merge_back.choose's result with ``path`` (the chosen alpha's folder), or None when the
+        module is missing.
+        """
         try:
             from distrib_ft.retrain import merge_back
         except ImportError:
             note("merge_back: distrib_ft/retrain/merge_back.py is not there; the round is refused")
             return None
-        return merge_back.choose(self, index, built, result)
+        from distrib_ft.retrain.gate import gate
 
-    def _promote_merged(self, index, built, found, hashes, info, merged) -> int:
-        raise NotImplementedError
+        rnd, cfg = self.cfg.rounds[index], self.cfg
+        start = self._start_model(built)
+        folder = self.merge_dir(rnd.name)
+
+        def measure(alpha: float) -> dict:
+            out = folder / f"alpha_{alpha:g}"
+            merge_back.interpolate(start if built.kind == "full" else None, artifact, alpha, out, kind=built.kind,
+                                   overwrite=True)
+            models = [*self._lineage_models(built), str(out)] if built.kind == "adapter" else [str(out)]
+            note(f"round {rnd.name}: merge_back: evaluating alpha {alpha:g}")
+            evaluated = self._eval(built, models, folder / f"eval_{alpha:g}", f"{rnd.name}.merge_{alpha:g}",
+                                   base=start if built.kind == "full" else cfg.base_model)
+            g = gate(_rebased(report, evaluated), cfg.retention_budget)
+            return {"within_budget": not g.breached,
+                    "new_task_better": g.improved, "reason": g.reason, "path": str(out),
+                    "suites": {n: s["value"] for n, s in g.suites.items()},
+                    "new_task": (g.new_task or {}).get("value")}
+
+        chosen = merge_back.choose(cfg.merge_back_alphas, measure)
+        if chosen["alpha"] is not None:
+            chosen["path"] = str(folder / f"alpha_{chosen['alpha']:g}")
+        return chosen
+
+    def _local_artifact(self, artifact: str) -> str:
+        """A round's final/ (or rejected/) as a local folder: itself, or a copy of a URL one in the work dir."""
+        from distrib_ft.runtime.storage import UrlPath, as_path, download_tree
+
+        p = as_path(artifact)
+        if not isinstance(p, UrlPath):
+            return str(p)
+        local = work_root(self.registry) / "artifacts" / registry_hash(str(p))
+        if not local.is_dir():
+            tmp = local.with_name(local.name + f".{os.getpid()}.tmp")
+            download_tree(p, tmp)
+            os.rename(tmp, local)
+        return str(local)
+
+    def _lineage_models(self, built: RoundJob) -> list[str]:
+        return list(built.job.get("method", {}).get("merge_adapters") or [])
+
+    def _eval(self, built: RoundJob, models: list[str], out: Path, name: str, *, base: str,
+              suites: list[dict] | None = None, eval_files: list[str] | None = None) -> dict:
+        """One ``distrib-ft eval`` child of ``models`` on the round's suites (or ``suites``); its report.json."""
+        from distrib_ft.retrain.rounds import write_job
+
+        src = built.job
+        job = {k: copy.deepcopy(src[k]) for k in ("model", "method", "data", "training", "distributed") if k in src}
+        job["model"]["name_or_path"] = base
+        job["method"] = {k: v for k, v in job["method"].items() if k != "merge_adapters"}
+        if eval_files is not None:
+            job["data"]["eval_files"] = eval_files
+        job["monitor"] = {"suites": suites if suites is not None else copy.deepcopy(src["monitor"].get("suites", []))}
+        job["training"]["output_dir"] = str(out / "job")
+        path = write_job(self.registry, name, job)
+        argv = ["eval", str(path), "--out", str(out)]
+        for m in models:
+            argv += ["--model", m]
+        code = _child(argv, self.launcher, self.address, self.verbose)
+        if code not in (EXIT_OK, EXIT_BUDGET):
+            raise ChildFailed(code, f"the eval job {path} ended with exit {code}")
+        return json.loads((out / "report.json").read_text())
+
+    def _add_merged(self, index: int, built: RoundJob, hashes: dict, info: dict, chosen: dict, verdict: dict) -> int:
+        cfg, reg, rnd = self.cfg, self.registry, self.cfg.rounds[index]
+        alpha = chosen["alpha"]
+        metrics = {"gate": info, "pipeline": cfg.source, "verdict": _vline(verdict),
+                   "merge_back": {"alpha": alpha, "table": chosen["table"]}}
+        v = reg.add(chosen["path"], round=rnd.name, parent=built.parent, data_files=[*rnd.train_files,
+                    *rnd.eval_files], job_config=built.job, verdict=verdict, metrics=metrics)
+        reg.promote(v.version, note=f"retrain {rnd.name}: merged back at alpha {alpha:g} (the candidate: "
+                    f"{info['reason']})")
+        return self._finish(index, built, reg.show(v.version), hashes, gate_info=info, verdict=verdict)
 
     # ------------------------------------------------------------------ forgetting (forgetting.py)
     def eval_row(self, index: int, version) -> tuple[dict, dict] | None:
@@ -407,6 +500,23 @@ class ChildFailed(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
         self.code = code
+
+
+def _rebased(report: dict, evaluated: dict) -> dict:
+    """The round's report (its step-0 baselines and budgets) with an eval job's values.
+
+    Each suite's and the new task's value is replaced by the last evaluation of ``evaluated`` (report.json of
+    ``distrib-ft eval`` of an interpolated model).
+    """
+    out = copy.deepcopy(report)
+    out["chosen_step"] = None
+    for name, su in (out.get("suites") or {}).items():
+        ev = ((evaluated.get("suites") or {}).get(name) or {}).get("evaluations") or []
+        su["evaluations"] = [{"step": 1, "value": ev[-1]["value"], "within_budget": None}] if ev else []
+    if out.get("new_task"):
+        ev = ((evaluated.get("new_task") or {}).get("evaluations")) or []
+        out["new_task"]["evaluations"] = [{"step": 1, "value": ev[-1]["value"]}] if ev else []
+    return out
 
 
 def _vline(verdict: dict | None) -> str | None:
