@@ -9,8 +9,10 @@ keeps the first alpha the measurements pass.
 ``kind="full"`` (full / partial / bitfit: final/ is a Hugging Face model folder): every floating tensor is
 ``torch.lerp(theta0, theta, alpha)`` in fp32 (https://pytorch.org/docs/stable/generated/torch.lerp.html; its CPU and
 CUDA kernels compute ``end - (end - start) * (1 - w)`` for w >= 0.5, so alpha = 1 gives the candidate and alpha = 0
-the start bit for bit), stored in the candidate's dtype; weights tied in the candidate (one storage under several
-names) are interpolated once and stay tied; written with ``save_pretrained`` plus the candidate's tokenizer.
+the start bit for bit), stored in the dtype that tensor has in the candidate's safetensors files (a bf16 run's
+final/ holds fp32 master weights under a config.json that says bfloat16); weights tied in the candidate (one storage
+under several names) are interpolated once and stay tied; written with ``save_pretrained`` plus the candidate's
+config.json and tokenizer.
 
 ``kind="adapter"`` (a peft LoRA adapter, trained on the start = the base with the earlier rounds' adapters merged):
 theta - theta0 is the adapter's own update dW = B @ A * s, and theta0 + alpha dW is the same adapter with ``lora_B``
