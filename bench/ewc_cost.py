@@ -60,6 +60,8 @@ ESTIMATORS = ("empirical", "sampled", "batched")
 MICRO = 8
 PENALTY_CONFIGS = ("no-ewc", "ewc-trainable", "ewc-lora_merged", "alt-trainable", "alt-lora_merged")
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+KINDS = {"trainable": ("autograd", "grads", "grads+value", "in_place", "in_place+value"),  # worker_grads
+         "lora_merged": ("autograd", "grads", "grads+value")}
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -294,7 +296,9 @@ def worker_grads(spec: dict) -> dict:
     already hold the step's (``.grad`` preset to zeros, as after the micro-batch's backward):
     ``autograd`` (``EWC.through_grads = False``, the implementation before), ``grads`` (the closed-form gradient
     through ``distrib_ft.preservation.ewc.through_gradients``, a non-logging step) and ``grads+value`` (a logging
-    step: the value computed too). Returns the median seconds of each.
+    step: the value computed too); for target=trainable also ``in_place`` / ``in_place+value`` (``EWC.add_to_grads``,
+    the default since: lambda F (theta - theta*) added into ``.grad`` in place, as the loop does after the
+    backward; distrib_ft/preservation/grad_buffers.py). Returns the median seconds of each.
     """
     import torch
     from datasets import load_from_disk
@@ -336,12 +340,16 @@ def worker_grads(spec: dict) -> dict:
 
     def penalty(ewc, kind):
         def run():
+            if kind.startswith("in_place"):  # as the loop: after the backward, into the gradients in place
+                ewc._in_place = True
+                ewc.add_to_grads(model, logging=kind.endswith("+value"))
+                return
+            ewc._in_place = False
             EWC.through_grads = kind != "autograd"
             ewc.penalty(model, logging=kind != "grads").backward()
         return run
 
-    items = [("step", step)] + [(f"{t}/{k}", penalty(pen[t], k)) for t in targets
-                                for k in ("autograd", "grads", "grads+value")]
+    items = [("step", step)] + [(f"{t}/{k}", penalty(pen[t], k)) for t in targets for k in KINDS[t]]
     rows: dict[str, list[float]] = {k: [] for k, _ in items}
     for rep in range(spec["penalty_reps"] + 1):  # the first round warms up and is left out
         k0 = (rep + spec["repeat"]) % len(items)
@@ -495,9 +503,12 @@ def main(argv: list[str] | None = None) -> int:
     summary, lines = {"fisher": {}, "micro_penalty": {}, "train_penalty": {}, "grads": {}}, []
     if grads_runs:
         lines += ["### (c) The penalty through the gradients vs autograd of the scalar, paired in one process", "",
-                  "| model | method | EWC target | step fwd+bwd ms | penalty: autograd ms | through the gradients ms | "
-                  "+ value (logging steps) ms | **autograd / step** | **gradients / step** | + value / step | "
-                  "per-process gradients / step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "The default path: target=trainable in place into the gradients (``in_place``), lora_merged "
+                  "through the autograd.Function (``grads``).", "",
+                  "| model | method | EWC target | step fwd+bwd ms | autograd ms | autograd.Function ms | "
+                  "in place ms | **autograd / step** | autograd.Function / step | in place / step | "
+                  "**default / step** | default + value (logging steps) / step | per-process default / step |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in args.models:
             for method in args.methods:
                 rs = [r for r in grads_runs if r["model"] == m and r["method"] == method]
@@ -505,17 +516,20 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 st = med([r["times"]["step"] for r in rs])
                 for t in (["trainable", "lora_merged"] if method == "lora" else ["trainable"]):
-                    ms = {k: med([r["times"][f"{t}/{k}"] for r in rs]) for k in ("autograd", "grads", "grads+value")}
+                    kinds = [k for k in KINDS[t] if f"{t}/{k}" in rs[0]["times"]]
+                    ms = {k: med([r["times"][f"{t}/{k}"] for r in rs]) for k in kinds}
                     share = {k: med([r["times"][f"{t}/{k}"] / r["times"]["step"] for r in rs]) for k in ms}
-                    per = [r["times"][f"{t}/grads"] / r["times"]["step"] for r in rs]
+                    default = "in_place" if "in_place" in ms else "grads"
+                    per = [r["times"][f"{t}/{default}"] / r["times"]["step"] for r in rs]
                     summary["grads"][f"{m}/{method}/{t}"] = {"step_ms": 1e3 * st, **{f"{k}_ms": 1e3 * v for k, v in
                                                              ms.items()}, **{f"{k}_share": v for k, v in share.items()},
-                                                             "grads_share_per_process": per,
+                                                             "default": default, "default_share_per_process": per,
                                                              "loadavg": [r["loadavg"] for r in rs]}
-                    lines.append(f"| {m} | {method} | {t} | {1e3 * st:.0f} | {1e3 * ms['autograd']:.1f} | "
-                                 f"{1e3 * ms['grads']:.1f} | {1e3 * ms['grads+value']:.1f} | "
-                                 f"**{100 * share['autograd']:.1f}%** | **{100 * share['grads']:.1f}%** | "
-                                 f"{100 * share['grads+value']:.1f}% | "
+                    cell = lambda k, d=ms: f"{1e3 * d[k]:.1f}" if k in d else "-"  # noqa: E731
+                    pct = lambda k, d=share: f"{100 * d[k]:.1f}%" if k in d else "-"  # noqa: E731
+                    lines.append(f"| {m} | {method} | {t} | {1e3 * st:.0f} | {cell('autograd')} | {cell('grads')} | "
+                                 f"{cell('in_place')} | **{pct('autograd')}** | {pct('grads')} | {pct('in_place')} | "
+                                 f"**{pct(default)}** | {pct(default + '+value')} | "
                                  f"{' / '.join(f'{100 * x:.1f}%' for x in per)} |")
         lines.append("")
     if fisher_runs:
