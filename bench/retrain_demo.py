@@ -1,0 +1,132 @@
+"""The retraining demo's result (issue 12, must-have 8): both settings of examples/retrain/ into fresh registries.
+
+Runs ``distrib-ft retrain`` (distrib_ft/retrain/pipeline.py; docs/retrain.md) on copies of
+examples/retrain/pipeline_plain.yaml (a: no replay, no EWC) and examples/retrain/pipeline.yaml (b: carried-forward
+replay and online EWC), one after the other, each with its registry, runs and replay buffer in a fresh folder, and
+writes bench/results/retrain_demo.json: per setting the pipeline's exit code, wall time, ACC / BWT / FWT and R from
+REGISTRY/pipeline_report.json (GEM's definitions on held-out NLL, signs as docs/retrain.md), and per round its
+decision, its gate's numbers (new-task NLL at step 0 and at the end = the new-task gain; each retention suite's
+NLL, limit and change) and the training child's wall time. The file is rewritten after each setting.
+
+    nice -n 5 .venv/bin/python bench/retrain_demo.py                 # both settings, --launcher local
+    nice -n 5 .venv/bin/python bench/retrain_demo.py --settings plain
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "retrain"
+SETTINGS = {"plain": "pipeline_plain.yaml", "defended": "pipeline.yaml"}
+
+
+def _abs(value: str, base: Path) -> str:
+    return value if "://" in value or value.startswith("offline:") else str((base / value).resolve())
+
+
+def prepare(setting: str, work: Path) -> Path:
+    """Copies of the setting's pipeline and template job whose outputs all lie under ``work`` (inputs absolute)."""
+    spec = yaml.safe_load((EXAMPLE / SETTINGS[setting]).read_text())
+    job = yaml.safe_load((EXAMPLE / spec["job"]).read_text())
+    job["data"]["train_files"] = [_abs(f, EXAMPLE) for f in job["data"]["train_files"]]
+    job["distributed"]["deepspeed"] = _abs(job["distributed"]["deepspeed"], EXAMPLE)
+    for suite in job.get("monitor", {}).get("suites", []):
+        suite["files"] = [_abs(f, EXAMPLE) for f in suite["files"]]
+    job["training"]["output_dir"] = str(work / "runs")
+    if job.get("replay"):
+        job["replay"]["buffer"] = str(work / "replay")
+    work.mkdir(parents=True, exist_ok=False)  # fresh: a registry left from an earlier run would train nothing
+    (work / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
+    spec["registry"] = str(work / "registry")
+    spec["job"] = str(work / "job.yaml")
+    for r in spec["rounds"]:
+        r["train_files"] = [_abs(f, EXAMPLE) for f in r["train_files"]]
+        r["eval_files"] = [_abs(f, EXAMPLE) for f in r["eval_files"]]
+    path = work / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _round(rec: dict, seconds: float | None) -> dict:
+    gate = rec.get("gate") or {}
+    nt = gate.get("new_task") or {}
+    gain = (nt["baseline"] - nt["value"]) if nt.get("baseline") is not None and nt.get("value") is not None else None
+    suites = {n: {"baseline": s.get("baseline"), "value": s.get("value"), "limit": s.get("limit"),
+                  "relative_change": (s["value"] / s["baseline"] - 1) if s.get("baseline") and s.get("value")
+                  is not None else None, "within_budget": s.get("within_budget")}
+              for n, s in (gate.get("suites") or {}).items()}
+    return {"name": rec["name"], "version": rec["version"], "decision": rec["decision"], "reason": rec.get("reason"),
+            "verdict": rec.get("verdict"), "new_task_nll_start": nt.get("baseline"),
+            "new_task_nll_end": nt.get("value"),
+            "new_task_gain_nll": gain, "new_task_gain_relative": gain / nt["baseline"] if gain is not None and
+            nt.get("baseline") else None, "gate_step": gate.get("step"), "suites": suites, "train_seconds": seconds}
+
+
+def run_setting(setting: str, work: Path, launcher: str) -> dict:
+    pipeline = prepare(setting, work)
+    cmd = [sys.executable, "-m", "launcher.cli", "retrain", str(pipeline), "--launcher", launcher]
+    load_before = os.getloadavg()
+    began = time.time()
+    with open(work / "stdout.txt", "w") as out, open(work / "stderr.txt", "w") as err:
+        code = subprocess.call(cmd, cwd=ROOT, stdout=out, stderr=err)
+    wall = time.time() - began
+    load_after = os.getloadavg()
+    stdout = (work / "stdout.txt").read_text()
+    stderr = (work / "stderr.txt").read_text()
+    train_s = {m[0]: float(m[1]) for m in re.findall(r"round (\S+): the job ended with exit \d+ after (\d+) s", stderr)}
+    registry = work / "registry"
+    report = json.loads((registry / "pipeline_report.json").read_text()) if (registry / "pipeline_report.json"
+                                                                              ).is_file() else {}
+    rounds = []
+    for r in yaml.safe_load(pipeline.read_text())["rounds"]:
+        rec_file = registry / "rounds" / f"{r['name']}.json"
+        if rec_file.is_file():
+            rounds.append(_round(json.loads(rec_file.read_text()), train_s.get(r["name"])))
+    return {"setting": setting, "pipeline": str(EXAMPLE / SETTINGS[setting]), "exit_code": code,
+            "wall_seconds": round(wall, 1), "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in load_after], "ACC": report.get("ACC"), "BWT": report.get("BWT"),
+            "FWT": report.get("FWT"), "T": report.get("T"), "R": report.get("R"), "tasks": report.get("tasks"),
+            "rows": report.get("rows"), "base": report.get("base"), "current": report.get("current"),
+            "rounds": rounds, "stdout": [line for line in stdout.splitlines() if line], "work": str(work)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the settings one after the other; write the JSON after each."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--settings", default="plain,defended", help="comma-separated: plain, defended (in this order)")
+    ap.add_argument("--work", type=Path,
+                    default=ROOT / "outputs" / "retrain_demo_bench" / time.strftime("%Y%m%dT%H%M%S"))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "retrain_demo.json")
+    ap.add_argument("--launcher", choices=["local", "ray"], default="local")
+    args = ap.parse_args(argv)
+    results = {"command": " ".join(["bench/retrain_demo.py", *(argv if argv is not None else sys.argv[1:])]),
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "launcher": args.launcher,
+               "cpus": os.cpu_count(), "settings": {}}
+    if args.out.is_file():  # keep the settings of an earlier invocation that this one does not rerun
+        results["settings"] = json.loads(args.out.read_text()).get("settings", {})
+    for setting in args.settings.split(","):
+        print(f"retrain_demo: {setting} ...", flush=True)
+        res = run_setting(setting, args.work / setting, args.launcher)
+        res["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        results["settings"][setting] = res
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(args.out)
+        print(f"retrain_demo: {setting}: exit {res['exit_code']} in {res['wall_seconds']:.0f} s; ACC {res['ACC']} "
+              f"BWT {res['BWT']} FWT {res['FWT']}; " + ", ".join(f"{r['name']} {r['decision']}" for r in res["rounds"]),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
