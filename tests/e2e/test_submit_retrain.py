@@ -1,7 +1,8 @@
 """cluster/submit_retrain.py against a real Ray head (``ray start``, its own temp dir and ports, ended by PID): the
-Jobs API client a scheduler runs (docs/scheduling.md). It recovers the entrypoint's own exit code where ``ray job
-submit`` says 1, reports an ended scheduler run again instead of re-running it, submits a new attempt after exit 1,
-and follows a running job of the same command instead of starting a second pipeline."""
+Jobs API client a scheduler runs (docs/scheduling.md). A real ``distrib-ft retrain`` whose one round forgets past
+its budget comes back as 3 where ``ray job submit`` says 1; the same scheduler run again is reported, not re-run; a
+run that ended with 1 gets a new attempt; a running job of the same command is followed, never doubled; a stopped
+job is 130; a missing pipeline file is the CLI's own 2."""
 
 import importlib.util
 import subprocess
@@ -50,36 +51,42 @@ def _ids(client) -> list[str]:
 def test_exit_codes_attempts_and_no_second_pipeline(tmp_path, tiny_model_dir, monkeypatch, capsys):
     sr = _module()
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a throwaway head (see ray_start_head)
-    # A job that forgets past its budget (exit 3): tests/e2e/test_ray_up.py's breach job, one worker.
-    breach = job_dict(tmp_path / "breach", tiny_model_dir, max_steps=4, learning_rate=5e-2)
-    set_in(breach, "method.type", "full")
-    set_in(breach, "data.eval_files", [breach["data"]["train_files"][0]])
+    # A one-round pipeline whose round forgets past its budget: tests/e2e/test_ray_up.py's breach job as the
+    # template (full fine-tuning, a 0.1% budget on an old skill), so the pipeline refuses r1 and exits 3.
+    template = job_dict(tmp_path / "t", tiny_model_dir, max_steps=4, learning_rate=5e-2)
+    set_in(template, "method.type", "full")
     old = toy_join(tmp_path / "old.jsonl", n=8, seed=4)
-    set_in(breach, "monitor", {"suites": [{"name": "old", "files": [str(old)], "max_relative_increase": 0.001}]})
-    (tmp_path / "breach.yaml").write_text(yaml.safe_dump(breach))
-    out = tmp_path / "breach" / "out"
-    train = f"{DFT} train {tmp_path / 'breach.yaml'} --address auto"
+    set_in(template, "monitor", {"suites": [{"name": "old", "files": [str(old)], "max_relative_increase": 0.001}]})
+    set_in(template, "training.output_dir", str(tmp_path / "runs"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(template))
+    train = template["data"]["train_files"][0]
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "registry": str(tmp_path / "registry"), "base_model": str(tiny_model_dir), "job": "job.yaml",
+        "retention_budget": 0.1, "rounds": [{"name": "r1", "train_files": [train], "eval_files": [train]}]}))
+    out = tmp_path / "runs" / "r1"
+    argv = ["--address", None, "--distrib-ft", DFT, "--submission-id", "nightly-1", str(pipeline)]
 
     with ray_start_head(num_cpus=3) as (temp_dir, _, dash):
-        address = f"http://127.0.0.1:{dash}"
+        address = argv[1] = f"http://127.0.0.1:{dash}"
         client = _ready_client(address)
 
-        # 1. The job's own code: 3, where `ray job submit` (below) says 1.
+        # 1. The pipeline's own code through the Jobs API: 3, the round's line, the code line last.
         capsys.readouterr()
-        assert sr.run(client, train, submission_id="nightly-1") == 3
+        assert sr.main(argv) == 3
         text = capsys.readouterr().out
-        assert f"Verdict: {out / 'verdict.json'}" in text, text[-3000:]
-        assert "submit_retrain: submitted nightly-1" in text
-        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", DFT, "status", str(out)],
+        assert "submit_retrain: submitted nightly-1: " in text and "round r1: refused v0001: old over budget" in text
+        assert text.rstrip().splitlines()[-1] == "distrib-ft exit code: 3", text[-3000:]
+        assert (out / "verdict.json").is_file()
+        # `ray job submit` of the same command (a re-run: the round's record, nothing trained) says 1
+        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--",
+                            *sr.entrypoint(str(pipeline), [], DFT).split()],
                            capture_output=True, text=True, timeout=300, env=clean_env())
-        assert r.returncode == 1 and "rejected" in r.stdout, (r.stdout + r.stderr)[-3000:]
-        # the script's CLI on the same status call: the line and the code (main() builds only `retrain`, so `run`)
-        capsys.readouterr()
-        assert sr.run(client, f"{DFT} status {out}") == 3
+        assert r.returncode == 1 and "round r1: refused v0001" in r.stdout, (r.stdout + r.stderr)[-3000:]
 
-        # 2. The same scheduler run again (a retried pod): reported, not trained again.
+        # 2. The same scheduler run again (a retried pod): reported, not run again.
         before = _ids(client)
-        assert sr.run(client, train, submission_id="nightly-1") == 3
+        assert sr.main(argv) == 3
         assert "nightly-1 already ended with exit 3" in capsys.readouterr().out
         assert _ids(client) == before
 
@@ -106,7 +113,7 @@ def test_exit_codes_attempts_and_no_second_pipeline(tmp_path, tiny_model_dir, mo
         info = client.get_job_info("stopped")
         assert sr.job_code(info.status, info.driver_exit_code) == 130
 
-        # 6. main(): a pipeline file the head lacks is the pipeline's own exit 2, last line the code.
+        # 6. A pipeline file the head lacks: the CLI's own exit 2, the code line last.
         capsys.readouterr()
         assert sr.main(["--address", address, "--distrib-ft", DFT, str(tmp_path / "missing.yaml")]) == 2
         text = capsys.readouterr().out
