@@ -263,6 +263,16 @@ def test_decide_fails_on_a_report_of_an_earlier_run(tmp_path, dag):
     assert dag.decide(0, None).action == "fail"  # no report: nothing to deploy
 
 
+def test_the_examples_name_the_demo_pipeline_and_its_registry(dag):
+    """The crontab and the DAG's defaults run examples/retrain/pipeline.yaml from a checkout; the DAG reads the
+    registry that file names."""
+    pipeline = yaml.safe_load((ROOT / dag.PIPELINE).read_text())
+    assert dag.registry_path(home=str(ROOT)) == str(ROOT / pipeline["registry"])
+    assert dag.registry_path("s3://b/reg") == "s3://b/reg" and dag.registry_path("/abs/reg") == "/abs/reg"
+    _, [(_, command)] = _cron_lines()
+    assert f" retrain {dag.PIPELINE} " in command and "cd /srv/distrib-ft &&" in command
+
+
 def test_dag_file_imports_without_airflow(dag, monkeypatch):
     assert importlib.util.find_spec("airflow") is None and dag.dag is None
     assert dag.submission_id("scheduled__2026-11-30T03:17:00+00:00") == "retrain-scheduled__2026-11-30T03-17-00-00-00"

@@ -30,9 +30,12 @@ import sys
 from dataclasses import dataclass
 
 # Where things are (environment of the Airflow worker; edit here or set them there).
-PIPELINE = os.environ.get("RETRAIN_PIPELINE", "examples/retrain/pipeline.yaml")  # as the Ray head sees it
-REGISTRY = os.environ.get("RETRAIN_REGISTRY", "s3://models/registry")  # the pipeline file's `registry:`
-DISTRIB_FT_HOME = os.environ.get("DISTRIB_FT_HOME", "/opt/distrib-ft")  # a checkout: cluster/submit_retrain.py
+# The defaults run the demo pipeline (examples/retrain/pipeline.yaml) in a checkout on the Airflow worker. On a Ray
+# cluster (RAY_JOBS_ADDRESS set), PIPELINE is read on the head, and REGISTRY must be where both the head and this
+# worker see it: a URL (s3://...) in the pipeline file's `registry:`, the same here.
+DISTRIB_FT_HOME = os.environ.get("DISTRIB_FT_HOME", "/opt/distrib-ft")  # a checkout: the run's cwd, submit_retrain.py
+PIPELINE = os.environ.get("RETRAIN_PIPELINE", "examples/retrain/pipeline.yaml")  # relative: to DISTRIB_FT_HOME
+REGISTRY = os.environ.get("RETRAIN_REGISTRY", "outputs/retrain_demo/defended/registry")  # the file's `registry:`
 RAY_JOBS_ADDRESS = os.environ.get("RAY_JOBS_ADDRESS", "")  # http://HEAD:8265; empty: run `distrib-ft retrain` here
 SCHEDULE = os.environ.get("RETRAIN_SCHEDULE", "17 3 * * *")  # cron syntax, the DAG's timezone (UTC by default)
 
@@ -119,6 +122,15 @@ def decide(exit_code: int, report: dict | None, record: dict | None = None, verd
 
 def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
+
+
+def registry_path(registry: str = REGISTRY, home: str = DISTRIB_FT_HOME) -> str:
+    """The registry as this worker reads it.
+
+    A URL as it is; a relative folder (as the pipeline file names it: relative to the run's working directory)
+    under ``home``.
+    """
+    return registry if "://" in registry or os.path.isabs(registry) else os.path.join(home, registry)
 
 
 def read_json(path: str) -> dict | None:
@@ -211,26 +223,26 @@ if dag is not None:
 
         @task.branch
         def branch(exit_code: int) -> str:
-            d = decide(exit_code, *load_outcome(REGISTRY, exit_code))
+            d = decide(exit_code, *load_outcome(registry_path(), exit_code))
             print(f"decision: {d.action}: {d.message}")
             return d.action
 
         @task
         def deploy(exit_code: int) -> str:
-            d = decide(exit_code, *load_outcome(REGISTRY, exit_code))
-            model = _join(REGISTRY, "versions", d.version, "model")
+            d = decide(exit_code, *load_outcome(registry_path(), exit_code))
+            model = _join(registry_path(), "versions", d.version, "model")
             print(f"deploy {d.version}: {model}")  # replace with your rollout (e.g. `distrib-ft export` then serve)
             return model
 
         @task
         def alert(exit_code: int) -> str:
-            d = decide(exit_code, *load_outcome(REGISTRY, exit_code))
+            d = decide(exit_code, *load_outcome(registry_path(), exit_code))
             print(f"ALERT: {d.message}")  # replace with your notifier (Slack, e-mail, a pager)
             return d.message
 
         @task(retries=0)
         def fail(exit_code: int) -> None:
-            raise RuntimeError(decide(exit_code, *load_outcome(REGISTRY, exit_code)).message)
+            raise RuntimeError(decide(exit_code, *load_outcome(registry_path(), exit_code)).message)
 
         code = retrain()
         branch(code) >> [deploy(code), alert(code), fail(code)]
