@@ -155,11 +155,16 @@ def run(client, command: str, *, submission_id: str | None = None, runtime_env: 
         job_id = client.submit_job(entrypoint=command, submission_id=submission_id, runtime_env=runtime_env or None)
         _say(f"submitted {job_id}: {command}")
     if logs:
-        _tail(client, job_id)
+        try:
+            _tail(client, job_id)
+        except Exception as e:  # the log stream broke (a proxy's timeout, a dashboard restart): the job goes on
+            _say(f"the log stream of {job_id} ended ({type(e).__name__}: {str(e)[:200]}); waiting for the job's end "
+                 f"(its log: ray job logs {job_id})")
     info = _wait(client, job_id)
     code = job_code(info.status, info.driver_exit_code)
     if info.status.value != "SUCCEEDED" and info.driver_exit_code is None:
-        _say(f"{job_id} {info.status.value} without an exit code: {(info.message or '').splitlines()[:1]}")
+        first = (info.message or "").strip().splitlines()[:1]
+        _say(f"{job_id} {info.status.value} without an exit code{': ' + first[0] if first else ''}")
     return code
 
 
@@ -201,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except RuntimeError as e:  # the Jobs API refused the request (HTTP error): one line
         print(f"submit_retrain: the Ray Jobs API refused the job: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:  # the head went away while we waited (ConnectionError and the like); the job may go on
+        print(f"submit_retrain: lost the Ray Jobs API at {args.address or '(RAY_ADDRESS)'}: {e}; run this again with "
+              "the same --submission-id to follow the job", file=sys.stderr)
         return EXIT_FAILED
     print(EXIT_LINE.format(code), flush=True)
     return code
