@@ -423,7 +423,9 @@ class Pipeline:
         job["method"] = {k: v for k, v in (job.get("method") or {}).items() if k != "merge_adapters"}
         job["data"] = {**(job.get("data") or {}), "train_files": list(rnd.train_files), "eval_files": []}
         fmt = job["data"].get("format", "alpaca")
-        job["monitor"] = {"suites": [{"name": t, "files": f, "format": fmt, "metric": "nll"} for t, f in tasks.items()]}
+        formats = {r.name: r.overrides.get("data.format", fmt) for r in cfg.rounds}
+        job["monitor"] = {"suites": [{"name": t, "files": f, "format": formats[t], "metric": "nll"}
+                                     for t, f in tasks.items()]}
         out = work_root(reg) / "eval" / rnd.name
         job["training"] = {**(job.get("training") or {}), "output_dir": str(out / "job")}
         _resolve_paths(JobConfig, job, "", cfg.job)

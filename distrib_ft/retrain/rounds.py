@@ -204,7 +204,8 @@ def build_round(cfg, index: int, registry, *, write: bool = True) -> RoundJob:
         if earlier.name in taken:
             raise ConfigError(f"{source}: monitor.suites: a suite is named {earlier.name!r}, like a round of "
                               f"{cfg.source}; rename the suite (each earlier round adds a suite named after it)")
-        suites.append({"name": earlier.name, "files": list(earlier.eval_files), "format": fmt, "metric": "nll",
+        suites.append({"name": earlier.name, "files": list(earlier.eval_files),
+                       "format": earlier.overrides.get("data.format", fmt), "metric": "nll",
                        "max_relative_increase": cfg.retention_budget})
     if suites:
         job["monitor"]["suites"] = suites
