@@ -20,8 +20,12 @@ parameters whole on every rank: LoRA matrices below ``stage3_param_persistence_t
 through the gradients: an autograd.Function (https://pytorch.org/docs/stable/notes/extending.html) whose backward
 returns the closed form lambda F (theta - theta*) (lora_merged: its chain rule to A and B), so DeepSpeed's hooks,
 averaging, gradient norm and clipping see it as before, without autograd of the scalar (issue 13; ~2x cheaper,
-bench/ewc_cost.py --parts grads); its value is computed on logging steps only. target=lora_merged needs the LoRA
-matrices whole. Under bf16 the unsharded penalty reads the module's bf16 copy of theta; F and theta* are fp32.
+bench/ewc_cost.py --parts grads); its value is computed on logging steps only. target=trainable under ZeRO 0-2
+goes one step further (``in_place``, the default): lambda F (theta - theta*) is added in place into DeepSpeed's
+gradient buffers after the step's last backward (``p.grad``; ZeRO-1/2: this rank's averaged gradient partitions,
+theta from the fp32 master copy; distrib_ft/preservation/grad_buffers.py), before the gradient norm and clipping.
+target=lora_merged needs the LoRA matrices whole. Under bf16 the autograd.Function reads the module's bf16 copy of
+theta; F and theta* are fp32.
 """
 
 from __future__ import annotations
@@ -282,6 +286,7 @@ class EWC:
         lambda F (theta - theta*) (lora_merged: its chain rule to A and B) to the parameters' gradients, scaled by
         the gradient it receives (the loop's ``* accum``, the fp16 loss scale) like autograd of the scalar; its value
         is computed only when ``logging`` (else 0). ``through_grads = False``: autograd of the scalar (the reference).
+        None when :meth:`add_to_grads` adds the gradient in place (target=trainable under ZeRO 0-2, ``in_place``).
         """
         if self.lam == 0 or self.fisher is None or self.sharded:  # sharded: added to the gradients in the step
             return None
