@@ -191,6 +191,13 @@ def test_r_equals_separate_eval_runs_of_the_same_models(pipeline, tiny_model_dir
     assert report["BWT"] == pytest.approx(R[0][0] - R[1][0], rel=1e-9)
     assert report["FWT"] == pytest.approx(base[1] - R[0][1], rel=1e-9)
     assert R[0][0] < base[0] and R[1][1] < base[1]  # each round learned its task
+    # Round k starts from the model current after round k-1: its step-0 values (every earlier round's suite, its
+    # own new task) are row k-1 of R, measured by the training job's own monitor.
+    runs = pipeline["runs"]
+    for k in (1, 2):
+        rep = json.loads((runs / tasks[k] / "report.json").read_text())
+        start = [rep["suites"][t]["baseline"] for t in tasks[:k]] + [rep["new_task"]["baseline"]]
+        assert start == pytest.approx(R[k - 1][:k + 1], rel=1e-5), tasks[k]
 
     raw = yaml.safe_load((tmp / "job.yaml").read_text())
     raw["training"]["output_dir"] = str(tmp / "eval-runs")
@@ -242,3 +249,53 @@ def test_rollback_after_the_pipeline(pipeline, tmp_path):
                               ("v0003", "r3", "refused", False)]
     r = cli("registry", "rollback", copy, "--to", "v2", timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("v0002 (current)"), r.stderr[-3000:]
+
+
+def test_lora_rounds_chain_the_adapters_of_the_lineage(tmp_path, tiny_model_dir):
+    """LoRA: round 2 trains a fresh adapter on the base with round 1's adapter merged (method.merge_adapters), and
+    R's row for v0002 is that chain: equal to ``distrib-ft eval --model v0001 --model v0002``. Two rounds of 6 steps
+    at learning rate 5e-2 (measured as jobs: round 1 new task 5.94 -> 5.84, round 2 5.94 -> 5.83, convert +2.5%)."""
+    files = skill_files(tmp_path / "data", n_train=64, n_eval=8)
+    registry = tmp_path / "registry"
+    template = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "method": {"type": "lora", "r": 4, "lora_alpha": 8},
+        "data": {"train_files": [str(files["convert"][0])], "max_seq_length": 64},
+        "training": {"output_dir": str(tmp_path / "runs"), "max_steps": 6, "per_device_train_batch_size": 4,
+                     "learning_rate": 5e-2, "warmup_ratio": 0.0, "logging_steps": 1, "bf16": False, "seed": 0},
+        "distributed": {"num_workers": 1, "deepspeed": str(ROOT / "ds_configs" / "zero2.json")},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(template))
+    rounds = [{"name": name, "train_files": [str(files[skill][0])], "eval_files": [str(files[skill][1])]}
+              for name, skill in ROUNDS[:2]]
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"registry": str(registry), "base_model": str(tiny_model_dir),
+                                    "job": "job.yaml", "retention_budget": BUDGET, "rounds": rounds}))
+    r = cli("retrain", path, "--launcher", "local", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1].startswith("Pipeline: 2 promoted, none refused; current v0002"), r.stdout
+    assert _listing(registry) == [("v0001", "r1", "promoted", False), ("v0002", "r2", "promoted", True)]
+    adapters = [registry / "versions" / v / "model" for v in ("v0001", "v0002")]
+    assert all((a / "adapter_model.safetensors").exists() for a in adapters)
+    job = yaml.safe_load(json.loads(cli("registry", "show", registry, "v2", "--json", timeout=120).stdout)["job"])
+    assert job["model"]["name_or_path"] == str(tiny_model_dir)
+    assert [Path(a).resolve() for a in job["method"]["merge_adapters"]] == [adapters[0].resolve()]
+
+    report = json.loads((registry / "pipeline_report.json").read_text())
+    R = report["R"]
+    rep = json.loads((tmp_path / "runs" / "r2" / "report.json").read_text())  # round 2's start: base + adapter 1
+    assert [rep["suites"]["r1"]["baseline"], rep["new_task"]["baseline"]] == pytest.approx(R[0][:2], rel=1e-5)
+    assert rep["new_task"]["evaluations"][-1]["value"] < rep["new_task"]["baseline"]
+
+    raw = {**template, "training": {**template["training"], "output_dir": str(tmp_path / "eval-runs")},
+           "monitor": {"suites": [{"name": name, "files": [str(files[skill][1])], "metric": "nll"}
+                                  for name, skill in ROUNDS[:2]]}}
+    (tmp_path / "eval-job.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "eval"
+    r = cli("eval", tmp_path / "eval-job.yaml", "--model", adapters[0], "--model", adapters[1], "--out", out,
+            "--launcher", "local")
+    assert r.returncode == 0, r.stderr[-3000:]
+    suites = json.loads((out / "report.json").read_text())["suites"]
+    assert [suites[t]["evaluations"][-1]["value"] for t in ("r1", "r2")] == pytest.approx(R[1], rel=1e-5)
+    assert [suites[t]["baseline"] for t in ("r1", "r2")] == pytest.approx([report["base"][t] for t in ("r1", "r2")],
+                                                                          rel=1e-5)
