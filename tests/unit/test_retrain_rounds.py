@@ -214,3 +214,37 @@ def test_records_make_a_rerun_train_nothing(tmp_path, cache, capsys):
     with pytest.raises(ConfigError, match=r"rounds\[1\] \(r2\): data file .*t1.jsonl changed since the round ran "
                                           r"\(sha256 \w{12} then, \w{12} now\); give the round a new name"):
         Pipeline(cfg).run()
+
+
+def test_a_round_killed_after_its_version_was_added_is_finished_without_training(tmp_path, cache, capsys):
+    """The version (a candidate: killed before the gate's decision) is found by round and source, then decided."""
+    from distrib_ft.runtime import verdict as vd
+
+    cfg = load_pipeline(setup(tmp_path, rounds=1))
+    reg = Registry(cfg.registry)
+    built = build_round(cfg, 0, reg, write=False)
+    out = tmp_path / "out" / "r1"
+    adapter(out / "final")
+    report = {"decision": "accepted", "exit_code": 0, "chosen_step": 4, "policy": "report", "suites": {},
+              "new_task": {"metric": "nll", "kind": "loss", "baseline": 3.0, "gain": 0.5,
+                           "evaluations": [{"step": 0, "value": 3.0}, {"step": 4, "value": 2.5}]}}
+    (out / "report.json").write_text(json.dumps(report))
+    from distrib_ft.config import config_from_dict
+
+    job_cfg = config_from_dict({**built.job, "model": {"name_or_path": "x"}}, "job.yaml")
+    vd.write(out, vd.build(command="train", config=job_cfg, output_dir=out, exit_code=0, started=vd.now(),
+                           began=0.0, summary={"final": str(out / "final"), "decision": "accepted", "chosen_step": 4}))
+    v = reg.add(out / "final", round="r1", job_config={})  # the killed run got this far
+    from distrib_ft.registry import file_sha256
+
+    stamp = {"r1": [file_sha256(f) for f in cfg.rounds[0].eval_files]}
+    (tmp_path / "registry" / "rounds").mkdir()
+    (tmp_path / "registry" / "rounds" / "r1.eval.json").write_text(json.dumps(
+        {"version": v.version, "base_model": cfg.base_model, "files": stamp, "base": {"r1": 3.0},
+         "scores": {"r1": 2.5}}))
+    assert Pipeline(cfg).run() == 0  # no job: the base model is an empty folder, a train would fail
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("round r1: promoted v0001 (exit 0 (accepted at step 4)")
+    assert [x.version for x in reg.list()] == ["v0001"] and reg.current().version == "v0001"
+    rec = json.loads((tmp_path / "registry" / "rounds" / "r1.json").read_text())
+    assert rec["decision"] == "promoted" and rec["gate"]["passed"] is True
