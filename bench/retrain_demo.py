@@ -10,6 +10,8 @@ NLL, limit and change) and the training child's wall time. The file is rewritten
 
     nice -n 5 .venv/bin/python bench/retrain_demo.py                 # both settings, --launcher local
     nice -n 5 .venv/bin/python bench/retrain_demo.py --settings plain
+    nice -n 5 .venv/bin/python bench/retrain_demo.py --parallel      # both at once, one thread each
+    .venv/bin/python bench/retrain_demo.py --collect --work DIR       # the results of a run that was stopped
 """
 
 from __future__ import annotations
@@ -72,15 +74,21 @@ def _round(rec: dict, seconds: float | None) -> dict:
             nt.get("baseline") else None, "gate_step": gate.get("step"), "suites": suites, "train_seconds": seconds}
 
 
-def run_setting(setting: str, work: Path, launcher: str) -> dict:
+def start(setting: str, work: Path, launcher: str, threads: int | None) -> dict:
+    """Start ``distrib-ft retrain`` on a fresh copy of the setting's pipeline; the running state."""
     pipeline = prepare(setting, work)
     cmd = [sys.executable, "-m", "launcher.cli", "retrain", str(pipeline), "--launcher", launcher]
-    load_before = os.getloadavg()
-    began = time.time()
-    with open(work / "stdout.txt", "w") as out, open(work / "stderr.txt", "w") as err:
-        code = subprocess.call(cmd, cwd=ROOT, stdout=out, stderr=err)
-    wall = time.time() - began
-    load_after = os.getloadavg()
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    out, err = open(work / "stdout.txt", "w"), open(work / "stderr.txt", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, env=env)
+    return {"setting": setting, "work": work, "pipeline": pipeline, "proc": proc, "files": (out, err),
+            "began": time.time(), "load_before": os.getloadavg(), "threads": threads}
+
+
+def collect(setting: str, work: Path, *, code: int | None = None, wall: float | None = None,
+            load_before=None, threads: int | None = None) -> dict:
+    """The setting's results from its work folder (also of a run that was stopped: the rounds that finished)."""
+    pipeline = work / "pipeline.yaml"
     stdout = (work / "stdout.txt").read_text()
     stderr = (work / "stderr.txt").read_text()
     train_s = {m[0]: float(m[1]) for m in re.findall(r"round (\S+): the job ended with exit \d+ after (\d+) s", stderr)}
@@ -93,11 +101,24 @@ def run_setting(setting: str, work: Path, launcher: str) -> dict:
         if rec_file.is_file():
             rounds.append(_round(json.loads(rec_file.read_text()), train_s.get(r["name"])))
     return {"setting": setting, "pipeline": str(EXAMPLE / SETTINGS[setting]), "exit_code": code,
-            "wall_seconds": round(wall, 1), "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in load_after], "ACC": report.get("ACC"), "BWT": report.get("BWT"),
-            "FWT": report.get("FWT"), "T": report.get("T"), "R": report.get("R"), "tasks": report.get("tasks"),
-            "rows": report.get("rows"), "base": report.get("base"), "current": report.get("current"),
-            "rounds": rounds, "stdout": [line for line in stdout.splitlines() if line], "work": str(work)}
+            "wall_seconds": round(wall, 1) if wall is not None else None, "omp_num_threads": threads,
+            "load_average_before": [round(x, 2) for x in load_before] if load_before else None,
+            "load_average_after": [round(x, 2) for x in os.getloadavg()], "ACC": report.get("ACC"),
+            "BWT": report.get("BWT"), "FWT": report.get("FWT"), "T": report.get("T"), "R": report.get("R"),
+            "tasks": report.get("tasks"), "rows": report.get("rows"), "base": report.get("base"),
+            "current": report.get("current"), "rounds": rounds,
+            "stdout": [line for line in stdout.splitlines() if line], "work": str(work)}
+
+
+def finish(state: dict) -> dict:
+    """Wait for a started setting; its results."""
+    code = state["proc"].wait()
+    for f in state["files"]:
+        f.close()
+    res = collect(state["setting"], state["work"], code=code, wall=time.time() - state["began"],
+                  load_before=state["load_before"], threads=state["threads"])
+    res["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,25 +129,38 @@ def main(argv: list[str] | None = None) -> int:
                     default=ROOT / "outputs" / "retrain_demo_bench" / time.strftime("%Y%m%dT%H%M%S"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "retrain_demo.json")
     ap.add_argument("--launcher", choices=["local", "ray"], default="local")
+    ap.add_argument("--parallel", action="store_true", help=(
+        "run the settings at once, each with OMP_NUM_THREADS=1 (the threads one run takes by default on 2 cores)"))
+    ap.add_argument("--collect", action="store_true", help="only read the settings' results from --work")
     args = ap.parse_args(argv)
     results = {"command": " ".join(["bench/retrain_demo.py", *(argv if argv is not None else sys.argv[1:])]),
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "launcher": args.launcher,
                "cpus": os.cpu_count(), "settings": {}}
     if args.out.is_file():  # keep the settings of an earlier invocation that this one does not rerun
         results["settings"] = json.loads(args.out.read_text()).get("settings", {})
-    for setting in args.settings.split(","):
-        print(f"retrain_demo: {setting} ...", flush=True)
-        res = run_setting(setting, args.work / setting, args.launcher)
-        res["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        results["settings"][setting] = res
+
+    def save(res: dict) -> None:
+        results["settings"][res["setting"]] = res
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         tmp.replace(args.out)
-        print(f"retrain_demo: {setting}: exit {res['exit_code']} in {res['wall_seconds']:.0f} s; ACC {res['ACC']} "
+        print(f"retrain_demo: {res['setting']}: exit {res['exit_code']} in {res['wall_seconds']} s; ACC {res['ACC']} "
               f"BWT {res['BWT']} FWT {res['FWT']}; " + ", ".join(f"{r['name']} {r['decision']}" for r in res["rounds"]),
               flush=True)
-    return 0
 
+    settings = args.settings.split(",")
+    if args.collect:
+        for setting in settings:
+            save(collect(setting, args.work / setting))
+    elif args.parallel:
+        states = [start(s, args.work / s, args.launcher, 1) for s in settings]
+        for st in states:
+            save(finish(st))
+    else:
+        for setting in settings:
+            print(f"retrain_demo: {setting} ...", flush=True)
+            save(finish(start(setting, args.work / setting, args.launcher, None)))
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
