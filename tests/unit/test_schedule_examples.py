@@ -255,11 +255,15 @@ def test_decide_fails_on_every_other_code(tmp_path, dag, code):
 
 
 def test_decide_fails_on_a_report_of_an_earlier_run(tmp_path, dag):
-    """Bad input (exit 2) writes no report: the one there is the last run's, and must not be deployed again."""
-    reg = _registry(tmp_path, 0, [_round(tmp_path, "r1", "v0001", "promoted")], "v0001")
-    for code in (2, 3):
-        d = dag.decide(code, *dag.load_outcome(str(reg), code))
-        assert d.action == "fail" and "from an earlier run" in d.message, d.message
+    """A run that wrote no report (bad input, a crash) leaves the last run's: it must not be deployed or alerted
+    on again."""
+    reg = _registry(tmp_path, 3, [_round(tmp_path, "r1", "v0001", "promoted"),
+                                  _round(tmp_path, "r2", "v0002", "refused", "r1 over budget")], "v0001")
+    d = dag.decide(0, *dag.load_outcome(str(reg), 0))
+    assert d.action == "fail" and "says exit_code 3: the report is from an earlier run" in d.message, d.message
+    d = dag.decide(2, *dag.load_outcome(str(reg), 2))
+    assert (d.action, d.message) == ("fail", "distrib-ft retrain exited 2: bad input: the pipeline file, a job key "
+                                             "or a data file (nothing trained; fix it)")
     assert dag.decide(0, None).action == "fail"  # no report: nothing to deploy
 
 

@@ -10,7 +10,8 @@ a folder or a URL). Airflow is imported only inside the guard at the bottom, so 
 tested, without it (tests/unit/test_schedule_examples.py). Copy it into Airflow's ``dags/`` folder and set the
 environment below (or edit the constants); written for the TaskFlow API
 (https://airflow.apache.org/docs/apache-airflow/stable/tutorial/taskflow.html), Airflow 3 (``airflow.sdk``) or 2
-(``airflow.decorators``); not run under Airflow here (Airflow is not a dependency of distrib-ft).
+(``airflow.decorators``). Run with ``airflow dags test`` under Airflow 3.3.2 (in a separate venv: Airflow is not a
+dependency of distrib-ft) on a real registry, once per branch; not run under Airflow 2.
 
 What the pipeline leaves for a scheduler (docs/scheduling.md): its exit code; ``REGISTRY/pipeline_report.json``
 with ``exit_code``, ``current`` and ``rounds: [{name, version, decision, verdict}, ...]`` (``verdict``: the round
@@ -84,16 +85,17 @@ def decide(exit_code: int, report: dict | None, record: dict | None = None, verd
     Returns:
         0 with a report of this run naming ``current``: deploy that version. 3: alert with the refused round's
         reason (the gate's, else the suites its verdict.json has out of budget), where its verdict.json is, and the
-        version that stays in production. Anything else, or a report of another run (its ``exit_code`` differs:
-        this run ended before writing one, e.g. bad input): fail, naming the code.
+        version that stays in production. Any other code: fail, naming it; 0 or 3 with a report of another run
+        (its ``exit_code`` differs: this run did not write one): fail too.
     """
     meaning = {1: "a round's job failed (see its log; a re-run resumes the round from its checkpoint)",
                2: "bad input: the pipeline file, a job key or a data file (nothing trained; fix it)",
                130: "interrupted (a re-run resumes)"}
+    if exit_code not in (0, 3):
+        return Decision("fail", f"distrib-ft retrain exited {exit_code}: {meaning.get(exit_code, 'unexpected code')}")
     if report is not None and report.get("exit_code") is not None and report["exit_code"] != exit_code:
-        return Decision("fail", f"distrib-ft retrain exited {exit_code} "
-                        f"({meaning.get(exit_code, 'see its log')}) but {REPORT} says exit_code "
-                        f"{report['exit_code']}: the report is from an earlier run")
+        return Decision("fail", f"distrib-ft retrain exited {exit_code} but {REPORT} says exit_code "
+                        f"{report['exit_code']}: the report is from an earlier run (this one did not write it)")
     current = (report or {}).get("current")
     if exit_code == 0:
         if not current:
@@ -103,21 +105,19 @@ def decide(exit_code: int, report: dict | None, record: dict | None = None, verd
                 and r.get("decision") == "promoted"]
         return Decision("deploy", f"every round promoted ({', '.join(filter(None, done)) or 'none'}); "
                         f"deploy {current}", version=current)
-    if exit_code == 3:
-        r = refused_round(report)
-        if r is None:
-            return Decision("alert", f"a round was refused (exit 3) but {REPORT} "
-                            + ("is missing" if report is None else "lists no refused round")
-                            + f"; production stays at {current or 'the previous version'}")
-        parts = [f"round {r.get('name')} refused {r.get('version') or '(no version)'}: "
-                 + ((record or {}).get("reason") or "; ".join(_suites_out_of_budget(verdict)) or "reason not recorded")]
-        if r.get("verdict"):
-            parts.append(f"job: {r['verdict']}")
-        if (record or {}).get("output_dir"):
-            parts.append(f"verdict {str(record['output_dir']).rstrip('/')}/{VERDICT}")
-        parts.append(f"production stays at {current or 'no version (nothing promoted yet)'}")
-        return Decision("alert", "; ".join(parts), version=r.get("version"), round=r.get("name"))
-    return Decision("fail", f"distrib-ft retrain exited {exit_code}: {meaning.get(exit_code, 'unexpected code')}")
+    r = refused_round(report)  # exit 3
+    if r is None:
+        return Decision("alert", f"a round was refused (exit 3) but {REPORT} "
+                        + ("is missing" if report is None else "lists no refused round")
+                        + f"; production stays at {current or 'the previous version'}")
+    parts = [f"round {r.get('name')} refused {r.get('version') or '(no version)'}: "
+             + ((record or {}).get("reason") or "; ".join(_suites_out_of_budget(verdict)) or "reason not recorded")]
+    if r.get("verdict"):
+        parts.append(f"job: {r['verdict']}")
+    if (record or {}).get("output_dir"):
+        parts.append(f"verdict {str(record['output_dir']).rstrip('/')}/{VERDICT}")
+    parts.append(f"production stays at {current or 'no version (nothing promoted yet)'}")
+    return Decision("alert", "; ".join(parts), version=r.get("version"), round=r.get("name"))
 
 
 def _join(root: str, *parts: str) -> str:
