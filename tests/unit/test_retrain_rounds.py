@@ -248,3 +248,28 @@ def test_a_round_killed_after_its_version_was_added_is_finished_without_training
     assert [x.version for x in reg.list()] == ["v0001"] and reg.current().version == "v0001"
     rec = json.loads((tmp_path / "registry" / "rounds" / "r1.json").read_text())
     assert rec["decision"] == "promoted" and rec["gate"]["passed"] is True
+
+
+def test_a_registry_on_s3_is_copied_once_to_the_cache(tmp_path, cache, s3_endpoint, monkeypatch):
+    """A URL registry (moto's real S3 API): the lineage's adapters are downloaded once into the project cache."""
+    from tests.s3 import make_bucket, s3_env
+
+    for k, v in s3_env(s3_endpoint).items():
+        monkeypatch.setenv(k, v)
+    make_bucket(s3_endpoint, "retrain-unit")
+    path = setup(tmp_path, ewc={"lambda": 1.0, "target": "lora_merged"}, rounds=2)
+    raw = yaml.safe_load(open(path))
+    raw["registry"] = "s3://retrain-unit/reg"
+    open(path, "w").write(yaml.safe_dump(raw))
+    cfg = load_pipeline(path)
+    reg = Registry(cfg.registry, settle=0.2)
+    promote(reg, adapter(tmp_path / "run1" / "final"), "r1")
+    built = build_round(cfg, 1, reg)
+    local = cache / "retrain" / built.path.parent.parent.name / "v0001" / "model"
+    assert built.job["method"]["merge_adapters"] == [str(local)]
+    assert built.job["ewc"]["fisher_path"] == str(local / "fisher.safetensors")
+    assert sorted(p.name for p in local.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                       "fisher.safetensors"]
+    (local / "adapter_model.safetensors").write_bytes(b"local")  # downloaded once: a second build reads the copy
+    build_round(cfg, 1, reg)
+    assert (local / "adapter_model.safetensors").read_bytes() == b"local"
