@@ -198,6 +198,17 @@ def test_records_make_a_rerun_train_nothing(tmp_path, cache, capsys):
     (tmp_path / "registry" / "rounds" / "r1.eval.json").write_text(json.dumps(  # r1's row of R, evaluated before
         {"version": "v0001", "base_model": cfg.base_model, "files": stamp, "base": {"r1": 2.0, "r2": 3.0},
          "scores": {"r1": 1.5, "r2": 3.1}}))
+    # --round r1: the rounds up to r1 only
+    assert Pipeline(cfg).run(only_round="r1") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "round r1: promoted v0001 (exit 0 (accepted at step 4))" and len(out) == 2
+    assert out[1].startswith("Pipeline: 1 promoted, none refused; current v0001")
+    # another pipeline on the registry: this one waits for the lock, then says who holds it (exit 2 in the CLI)
+    from distrib_ft.registry import LockTimeout
+
+    with Registry(cfg.registry).lock("retrain another.yaml"):
+        with pytest.raises(LockTimeout, match=r"held by pid \d+ .*\(retrain another.yaml"):
+            Pipeline(cfg, wait=0.3).run()
     # the re-run prints each round's outcome and exits 3 again without a job (a job would fail: no base model)
     assert Pipeline(cfg).run() == 3
     out = capsys.readouterr().out.splitlines()
