@@ -145,7 +145,10 @@ def _child(argv: list[str], launcher: str, address: str | None, verbose: bool) -
     try:
         while True:
             try:
-                return proc.wait()
+                code = proc.wait()
+                if code < 0:  # killed by a signal: SIGINT / SIGTERM read as interrupted (130), others as failed
+                    code = EXIT_INTERRUPTED if -code in (signal.SIGINT, signal.SIGTERM) else EXIT_FAILED
+                return code
             except KeyboardInterrupt:  # the child got the same SIGINT; let it write its verdict
                 with contextlib.suppress(KeyboardInterrupt):
                     proc.wait()
@@ -468,7 +471,7 @@ class Pipeline:
         rows: list[dict] = []
         base: dict = {}
         with self.registry.lock(f"retrain {cfg.source}"):
-            refused = None
+            refused = None  # what stopped the pipeline: "r3 refused", "r2 failed (exit 1)"
             for i in range(last + 1):
                 try:
                     code = self.run_round(i)
@@ -476,8 +479,7 @@ class Pipeline:
                     note(str(e))
                     code = e.code
                 if code != EXIT_OK:
-                    if code == EXIT_BUDGET:
-                        refused = cfg.rounds[i].name
+                    refused = cfg.rounds[i].name + (" refused" if code == EXIT_BUDGET else f" failed (exit {code})")
                     break
                 v = self.registry.show(self.records[-1]["version"])
                 try:
@@ -485,13 +487,14 @@ class Pipeline:
                 except ChildFailed as e:
                     note(str(e))
                     code = e.code
+                    refused = f"{cfg.rounds[i].name}'s row of R failed (exit {code})"
                     break
                 base = base or b
                 rows.append({"round": cfg.rounds[i].name, "version": v.version, "scores": scores})
             where = self.report(code, rows, base)
             promoted = sum(1 for r in self.records if r["decision"] == "promoted")
             cur = self.registry.current()
-            say(f"Pipeline: {promoted} promoted, {refused + ' refused' if refused else 'none refused'}; current "
+            say(f"Pipeline: {promoted} promoted, {refused or 'none refused'}; current "
                 f"{cur.version if cur else 'none'}; report {where}")
         return code
 
