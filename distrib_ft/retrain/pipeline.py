@@ -250,8 +250,10 @@ class Pipeline:
         if result.passed:
             reg.promote(found.version, note=f"retrain {rnd.name}: gate passed")
         else:
-            reason = result.reason + ("; merge_back: no alpha of "
-                                      f"{', '.join(f'{a:g}' for a in cfg.merge_back_alphas)} passed" if chosen else "")
+            reason = result.reason
+            if chosen is not None:
+                reason += (f"; merge_back: {chosen['error']}" if chosen.get("error") else
+                           f"; merge_back: no alpha of {', '.join(f'{a:g}' for a in cfg.merge_back_alphas)} passed")
             reg.refuse(found.version, reason=reason, details={"gate": info})
         return self._finish(index, built, reg.show(found.version), hashes, gate_info=info, verdict=verdict)
 
@@ -341,7 +343,11 @@ class Pipeline:
                     "suites": {n: s["value"] for n, s in g.suites.items()},
                     "new_task": (g.new_task or {}).get("value")}
 
-        chosen = merge_back.choose(cfg.merge_back_alphas, measure)
+        try:
+            chosen = merge_back.choose(cfg.merge_back_alphas, measure)
+        except ValueError as e:  # an adapter interpolation cannot express (DoRA, modules_to_save): refused
+            note(f"round {rnd.name}: merge_back: {e}")
+            return {"alpha": None, "table": [], "error": str(e).splitlines()[0]}
         if chosen["alpha"] is not None:
             chosen["path"] = str(folder / f"alpha_{chosen['alpha']:g}")
         return chosen
