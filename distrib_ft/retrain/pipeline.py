@@ -264,7 +264,7 @@ class Pipeline:
         verdict = verdict if verdict is not None else (self._verdict(built) or {})
         rec = {"name": rnd.name, "data": hashes, "version": version.version, "decision": version.decision,
                "exit_code": verdict.get("exit_code"), "verdict": _vline(verdict), "output_dir": built.output_dir,
-               "job": str(built.path) if built.path else None, "parent": built.parent,
+               "job": str(built.path) if built.path else None, "parent": version.parent,
                "reason": (version.record.get("refused") or {}).get("reason") if version.decision == "refused" else
                None, "gate": gate_info, "pipeline": cfg.source, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                       time.gmtime())}
