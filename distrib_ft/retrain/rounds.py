@@ -216,6 +216,10 @@ def build_round(cfg, index: int, registry, *, write: bool = True) -> RoundJob:
     # EWC carried forward
     ewc = eff.get("ewc") or {}
     if isinstance(ewc, dict) and float(ewc.get("lambda", ewc.get("lambda_", 0)) or 0) > 0:
+        if kind == "adapter" and ewc.get("target", "trainable") != "lora_merged":
+            raise ConfigError(f"{source}: ewc.target: {ewc.get('target', 'trainable')} cannot be carried across "
+                              "rounds of an adapter method (each round trains a fresh adapter on the merged earlier "
+                              "ones, so the anchors of an earlier adapter do not apply); use ewc.target: lora_merged")
         section = job.setdefault("ewc", {})
         if "lambda_" in section:
             section["lambda"] = section.pop("lambda_")

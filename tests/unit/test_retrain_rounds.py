@@ -130,11 +130,12 @@ def test_lora_ewc_replay_lineage(tmp_path, cache):
 
 
 def test_ewc_with_fisher_data_keeps_round_one_protected(tmp_path, cache):
-    path = setup(tmp_path, ewc={"lambda": 10.0, "fisher_data_files": ["data/e0.jsonl"]})
+    path = setup(tmp_path, ewc={"lambda": 10.0, "target": "lora_merged", "fisher_data_files": ["data/e0.jsonl"]})
     cfg = load_pipeline(path)
     reg = Registry(cfg.registry)
     first = build_round(cfg, 0, reg).job["ewc"]
-    assert first == {"lambda": 10.0, "fisher_data_files": [str(tmp_path / "data" / "e0.jsonl")], "update_after": True}
+    assert first == {"lambda": 10.0, "target": "lora_merged", "update_after": True,
+                     "fisher_data_files": [str(tmp_path / "data" / "e0.jsonl")]}
     v1 = promote(reg, adapter(tmp_path / "run1" / "final", fisher=False), "r1")
     notes = build_round(cfg, 1, reg).notes  # v0001 has no Fisher: the template's source is kept, and said
     assert any("v0001 has no fisher.safetensors" in n for n in notes)
@@ -172,6 +173,12 @@ def test_full_starts_from_the_current_model(tmp_path, cache, tiny_model_dir):
 def test_methods_that_cannot_chain_are_refused(tmp_path, cache, method, says):
     cfg = load_pipeline(setup(tmp_path, method=method))
     with pytest.raises(ConfigError, match=says):
+        build_round(cfg, 0, Registry(cfg.registry))
+
+
+def test_ewc_on_the_adapter_itself_cannot_carry_forward(tmp_path, cache):
+    cfg = load_pipeline(setup(tmp_path, ewc={"lambda": 1.0, "fisher_data_files": ["data/e0.jsonl"]}))
+    with pytest.raises(ConfigError, match="ewc.target: trainable cannot be carried across rounds .* lora_merged"):
         build_round(cfg, 0, Registry(cfg.registry))
 
 
