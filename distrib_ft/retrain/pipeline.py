@@ -332,6 +332,7 @@ class Pipeline:
         def measure(alpha: float) -> dict:
             out = folder / f"alpha_{alpha:g}"
             merge_back.interpolate(start if built.kind == "full" else None, artifact, alpha, out, kind=built.kind,
+                                   earlier=self._lineage_models(built) if built.kind == "adapter" else None,
                                    overwrite=True)
             models = [*self._lineage_models(built), str(out)] if built.kind == "adapter" else [str(out)]
             note(f"round {rnd.name}: merge_back: evaluating alpha {alpha:g}")
@@ -345,7 +346,7 @@ class Pipeline:
 
         try:
             chosen = merge_back.choose(cfg.merge_back_alphas, measure)
-        except ValueError as e:  # an adapter interpolation cannot express (DoRA, modules_to_save): refused
+        except ValueError as e:  # an adapter interpolation cannot express (modules_to_save, ...): refused
             note(f"round {rnd.name}: merge_back: {e}")
             return {"alpha": None, "table": [], "error": str(e).splitlines()[0]}
         if chosen["alpha"] is not None:
