@@ -315,14 +315,9 @@ class Pipeline:
         """Interpolated candidates theta0 + alpha (theta - theta0), largest alpha first; the first that passes.
 
         Each is measured by an eval job (the round's suites and new task) against the round's own step-0
-        baselines. Returns merge_back.choose's result with ``path`` (the chosen alpha's folder), or None when the
-        module is missing.
+        baselines. Returns merge_back.choose's result with ``path`` (the chosen alpha's folder).
         """
-        try:
-            from distrib_ft.retrain import merge_back
-        except ImportError:
-            note("merge_back: distrib_ft/retrain/merge_back.py is not there; the round is refused")
-            return None
+        from distrib_ft.retrain import merge_back
         from distrib_ft.retrain.gate import gate
 
         rnd, cfg = self.cfg.rounds[index], self.cfg
@@ -454,20 +449,16 @@ class Pipeline:
 
     def report(self, code: int, rows: list[dict], base: dict) -> str:
         """Write REGISTRY/pipeline_report.json / .md; returns where the .md is."""
-        from distrib_ft.runtime.storage import as_path, atomic_write_text
+        from distrib_ft.retrain.forgetting import write_report
+        from distrib_ft.runtime.storage import as_path
 
         cur = self.registry.current()
         extra = {"exit_code": code, "current": cur.version if cur else None, "pipeline": self.cfg.source,
                  "rounds": [{"name": r["name"], "version": r["version"], "decision": r["decision"],
                              "verdict": r.get("verdict")} for r in self.records]}
         root = as_path(self.registry.root)
-        try:
-            from distrib_ft.retrain.forgetting import write_report
-
-            write_report(self.registry, {"metric": "nll", "tasks": [r.name for r in self.cfg.rounds], "base": base,
-                                         "rows": rows, **extra})
-        except ImportError:
-            atomic_write_text(root / "pipeline_report.json", json.dumps(extra, indent=2) + "\n")
+        write_report(self.registry, {"metric": "nll", "tasks": [r.name for r in self.cfg.rounds], "base": base,
+                                     "rows": rows, **extra})
         return str(root / "pipeline_report.md")
 
     # ------------------------------------------------------------------ all rounds
