@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -246,10 +247,16 @@ class RegistryLock:
         self.token = uuid.uuid4().hex
         deadline = time.monotonic() + self.wait
         delay = 0.05
+        said = False
         while True:
             held = self._try()
             if held is None:
                 break
+            if not said and self.wait > 0:  # one line for whoever waits (a pipeline, `registry promote`)
+                said = True
+                print(f"waiting for {self.root}'s lock, held by pid {held.get('pid')} on {held.get('host')} since "
+                      f"{held.get('acquired')} ({held.get('purpose')}); up to {self.wait:.0f} s", file=sys.stderr,
+                      flush=True)
             if time.monotonic() >= deadline:
                 self.token = None
                 expires = time.strftime("%H:%M:%SZ", time.gmtime(float(held.get("expires", 0))))
