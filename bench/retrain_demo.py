@@ -36,8 +36,11 @@ def _abs(value: str, base: Path) -> str:
     return value if "://" in value or value.startswith("offline:") else str((base / value).resolve())
 
 
-def prepare(setting: str, work: Path) -> Path:
-    """Copies of the setting's pipeline and template job whose outputs all lie under ``work`` (inputs absolute)."""
+def prepare(setting: str, work: Path, last_overrides: dict | None = None) -> Path:
+    """Copies of the setting's pipeline and template job whose outputs all lie under ``work`` (inputs absolute).
+
+    ``last_overrides``: job keys set in the last round's ``overrides`` (e.g. a learning rate that makes it forget).
+    """
     spec = yaml.safe_load((EXAMPLE / SETTINGS[setting]).read_text())
     job = yaml.safe_load((EXAMPLE / spec["job"]).read_text())
     job["data"]["train_files"] = [_abs(f, EXAMPLE) for f in job["data"]["train_files"]]
@@ -54,6 +57,8 @@ def prepare(setting: str, work: Path) -> Path:
     for r in spec["rounds"]:
         r["train_files"] = [_abs(f, EXAMPLE) for f in r["train_files"]]
         r["eval_files"] = [_abs(f, EXAMPLE) for f in r["eval_files"]]
+    if last_overrides:
+        spec["rounds"][-1]["overrides"] = {**spec["rounds"][-1].get("overrides", {}), **last_overrides}
     path = work / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -74,9 +79,9 @@ def _round(rec: dict, seconds: float | None) -> dict:
             nt.get("baseline") else None, "gate_step": gate.get("step"), "suites": suites, "train_seconds": seconds}
 
 
-def start(setting: str, work: Path, launcher: str, threads: int | None) -> dict:
+def start(setting: str, work: Path, launcher: str, threads: int | None, last_overrides: dict | None = None) -> dict:
     """Start ``distrib-ft retrain`` on a fresh copy of the setting's pipeline; the running state."""
-    pipeline = prepare(setting, work)
+    pipeline = prepare(setting, work, last_overrides)
     cmd = [sys.executable, "-m", "launcher.cli", "retrain", str(pipeline), "--launcher", launcher]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     out, err = open(work / "stdout.txt", "w"), open(work / "stderr.txt", "w")
@@ -132,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parallel", action="store_true", help=(
         "run the settings at once, each with OMP_NUM_THREADS=1 (the threads one run takes by default on 2 cores)"))
     ap.add_argument("--collect", action="store_true", help="only read the settings' results from --work")
+    ap.add_argument("--last-round", nargs="*", default=[], metavar="KEY=VALUE", help=(
+        "overrides of the last round (YAML values), e.g. training.learning_rate=3.0e-3: a round built to forget"))
     args = ap.parse_args(argv)
     results = {"command": " ".join(["bench/retrain_demo.py", *(argv if argv is not None else sys.argv[1:])]),
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "launcher": args.launcher,
@@ -149,17 +156,19 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
 
     settings = args.settings.split(",")
+    last = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.last_round)}
+    results["last_round_overrides"] = last
     if args.collect:
         for setting in settings:
             save(collect(setting, args.work / setting))
     elif args.parallel:
-        states = [start(s, args.work / s, args.launcher, 1) for s in settings]
+        states = [start(s, args.work / s, args.launcher, 1, last) for s in settings]
         for st in states:
             save(finish(st))
     else:
         for setting in settings:
             print(f"retrain_demo: {setting} ...", flush=True)
-            save(finish(start(setting, args.work / setting, args.launcher, None)))
+            save(finish(start(setting, args.work / setting, args.launcher, None, last)))
     return 0
 
 if __name__ == "__main__":
