@@ -192,7 +192,7 @@ def _candidates(path: str, source: str) -> list[Path]:
     if p.is_absolute():
         return [p]
     bases = [Path(source).resolve().parent] if source and not source.startswith("<") else []
-    return [b / p for b in (*bases, Path.cwd(), PROJECT_ROOT)]
+    return list(dict.fromkeys(b / p for b in (*bases, Path.cwd(), PROJECT_ROOT)))  # once each (cwd may be the folder)
 
 
 # Schemes pyarrow.fs opens itself; fsspec's registry adds the rest (gcs, abfs, http, ...).

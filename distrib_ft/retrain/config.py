@@ -109,7 +109,7 @@ def _format(err: ValidationError, source: str) -> str:
             msg = e["msg"].removeprefix("Value error, ")
             if "input" in e and not isinstance(e["input"], (dict, list)):
                 msg += f" (got {e['input']!r})"
-        lines.append(f"{key}: {msg}")
+        lines.append(msg if not e["loc"] else f"{key}: {msg}")  # a whole-file check's message names its key
     return f"{source}: " + "; ".join(lines)
 
 

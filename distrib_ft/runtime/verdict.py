@@ -61,6 +61,14 @@ def suite_metrics(report: dict | None) -> dict:
     return out
 
 
+def _new_task(report: dict | None) -> float | None:
+    """The new task's value at the chosen step, else at the last evaluation (a rejected run's model: its last step)."""
+    report = report or {}
+    evals = (report.get("new_task") or {}).get("evaluations") or []
+    at = next((e for e in evals if e["step"] == report.get("chosen_step")), evals[-1] if evals else None)
+    return at["value"] if at else None
+
+
 def build(*, command: str, config, output_dir: str | Path, exit_code: int, started: str, began: float,
           summary: dict | None = None, report: dict | None = None, decision: str | None = None,
           error: str | None = None, resumed_from: str | None = None, earlier: dict | None = None,
@@ -103,7 +111,8 @@ def build(*, command: str, config, output_dir: str | Path, exit_code: int, start
         or ("accepted" if exit_code == 0 else "failed"),
         "final": final, "rejected": rejected,
         "chosen_step": summary.get("chosen_step", (report or {}).get("chosen_step")), "steps": summary.get("steps"),
-        "metrics": {"eval_loss_start": summary.get("eval_loss_start"), "eval_loss": summary.get("eval_loss"),
+        "metrics": {"eval_loss_start": summary.get("eval_loss_start"),
+                    "eval_loss": summary["eval_loss"] if summary.get("eval_loss") is not None else _new_task(report),
                     "suites": suite_metrics(report)},
         "error": first_line, "started": attempts[0]["started"], "finished": finished,
         "seconds": round(time.time() - began, 1), "attempts": attempts,

@@ -26,3 +26,55 @@ def test_waiting_for_the_registry_lock_says_who_holds_it(tmp_path, cache, capsys
     with Registry(cfg.registry, wait=0.3).lock("free"):  # a free lock: nothing said
         pass
     assert capsys.readouterr().err == ""
+
+
+def _pipeline(tmp_path, **change):
+    import yaml
+
+    path = setup(tmp_path, rounds=2)
+    raw = yaml.safe_load(open(path))
+    for key, value in change.items():
+        raw[key] = value(raw[key]) if callable(value) else value
+    open(path, "w").write(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_pipeline_errors_read_as_one_line_without_noise(tmp_path, cache, monkeypatch):  # noqa: F811
+    from distrib_ft.retrain.config import load_pipeline
+    from distrib_ft.schema import ConfigError
+
+    path = _pipeline(tmp_path, rounds=lambda rs: [rs[0], {**rs[1], "name": "r1"}])
+    with pytest.raises(ConfigError) as e:
+        load_pipeline(path)
+    assert str(e.value) == f"{path}: rounds[1].name: 'r1' is also rounds[0]'s; names are unique"
+    # the pipeline's folder is the working directory: each folder is listed once
+    monkeypatch.chdir(tmp_path)
+    path = _pipeline(tmp_path, rounds=lambda rs: [rs[0], {**rs[1], "eval_files": ["data/nope.jsonl"]}])
+    with pytest.raises(ConfigError) as e:
+        load_pipeline(path)
+    where = str(e.value).split("(looked in ")[1].rstrip(")").split(", ")
+    assert str(e.value).startswith(f"{path}: rounds[1].eval_files[0]: data/nope.jsonl not found")
+    assert where[0] == str(tmp_path / "data") and len(where) == len(set(where)) == 2, where
+
+
+def test_a_rejected_runs_verdict_line_shows_its_last_eval_loss(tmp_path):
+    """exit 3: no chosen step, so the summary's eval_loss is null; the line shows report.json's last evaluation."""
+    from distrib_ft.config import config_from_dict
+    from distrib_ft.runtime import verdict as vd
+
+    out = tmp_path / "out"
+    (out / "rejected").mkdir(parents=True)
+    report = {"decision": "rejected", "exit_code": 3, "chosen_step": None, "suites": {},
+              "new_task": {"metric": "nll", "baseline": 6.2, "evaluations": [{"step": 0, "value": 6.2},
+                                                                             {"step": 2, "value": 5.9973}]}}
+    summary = {"final": str(out / "rejected"), "decision": "rejected", "chosen_step": None, "exit_code": 3,
+               "eval_loss_start": 6.2, "eval_loss": None}
+    job = config_from_dict({"model": {"name_or_path": "x"}, "data": {"train_files": ["a.jsonl"]},
+                            "training": {"output_dir": str(out)}}, "job.yaml")
+    v = vd.build(command="train", config=job, output_dir=out, exit_code=3, started=vd.now(), began=0.0,
+                 summary=summary, report=report)
+    assert v["metrics"]["eval_loss"] == 5.9973
+    assert "eval_loss 6.2000 -> 5.9973" in vd.line(v)
+    summary["eval_loss"], report["chosen_step"] = 6.0, 2  # an accepted run's own value is kept
+    assert vd.build(command="train", config=job, output_dir=out, exit_code=0, started=vd.now(), began=0.0,
+                    summary=summary, report=report)["metrics"]["eval_loss"] == 6.0
