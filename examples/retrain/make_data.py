@@ -37,21 +37,21 @@ def _write(path: Path, records: list[dict]) -> None:
     tmp.replace(path)
 
 
-def main() -> None:
-    """Write the six files (train and eval of r1, r2, r3) atomically."""
-    OUT.mkdir(exist_ok=True)
+def main(out: Path = OUT) -> None:
+    """Write the six files (train and eval of r1, r2, r3) into ``out``, each atomically."""
+    out.mkdir(exist_ok=True)
     for split in ("train", "eval"):
         records = [json.loads(line) for line in (SRC / f"units_{split}.jsonl").read_text().splitlines() if line]
         for name, units in HALVES.items():
             mine = [r for r in records if _unit(r) in units]
-            _write(OUT / f"{name}_{split}.jsonl", mine[:N_EVAL] if split == "eval" else mine)
+            _write(out / f"{name}_{split}.jsonl", mine[:N_EVAL] if split == "eval" else mine)
     answers = [json.loads(line)["output"] for line in (SRC / "general_qa.jsonl").read_text().splitlines() if line]
     words = sorted({w.lower() for a in answers for w in re.findall(r"\b[A-Za-z]{4,10}\b", a)})
     random.Random(SEED).shuffle(words)
     if len(words) < N_TRAIN + N_EVAL:
         raise SystemExit(f"examples/data/general_qa.jsonl: only {len(words)} distinct words; need {N_TRAIN + N_EVAL}")
     for split, chosen in (("train", words[:N_TRAIN]), ("eval", words[N_TRAIN:N_TRAIN + N_EVAL])):
-        _write(OUT / f"spell_{split}.jsonl", [{"instruction": PHRASINGS[i % len(PHRASINGS)].format(w=w), "input": "",
+        _write(out / f"spell_{split}.jsonl", [{"instruction": PHRASINGS[i % len(PHRASINGS)].format(w=w), "input": "",
                                                "output": "-".join(w)} for i, w in enumerate(chosen)])
 
 
