@@ -350,17 +350,14 @@ class Pipeline:
 
     def _local_artifact(self, artifact: str) -> str:
         """A round's final/ (or rejected/) as a local folder: itself, or a copy of a URL one in the work dir."""
-        from distrib_ft.runtime.storage import UrlPath, as_path, download_tree
+        from distrib_ft.retrain.rounds import refresh_copy, tree_identity
+        from distrib_ft.runtime.storage import UrlPath, as_path
 
         p = as_path(artifact)
         if not isinstance(p, UrlPath):
             return str(p)
         local = work_root(self.registry) / "artifacts" / registry_hash(str(p))
-        if not local.is_dir():
-            tmp = local.with_name(local.name + f".{os.getpid()}.tmp")
-            download_tree(p, tmp)
-            os.rename(tmp, local)
-        return str(local)
+        return str(refresh_copy(p, local, tree_identity(p), "its files"))
 
     def _lineage_models(self, built: RoundJob) -> list[str]:
         return list(built.job.get("method", {}).get("merge_adapters") or [])

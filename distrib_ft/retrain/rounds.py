@@ -17,18 +17,22 @@ Follows the design of issue 12 (``distrib-ft retrain``). From the template's raw
   off: the pipeline adds a sample of the round's data only after the round is promoted (distrib_ft/retrain/pipeline.py).
 - then the round's ``overrides``.
 
-Registry artifacts are used from a local registry in place; from a URL they are downloaded once to
-``<cache>/retrain/<registry hash>/<version>/model``. The job is written to ``<cache>/retrain/<registry hash>/jobs/
-<round>.yaml``. The same pipeline file and registry state give a byte-identical job, so a killed round submitted
-again resumes through ``distrib-ft train``'s own "unfinished run of this job" logic.
+Registry artifacts are used from a local registry in place; from a URL they are downloaded to
+``<cache>/retrain/<registry hash>/<version>/model``, once per content: the copy is keyed on the version's identity
+(``created``, source and the artifact's files and sizes from version.json) and downloaded again when that differs.
+The job is written to ``<cache>/retrain/<registry hash>/jobs/<round>.yaml``. The same pipeline file and registry
+state give a byte-identical job, so a killed round submitted again resumes through ``distrib-ft train``'s own
+"unfinished run of this job" logic.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,23 +77,72 @@ def work_root(registry) -> Path:
     return cache_dir() / "retrain" / registry_hash(registry.root)
 
 
+def version_identity(version) -> str:
+    """What identifies a registry version's content (a sha256).
+
+    Its ``version.json`` fields fixed at ``add`` (version, created, source, parent) and the artifact's files with
+    their sizes; the decision fields (which promote / refuse rewrite) are left out. A registry recreated at the same
+    URL gives its v0001 another identity.
+    """
+    r = version.record
+    key = {k: r.get(k) for k in ("version", "created", "source", "parent")}
+    key["files"] = (r.get("artifact") or {}).get("files")
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def tree_identity(url) -> str:
+    """What identifies the content of a folder on a URL (a sha256).
+
+    Every file's path, size and modification time (pyarrow.fs ``FileInfo``:
+    https://arrow.apache.org/docs/python/generated/pyarrow.fs.FileInfo.html).
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = url._fs()
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    rows = sorted((i.path[len(path):].lstrip("/"), i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def refresh_copy(src, target: Path, identity: str, what: str) -> Path:
+    """Make ``target`` a local copy of URL folder ``src`` whose content is ``identity``.
+
+    The identity is kept in ``<target>.identity`` (written last, atomically); a copy made for another identity (the
+    URL's content changed: a registry recreated at the same URL, two endpoints with one bucket name) is downloaded
+    again, said in one stderr line.
+    """
+    from distrib_ft.runtime.storage import COMPLETE, atomic_write_text, download_tree
+
+    done = target.with_name(target.name + ".identity")
+    have = done.read_text().strip() if done.is_file() else None
+    if have == identity and target.is_dir():
+        return target
+    if have is not None:
+        print(f"distrib-ft retrain: {src}: the local copy {target} was made from other content ({what} changed "
+              "since: a registry recreated at the same URL?); downloading it again", file=sys.stderr, flush=True)
+    done.unlink(missing_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    download_tree(src, tmp)
+    (tmp / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(tmp, target)
+    atomic_write_text(done, identity + "\n")
+    return target
+
+
 def local_model(registry, version) -> Path:
-    """A local folder holding ``version``'s model: the registry's own folder, or a copy of a URL registry's (once)."""
-    from distrib_ft.runtime.storage import UrlPath, download_tree
+    """A local folder holding ``version``'s model: the registry's own folder, or a copy of a URL registry's.
+
+    The copy is downloaded once per content (:func:`version_identity`), compared on every use.
+    """
+    from distrib_ft.runtime.storage import UrlPath
 
     if not isinstance(registry.root, UrlPath):
         return Path(version.model)
     target = work_root(registry) / version.version / "model"
-    done = target.parent / ".complete"
-    if not done.is_file():
-        tmp = target.parent / f".model.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        download_tree(UrlPath(version.model), tmp)
-        (tmp / "COMPLETE").unlink(missing_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(tmp, target)
-        done.write_text(version.version + "\n")
-    return target
+    return refresh_copy(UrlPath(version.model), target, version_identity(version), f"version {version.version}")
 
 
 def method_kind(method: dict, source: str) -> str:

@@ -7,7 +7,7 @@ registry). Checked: a second holder of the registry's lock says who holds it on 
 import pytest
 
 from distrib_ft.registry import LockTimeout, Registry
-from tests.unit.test_retrain_rounds import cache, setup  # noqa: F401  (cache is a fixture)
+from tests.unit.test_retrain_rounds import adapter, cache, promote, setup  # noqa: F401  (cache is a fixture)
 
 
 def test_waiting_for_the_registry_lock_says_who_holds_it(tmp_path, cache, capsys):  # noqa: F811
@@ -78,3 +78,72 @@ def test_a_rejected_runs_verdict_line_shows_its_last_eval_loss(tmp_path):
     summary["eval_loss"], report["chosen_step"] = 6.0, 2  # an accepted run's own value is kept
     assert vd.build(command="train", config=job, output_dir=out, exit_code=0, started=vd.now(), began=0.0,
                     summary=summary, report=report)["metrics"]["eval_loss"] == 6.0
+
+
+def _on_s3(tmp_path, s3_endpoint, monkeypatch, bucket: str) -> str:
+    import yaml
+
+    from tests.s3 import make_bucket, s3_env
+
+    for k, v in s3_env(s3_endpoint).items():
+        monkeypatch.setenv(k, v)
+    make_bucket(s3_endpoint, bucket)
+    path = setup(tmp_path, ewc={"lambda": 1.0, "target": "lora_merged"}, rounds=2)
+    raw = yaml.safe_load(open(path))
+    raw["registry"] = f"s3://{bucket}/reg"
+    open(path, "w").write(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_registry_recreated_at_the_same_url_is_downloaded_again(tmp_path, cache, s3_endpoint,  # noqa: F811
+                                                                  monkeypatch, capsys):
+    """The cached copy of v0001 is keyed on the version's identity, not its name: a new v0001 is fetched again."""
+    from pathlib import Path
+
+    from distrib_ft.retrain.config import load_pipeline
+    from distrib_ft.retrain.rounds import build_round
+    from distrib_ft.runtime.storage import UrlPath
+
+    cfg = load_pipeline(_on_s3(tmp_path, s3_endpoint, monkeypatch, "retrain-review"))
+    reg = Registry(cfg.registry, settle=0.2)
+    promote(reg, adapter(tmp_path / "run1" / "final"), "r1")
+    local = Path(build_round(cfg, 1, reg).job["method"]["merge_adapters"][0])
+    assert (local / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert build_round(cfg, 1, reg).job["method"]["merge_adapters"] == [str(local)]  # the same version: no notice
+    assert "downloading it again" not in capsys.readouterr().err
+
+    UrlPath(cfg.registry).rmtree()  # recreated at the same URL: another v0001, of the same sizes
+    reg = Registry(cfg.registry, settle=0.2)
+    other = adapter(tmp_path / "other" / "final")
+    (other / "adapter_model.safetensors").write_bytes(b"WEIGHTS")
+    (other / "fisher.safetensors").write_bytes(b"FISHER")
+    promote(reg, other, "r1")
+    job = build_round(cfg, 1, reg).job
+    assert job["method"]["merge_adapters"] == [str(local)]
+    assert (local / "adapter_model.safetensors").read_bytes() == b"WEIGHTS"  # not the old registry's adapter
+    assert (local / "fisher.safetensors").read_bytes() == b"FISHER"
+    err = capsys.readouterr().err
+    assert "was made from other content (version v0001 changed since" in err and "downloading it again" in err
+
+
+def test_a_rounds_url_artifact_copy_follows_its_content(tmp_path, cache, s3_endpoint, monkeypatch):  # noqa: F811
+    """pipeline._local_artifact (merge_back's input): a URL final/ written again is downloaded again."""
+    from pathlib import Path
+
+    from distrib_ft.retrain.config import load_pipeline
+    from distrib_ft.retrain.pipeline import Pipeline
+    from distrib_ft.runtime.storage import UrlPath, upload_tree
+
+    cfg = load_pipeline(_on_s3(tmp_path, s3_endpoint, monkeypatch, "retrain-review-out"))
+    url = UrlPath("s3://retrain-review-out/out/r2/final")
+    upload_tree(adapter(tmp_path / "a" / "final"), url)
+    pipe = Pipeline(cfg)
+    local = Path(pipe._local_artifact(str(url)))
+    assert (local / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert pipe._local_artifact(str(url)) == str(local)
+    url.rmtree()
+    new = adapter(tmp_path / "b" / "final")
+    (new / "adapter_model.safetensors").write_bytes(b"weights of the re-run")
+    upload_tree(new, url)
+    assert pipe._local_artifact(str(url)) == str(local)
+    assert (local / "adapter_model.safetensors").read_bytes() == b"weights of the re-run"
