@@ -162,7 +162,10 @@ def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
 
 
 def load_pipeline(path) -> PipelineConfig:
-    """Read, validate and resolve a pipeline file. Raises ConfigError with a one-line message (exit code 2)."""
+    """Read, validate and resolve a pipeline file, and check every round's overrides (distrib_ft/retrain/checks.py).
+
+    Raises ConfigError with a one-line message (exit code 2).
+    """
     path = Path(path)
     source = str(path)
     if not path.is_file():
@@ -181,4 +184,8 @@ def load_pipeline(path) -> PipelineConfig:
         cfg = PipelineConfig.model_validate({**raw, "source": source})
     except ValidationError as e:
         raise ConfigError(_format(e, source)) from None
-    return resolve_paths(cfg)
+    cfg = resolve_paths(cfg)
+    from distrib_ft.retrain.checks import check_overrides
+
+    check_overrides(cfg)  # every round's overrides, before anything trains
+    return cfg

@@ -147,3 +147,28 @@ def test_a_rounds_url_artifact_copy_follows_its_content(tmp_path, cache, s3_endp
     upload_tree(new, url)
     assert pipe._local_artifact(str(url)) == str(local)
     assert (local / "adapter_model.safetensors").read_bytes() == b"weights of the re-run"
+
+
+def test_a_typo_in_a_rounds_overrides_is_an_input_error_before_anything_trains(tmp_path, cache, capsys):  # noqa: F811
+    from launcher.cli import main
+
+    path = _pipeline(tmp_path, rounds=lambda rs: [rs[0], {**rs[1], "overrides": {"training.learning_rat": 1e-4}}])
+    assert main(["retrain", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"{path}: rounds[1].overrides: training.learning_rat: unknown key; did you mean 'learning_rate'?" in err[0]
+    assert not (tmp_path / "registry").exists() and not (tmp_path / "out").exists()  # nothing ran
+    # a value of the wrong type, and an override that the template's validation would refuse (a suite's budget)
+    path = _pipeline(tmp_path, rounds=lambda rs: [{**rs[0], "overrides": {"training.max_steps": "ten"}}, rs[1]])
+    from distrib_ft.retrain.config import load_pipeline
+    from distrib_ft.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"pipeline.yaml: rounds\[0\].overrides: training.max_steps: .*'ten'"):
+        load_pipeline(path)
+    path = _pipeline(tmp_path, rounds=lambda rs: [rs[0], {**rs[1], "overrides": {"monitor.policy": "undo"}}])
+    with pytest.raises(ConfigError, match=r"rounds\[1\].overrides: monitor.policy: .*'undo'"):
+        load_pipeline(path)
+    # good overrides still load (a template typo is left to the round's build, which names the template)
+    cfg = load_pipeline(_pipeline(tmp_path, rounds=lambda rs: [rs[0], {**rs[1], "overrides": {
+        "training.learning_rate": 1e-4, "monitor.policy": "rollback", "method.r": 8}}]))
+    assert cfg.rounds[1].overrides["method.r"] == 8

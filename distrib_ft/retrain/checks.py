@@ -1,0 +1,69 @@
+"""Load-time checks of a pipeline's rounds: each round's ``overrides`` before anything trains (issue 12).
+
+Called by :func:`distrib_ft.retrain.config.load_pipeline`, so that a typo in round 3's overrides is an input error
+(exit 2) naming the pipeline file and the round, not an error against a generated job in the cache once rounds 1
+and 2 have trained:
+
+- every round's job is validated as a job file (distrib_ft/config.py's pydantic models, as ``distrib-ft train``
+  validates it): the template with the keys the pipeline owns filled (the round's data files, ``base_model``, the
+  retention suites of the earlier rounds), then the round's overrides. An error that only the overrides bring is
+  reported as ``PIPELINE.yaml: rounds[1].overrides: training.learning_rat: unknown key; ...``. Errors of the template
+  itself are left to the round's build (rounds.py), which names the template file.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from distrib_ft.schema import ConfigError
+
+
+def _probe_job(cfg, index: int, raw: dict) -> dict | None:
+    """Round ``index``'s job as far as validation needs it (the owned keys filled); None: not a mapping of sections."""
+    rnd = cfg.rounds[index]
+    job = copy.deepcopy(raw)
+    for section in ("model", "data", "training", "monitor"):
+        if job.get(section) is None:
+            job[section] = {}
+        if not isinstance(job[section], dict):
+            return None
+    job["model"]["name_or_path"] = cfg.base_model
+    job["data"]["train_files"] = list(rnd.train_files)
+    job["data"]["eval_files"] = list(rnd.eval_files)
+    job["training"].setdefault("output_dir", "<the template's training.output_dir>")  # rounds.py names it missing
+    fmt = job["data"].get("format", "alpaca")
+    suites = list(job["monitor"].get("suites") or [])
+    suites += [{"name": e.name, "files": list(e.eval_files), "format": e.overrides.get("data.format", fmt),
+                "metric": "nll", "max_relative_increase": cfg.retention_budget} for e in cfg.rounds[:index]]
+    if suites:
+        job["monitor"]["suites"] = suites
+    return job
+
+
+def check_overrides(cfg) -> None:
+    """Validate each round's job with its overrides.
+
+    Raises:
+        ConfigError: one line naming the pipeline file, ``rounds[i].overrides`` and the key.
+    """
+    from distrib_ft.config import _set_dotted, config_from_dict
+    from distrib_ft.retrain.rounds import read_template
+
+    source = cfg.source or "<pipeline>"
+    if not any(r.overrides for r in cfg.rounds):
+        return
+    raw = read_template(cfg.job)
+    for i, rnd in enumerate(cfg.rounds):
+        if not rnd.overrides:
+            continue
+        job = _probe_job(cfg, i, raw)
+        if job is None:
+            return  # the round's build names the template's bad section
+        try:
+            config_from_dict(copy.deepcopy(job), cfg.job)
+        except ConfigError:
+            continue  # the template's own error: reported against the template when the round is built
+        where = f"{source}: rounds[{i}].overrides"
+        for key, value in rnd.overrides.items():
+            _set_dotted(job, key, copy.deepcopy(value), where)
+        config_from_dict(job, where)
