@@ -4,6 +4,8 @@ Called by :func:`distrib_ft.retrain.config.load_pipeline`, so that a typo in rou
 (exit 2) naming the pipeline file and the round, not an error against a generated job in the cache once rounds 1
 and 2 have trained:
 
+- keys the pipeline sets itself (the round's data, its output folder, its start model, the carried-forward EWC and
+  replay keys, the retention suites) are refused, naming where to put the value instead;
 - every round's job is validated as a job file (distrib_ft/config.py's pydantic models, as ``distrib-ft train``
   validates it): the template with the keys the pipeline owns filled (the round's data files, ``base_model``, the
   retention suites of the earlier rounds), then the round's overrides. An error that only the overrides bring is
@@ -16,6 +18,30 @@ from __future__ import annotations
 import copy
 
 from distrib_ft.schema import ConfigError
+
+# key -> where its value comes from instead (the pipeline sets these when it builds a round: rounds.py)
+OWNED = {
+    "model.name_or_path": "set base_model in the pipeline file (round 1 starts there; a later round starts from the "
+                          "registry's current version)",
+    "data.train_files": "list the files in the round's train_files",
+    "data.eval_files": "list the files in the round's eval_files",
+    "training.output_dir": "set training.output_dir in the template job (each round writes to <output_dir>/<round "
+                           "name>)",
+    "method.merge_adapters": "the pipeline merges the current version's adapters (its lineage) into base_model; "
+                             "start a new registry to start elsewhere",
+    "ewc.fisher_path": "a later round reads the current version's fisher.safetensors; for round 1 set ewc.fisher_path "
+                       "or ewc.fisher_data_files in the template job",
+    "ewc.update_after": "the pipeline always sets it (the next round reads final/fisher.safetensors)",
+    "replay.version": "the pipeline pins the buffer's newest version when the round starts",
+    "replay.update_after": "the pipeline adds a sample of the round's data after a promotion (replay.update_budget "
+                           "sets its size)",
+    "monitor.suites": "add the suite to the template job's monitor.suites (the pipeline adds one per earlier round)",
+}
+
+
+def owned_key(key: str) -> str | None:
+    """The pipeline-owned key that ``key`` sets (itself or a key under it), or None."""
+    return next((k for k in OWNED if key == k or key.startswith(k + ".")), None)
 
 
 def _probe_job(cfg, index: int, raw: dict) -> dict | None:
@@ -41,7 +67,7 @@ def _probe_job(cfg, index: int, raw: dict) -> dict | None:
 
 
 def check_overrides(cfg) -> None:
-    """Validate each round's job with its overrides.
+    """Refuse pipeline-owned keys in any round's overrides; validate each round's job with its overrides.
 
     Raises:
         ConfigError: one line naming the pipeline file, ``rounds[i].overrides`` and the key.
@@ -50,6 +76,12 @@ def check_overrides(cfg) -> None:
     from distrib_ft.retrain.rounds import read_template
 
     source = cfg.source or "<pipeline>"
+    for i, rnd in enumerate(cfg.rounds):
+        for key in rnd.overrides:
+            owned = owned_key(key)
+            if owned is not None:
+                raise ConfigError(f"{source}: rounds[{i}].overrides: {key}: set by the pipeline, not by a round's "
+                                  f"overrides; {OWNED[owned]}")
     if not any(r.overrides for r in cfg.rounds):
         return
     raw = read_template(cfg.job)

@@ -172,3 +172,28 @@ def test_a_typo_in_a_rounds_overrides_is_an_input_error_before_anything_trains(t
     cfg = load_pipeline(_pipeline(tmp_path, rounds=lambda rs: [rs[0], {**rs[1], "overrides": {
         "training.learning_rate": 1e-4, "monitor.policy": "rollback", "method.r": 8}}]))
     assert cfg.rounds[1].overrides["method.r"] == 8
+
+
+@pytest.mark.parametrize("key, value, instead", [
+    ("data.train_files", ["data/t0.jsonl"], "list the files in the round's train_files"),
+    ("data.eval_files", ["data/e0.jsonl"], "list the files in the round's eval_files"),
+    ("training.output_dir", "/elsewhere", "set training.output_dir in the template job"),
+    ("model.name_or_path", "offline:tiny", "set base_model in the pipeline file"),
+    ("method.merge_adapters", ["/a"], "merges the current version's adapters"),
+    ("ewc.fisher_path", "/f.safetensors", "reads the current version's fisher.safetensors"),
+    ("ewc.update_after", False, "the pipeline always sets it"),
+    ("replay.version", 1, "pins the buffer's newest version"),
+    ("replay.update_after", True, "after a promotion"),
+    ("monitor.suites", [], "add the suite to the template job's monitor.suites"),
+])
+def test_overrides_of_keys_the_pipeline_sets_are_refused(tmp_path, cache, key, value, instead):  # noqa: F811
+    from distrib_ft.retrain.config import load_pipeline
+    from distrib_ft.schema import ConfigError
+
+    path = _pipeline(tmp_path, rounds=lambda rs: [rs[0], {**rs[1], "overrides": {"training.learning_rate": 1e-4,
+                                                                                 key: value}}])
+    with pytest.raises(ConfigError) as e:
+        load_pipeline(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: rounds[1].overrides: {key}: set by the pipeline, not by a round's overrides; ")
+    assert instead in msg and "\n" not in msg
