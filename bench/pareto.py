@@ -267,11 +267,18 @@ def worker_main(spec_path: str) -> None:
 
 # ------------------------------------------------------------------------------------ results
 
+def train_wall(r: dict) -> float | None:
+    """The run's wall seconds without the merge-back evaluations that the no-defence worker adds after training."""
+    if r.get("wall_s") is None:
+        return None
+    return r["wall_s"] - sum(m["seconds"] for m in r.get("merge_back", []))
+
+
 def row_of(r: dict) -> dict:
     """A run's Pareto row: gain, each suite's relative change, wall time."""
     return {"setting": r["setting"], "seed": r["seed"], "gain": r["eval_start"] - r["eval_end"],
             "eval_start": r["eval_start"], "eval_end": r["eval_end"],
-            **{f"{s}_change": r["end"][s] / r["start"][s] - 1 for s in SUITES}, "wall_s": r.get("wall_s")}
+            **{f"{s}_change": r["end"][s] / r["start"][s] - 1 for s in SUITES}, "wall_s": train_wall(r)}
 
 
 def merge_rows(r: dict) -> list[dict]:
@@ -285,7 +292,7 @@ def merge_rows(r: dict) -> list[dict]:
                      "gain": r["eval_start"] - v["eval_loss"],
                      "eval_start": r["eval_start"], "eval_end": v["eval_loss"],
                      **{f"{s}_change": v[s] / r["start"][s] - 1 for s in SUITES},
-                     "wall_s": (r.get("wall_s") or 0) + m["seconds"]})
+                     "wall_s": (train_wall(r) or 0) + m["seconds"]})
     return rows
 
 
