@@ -1,7 +1,12 @@
 """Fixes from the review of ``distrib-ft retrain`` (issue 12): each checked where it could fail, without training.
 
 Reuses the fixtures of tests/unit/test_retrain_rounds.py (a template job, a pipeline file, adapters added to a real
-registry). Checked: a second holder of the registry's lock says who holds it on stderr while it waits.
+registry; moto's S3 server for a registry on a URL). Checked: a second holder of the registry's lock says who holds
+it on stderr while it waits; the pipeline file's errors read as one line (no "(top level): ", each folder looked in
+once); a rejected run's verdict line shows its last eval_loss; a URL registry recreated at the same URL (a new v0001
+of the same sizes) and a round's URL final/ written again are downloaded again, not read from the stale copy; a typo
+in a round's overrides and an override of a key the pipeline sets are input errors (exit 2) when the file loads,
+naming ``rounds[i].overrides``, before anything trains. The file runs in about 6 s.
 """
 
 import pytest
