@@ -255,7 +255,7 @@ class RegistryLock:
             if not said and self.wait > 0:  # one line for whoever waits (a pipeline, `registry promote`)
                 said = True
                 print(f"waiting for {self.root}'s lock, held by pid {held.get('pid')} on {held.get('host')} since "
-                      f"{held.get('acquired')} ({held.get('purpose')}); up to {self.wait:.0f} s", file=sys.stderr,
+                      f"{held.get('acquired')} ({held.get('purpose')}); up to {self.wait:g} s", file=sys.stderr,
                       flush=True)
             if time.monotonic() >= deadline:
                 self.token = None

@@ -27,7 +27,7 @@ def test_waiting_for_the_registry_lock_says_who_holds_it(tmp_path, cache, capsys
         err = capsys.readouterr().err.splitlines()
     assert len(err) == 1, err
     assert err[0].startswith(f"waiting for {cfg.registry}'s lock, held by pid ")
-    assert "(retrain other.yaml); up to 0 s" in err[0] and " since 20" in err[0]
+    assert "(retrain other.yaml); up to 0.3 s" in err[0] and " since 20" in err[0]
     with Registry(cfg.registry, wait=0.3).lock("free"):  # a free lock: nothing said
         pass
     assert capsys.readouterr().err == ""
