@@ -349,7 +349,13 @@ def worker_grads(spec: dict) -> dict:
             ewc.penalty(model, logging=kind != "grads").backward()
         return run
 
-    items = [("step", step)] + [(f"{t}/{k}", penalty(pen[t], k)) for t in targets for k in KINDS[t]]
+    opt = torch.optim.AdamW(trainable, lr=1e-6, foreach=None)  # as distrib_ft/runtime/engine.py builds it
+
+    def adamw():  # the optimizer's own pass over the parameters (``.grad`` preset, as after the penalty)
+        opt.step()
+
+    items = [("step", step), ("adamw", adamw)] + [(f"{t}/{k}", penalty(pen[t], k)) for t in targets
+                                                  for k in KINDS[t]]
     rows: dict[str, list[float]] = {k: [] for k, _ in items}
     for rep in range(spec["penalty_reps"] + 1):  # the first round warms up and is left out
         k0 = (rep + spec["repeat"]) % len(items)
@@ -521,9 +527,13 @@ def main(argv: list[str] | None = None) -> int:
                     share = {k: med([r["times"][f"{t}/{k}"] / r["times"]["step"] for r in rs]) for k in ms}
                     default = "in_place" if "in_place" in ms else "grads"
                     per = [r["times"][f"{t}/{default}"] / r["times"]["step"] for r in rs]
+                    with_opt = [r["times"][f"{t}/{default}"] / (r["times"]["step"] + r["times"]["adamw"]) for r in rs
+                                if "adamw" in r["times"]]  # of the step with its optimizer update
                     summary["grads"][f"{m}/{method}/{t}"] = {"step_ms": 1e3 * st, **{f"{k}_ms": 1e3 * v for k, v in
                                                              ms.items()}, **{f"{k}_share": v for k, v in share.items()},
                                                              "default": default, "default_share_per_process": per,
+                                                             "default_share_of_step_with_adamw": med(with_opt)
+                                                             if with_opt else None,
                                                              "loadavg": [r["loadavg"] for r in rs]}
                     cell = lambda k, d=ms: f"{1e3 * d[k]:.1f}" if k in d else "-"  # noqa: E731
                     pct = lambda k, d=share: f"{100 * d[k]:.1f}%" if k in d else "-"  # noqa: E731
