@@ -16,9 +16,10 @@
 
 ``--parts attribution``: where the extra time goes, part by part (see ``worker_attribution``).
 
-(c) ``--parts grads``: the penalty through the gradients (``EWC.through_grads``, the default since issue 13) vs
-    autograd of the scalar (the implementation before), with and without the value (logging steps), against one
-    micro-batch's forward+backward, paired and interleaved inside each process (see ``worker_grads``).
+(c) ``--parts grads``: the penalty through the gradients (``EWC.through_grads``: an autograd.Function, and for
+    target=trainable added in place into ``.grad``, ``EWC.add_to_grads``, the default) vs autograd of the scalar
+    (the implementation before), with and without the value (logging steps), against one micro-batch's
+    forward+backward and AdamW's step, paired and interleaved inside each process (see ``worker_grads``).
 
 (b) ``--parts penalty`` (always on the tiny model):
     - ``train()`` runs: a LoRA job (distrib_ft.runtime.loop.train, DeepSpeed ZeRO-0, fp32, micro-batch 8)
