@@ -261,6 +261,12 @@ def worker_main(spec_path: str) -> None:
 
             traceback.print_exc()
             res["merge_back_error"] = repr(e)
+    import resource
+
+    # CPU seconds of the worker (all its threads): a cost that other work on a shared machine disturbs far less
+    # than wall time (the merge-back evaluation of the no-defence run included)
+    res["cpu_s"] = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                       for f in ("ru_utime", "ru_stime"))
     harness.write_result(spec, res, indent=1)
     shutil.rmtree(out, ignore_errors=True)  # the weights are not needed after the evaluation
 
@@ -278,7 +284,8 @@ def row_of(r: dict) -> dict:
     """A run's Pareto row: gain, each suite's relative change, wall time."""
     return {"setting": r["setting"], "seed": r["seed"], "gain": r["eval_start"] - r["eval_end"],
             "eval_start": r["eval_start"], "eval_end": r["eval_end"],
-            **{f"{s}_change": r["end"][s] / r["start"][s] - 1 for s in SUITES}, "wall_s": train_wall(r)}
+            **{f"{s}_change": r["end"][s] / r["start"][s] - 1 for s in SUITES}, "wall_s": train_wall(r),
+            "cpu_s": r.get("cpu_s") if not r.get("merge_back") else None}
 
 
 def merge_rows(r: dict) -> list[dict]:
@@ -292,7 +299,7 @@ def merge_rows(r: dict) -> list[dict]:
                      "gain": r["eval_start"] - v["eval_loss"],
                      "eval_start": r["eval_start"], "eval_end": v["eval_loss"],
                      **{f"{s}_change": v[s] / r["start"][s] - 1 for s in SUITES},
-                     "wall_s": (train_wall(r) or 0) + m["seconds"]})
+                     "wall_s": (train_wall(r) or 0) + m["seconds"], "cpu_s": None})
     return rows
 
 
@@ -314,19 +321,21 @@ def order_of(name: str) -> int:
 def table(doc: dict) -> str:
     rows = all_rows(doc)
     names = sorted({r["setting"] for r in rows}, key=order_of)
-    lines = ["| setting | seeds | new-task gain (NLL) | general_qa change | python_docs change | wall s / run |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| setting | seeds | new-task gain (NLL) | general_qa change | python_docs change | wall s / run | "
+             "CPU s / run |", "|---|---|---|---|---|---|---|"]
     for name in names:
         rs = sorted([r for r in rows if r["setting"] == name], key=lambda r: r["seed"])
 
         def cell(key, fmt, rs=rs):
-            vals = [r[key] for r in rs]
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            if not vals:
+                return "-"
             mean = sum(vals) / len(vals)
             return f"{mean:{fmt}}" + (f" ({' / '.join(f'{v:{fmt}}' for v in vals)})" if len(vals) > 1 else "")
 
         lines.append(f"| {name} | {', '.join(str(r['seed']) for r in rs)} | {cell('gain', '.3f')} | "
                      f"{cell('general_qa_change', '+.1%')} | {cell('python_docs_change', '+.1%')} | "
-                     f"{cell('wall_s', '.0f')} |")
+                     f"{cell('wall_s', '.0f')} | {cell('cpu_s', '.0f')} |")
     failed = [f"{r['setting']} seed {r['seed']}: {r['error']}" for r in doc["runs"] if "error" in r]
     if failed:
         lines.append("")
