@@ -256,19 +256,21 @@ def test_rollback_after_the_pipeline(pipeline, tmp_path):
 
 
 def test_lora_rounds_chain_the_adapters_of_the_lineage(tmp_path, tiny_model_dir):
-    """LoRA: round 2 trains a fresh adapter on the base with round 1's adapter merged (method.merge_adapters), and
-    R's row for v0002 is that chain: equal to ``distrib-ft eval --model v0001 --model v0002``. Two rounds of 6 steps
-    at learning rate 5e-2 (measured as jobs: round 1 new task 5.94 -> 5.84, round 2 5.94 -> 5.83, convert +2.5%)."""
+    """LoRA with the demo's template (examples/retrain/job.yaml: EWC-LoRA and replay carried forward) on the tiny
+    model: round 2 trains a fresh adapter on the base with round 1's adapter merged (method.merge_adapters), reads
+    round 1's Fisher (ewc.fisher_path) and replays the buffer version that round 1's promotion added; R's row for
+    v0002 is that chain: equal to ``distrib-ft eval --model v0001 --model v0002``. Two rounds of 6 steps at learning
+    rate 5e-2."""
     files = skill_files(tmp_path / "data", n_train=64, n_eval=8)
     registry = tmp_path / "registry"
-    template = {
-        "model": {"name_or_path": str(tiny_model_dir)},
-        "method": {"type": "lora", "r": 4, "lora_alpha": 8},
-        "data": {"train_files": [str(files["convert"][0])], "max_seq_length": 64},
-        "training": {"output_dir": str(tmp_path / "runs"), "max_steps": 6, "per_device_train_batch_size": 4,
-                     "learning_rate": 5e-2, "warmup_ratio": 0.0, "logging_steps": 1, "bf16": False, "seed": 0},
-        "distributed": {"num_workers": 1, "deepspeed": str(ROOT / "ds_configs" / "zero2.json")},
-    }
+    template = yaml.safe_load((ROOT / "examples" / "retrain" / "job.yaml").read_text())
+    template["model"] = {"name_or_path": str(tiny_model_dir)}
+    template["data"].update(train_files=[str(files["convert"][0])], max_seq_length=64)
+    template["training"].update(output_dir=str(tmp_path / "runs"), max_steps=6, per_device_train_batch_size=4,
+                                learning_rate=5e-2, warmup_ratio=0.0, logging_steps=1, seed=0)
+    template["distributed"] = {"num_workers": 1, "deepspeed": str(ROOT / "ds_configs" / "zero2.json")}
+    template["replay"]["buffer"] = str(tmp_path / "replay")
+    template["ewc"]["fisher_max_sequences"] = 8
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(template))
     rounds = [{"name": name, "train_files": [str(files[skill][0])], "eval_files": [str(files[skill][1])]}
               for name, skill in ROUNDS[:2]]
@@ -284,6 +286,12 @@ def test_lora_rounds_chain_the_adapters_of_the_lineage(tmp_path, tiny_model_dir)
     job = yaml.safe_load(json.loads(cli("registry", "show", registry, "v2", "--json", timeout=120).stdout)["job"])
     assert job["model"]["name_or_path"] == str(tiny_model_dir)
     assert [Path(a).resolve() for a in job["method"]["merge_adapters"]] == [adapters[0].resolve()]
+    assert Path(job["ewc"]["fisher_path"]).read_bytes() == (adapters[0] / "fisher.safetensors").read_bytes()
+    assert job["replay"]["version"] == 1  # the sample of round 1's data added after its promotion
+    assert (adapters[1] / "fisher.safetensors").exists()  # online EWC: the next round's Fisher
+    from distrib_ft.data import replay_buffer as rb
+
+    assert rb.list_versions(str(tmp_path / "replay"))[-1] == 2  # round 2's data added after its promotion
 
     report = json.loads((registry / "pipeline_report.json").read_text())
     R = report["R"]
@@ -291,7 +299,8 @@ def test_lora_rounds_chain_the_adapters_of_the_lineage(tmp_path, tiny_model_dir)
     assert [rep["suites"]["r1"]["baseline"], rep["new_task"]["baseline"]] == pytest.approx(R[0][:2], rel=1e-5)
     assert rep["new_task"]["evaluations"][-1]["value"] < rep["new_task"]["baseline"]
 
-    raw = {**template, "training": {**template["training"], "output_dir": str(tmp_path / "eval-runs")},
+    raw = {**{k: template[k] for k in ("model", "method", "data", "distributed")},
+           "training": {**template["training"], "output_dir": str(tmp_path / "eval-runs")},
            "monitor": {"suites": [{"name": name, "files": [str(files[skill][1])], "metric": "nll"}
                                   for name, skill in ROUNDS[:2]]}}
     (tmp_path / "eval-job.yaml").write_text(yaml.safe_dump(raw))
