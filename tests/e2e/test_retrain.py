@@ -12,9 +12,10 @@ once round 2 has written its first checkpoint, then submitted again, which resum
 finishes the pipeline. Each test checks one scenario on that finished registry: the decisions and the registry,
 the round jobs the pipeline built, the resumed round, R against separate ``distrib-ft eval`` runs, a re-run that
 trains nothing, a changed data file (exit 2), rollback (on a copy of the registry). A second, shorter pipeline
-(LoRA, two rounds) checks the adapter chain: round 2 trains on the base with round 1's adapter merged, and R's row
-equals ``distrib-ft eval`` with both adapters. The file took 471 s on 2 cores at load 11 (the killed-and-resumed
-pipeline 209 s, the LoRA pipeline 178 s, two eval runs 47 s); the round's training itself is ~1 s of each round's
+(the demo's LoRA + EWC + replay template, two rounds) checks the chain: round 2 trains on the base with round 1's
+adapter merged, reads its Fisher and replays its buffer version, and R's row equals ``distrib-ft eval`` with both
+adapters. The file took 471 s on 2 cores at load 11 (the killed-and-resumed pipeline 209 s, the LoRA pipeline
+178 s, 88 s alone; two eval runs 47 s); the round's training itself is ~1 s of each round's
 ~50 s (process start-up, the job's checks, the R row's eval job).
 """
 
