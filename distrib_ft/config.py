@@ -311,14 +311,17 @@ def _format_validation(err: ValidationError, source: str) -> str:
     return "; ".join(lines).replace(f"; {source}: ", "; ")
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
-    """Read, override and validate a job file. Raises ConfigError with a one-line message."""
-    path = Path(path)
+def read_yaml_mapping(path: str | os.PathLike, what: str = "job file", top: str = "sections") -> dict:
+    """A YAML file's top-level mapping (duplicate keys refused).
+
+    Raises ConfigError with a one-line message naming the file (and the line of a YAML error): ``<what> not found``,
+    not valid YAML, a duplicate key, a top level that is not a mapping (of ``top``).
+    """
     source = str(path)
-    if not path.is_file():
-        raise ConfigError(f"{source}: job file not found")
+    if not Path(path).is_file():
+        raise ConfigError(f"{source}: {what} not found")
     try:
-        raw = load_yaml_unique(path.read_text()) or {}
+        raw = load_yaml_unique(Path(path).read_text()) or {}
     except DuplicateKeyError as e:
         raise ConfigError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
@@ -326,7 +329,14 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{source}:{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+        raise ConfigError(f"{source}: the top level must be a mapping of {top}")
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
+    """Read, override and validate a job file. Raises ConfigError with a one-line message."""
+    source = str(path)
+    raw = read_yaml_mapping(path)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(raw, key, value, source)
     return config_from_dict(raw, source)

@@ -14,10 +14,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from distrib_ft.schema import ConfigError, DuplicateKeyError, Strict, load_yaml_unique
+from distrib_ft.schema import ConfigError, Strict
 
 ROUND_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -166,20 +165,10 @@ def load_pipeline(path) -> PipelineConfig:
 
     Raises ConfigError with a one-line message (exit code 2).
     """
-    path = Path(path)
+    from distrib_ft.config import read_yaml_mapping  # imports the methods (torch): not at module import
+
     source = str(path)
-    if not path.is_file():
-        raise ConfigError(f"{source}: pipeline file not found")
-    try:
-        raw = load_yaml_unique(path.read_text()) or {}
-    except DuplicateKeyError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{source}:{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping (registry, base_model, job, rounds, ...)")
+    raw = read_yaml_mapping(path, "pipeline file", "keys (registry, base_model, job, rounds, ...)")
     try:
         cfg = PipelineConfig.model_validate({**raw, "source": source})
     except ValidationError as e:

@@ -42,11 +42,9 @@ import io
 import json
 import math
 import os
-import tempfile
 from numbers import Real
-from pathlib import Path
 
-from distrib_ft.runtime.storage import UrlPath, as_path, atomic_write_text
+from distrib_ft.runtime.storage import UrlPath, as_path, atomic_write_bytes, atomic_write_text
 
 REPORT_JSON = "pipeline_report.json"
 REPORT_MD = "pipeline_report.md"
@@ -309,22 +307,7 @@ def _write_png(path, fig) -> None:
 
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf)
-    data = buf.getvalue()
-    path = as_path(path)
-    if isinstance(path, UrlPath):
-        path.write_bytes(data)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

@@ -341,20 +341,25 @@ def public(path) -> str:
 
 
 def atomic_write_text(path, text: str) -> None:
+    """Write a text file so that it is never half-written (UTF-8; see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
     """Write a file so that it is never half-written.
 
-    A URL as one object (UrlPath.write_text); a local file through a temp file in the same folder, fsync, then a
-    rename. Imports no torch (the CLI and the registry use it).
+    A URL as one object (UrlPath.write_bytes: one PUT); a local file through a temp file in the same folder, fsync,
+    then a rename. Imports no torch (the CLI and the registry use it).
     """
     if isinstance(path, UrlPath) or is_url(path):
-        as_path(path).write_text(text)
+        as_path(path).write_bytes(data)
         return
     path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
