@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from distrib_ft.model import TORCH_DTYPES
+from distrib_ft.runtime import storage
 
 PEFT_CONFIG = "adapter_config.json"
 BOTTLENECK_CONFIG = "bottleneck_config.json"
@@ -226,7 +227,7 @@ def atomic_folder(out: str | Path, *, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only
+        storage.plain_modes(tmp, tree=True)  # mkdtemp's 0700, safetensors' 0600: as a plain mkdir / open
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)

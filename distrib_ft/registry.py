@@ -458,6 +458,7 @@ class Registry:
                 shutil.rmtree(staging, ignore_errors=True)
                 shutil.copytree(local_src, staging / MODEL,
                                 ignore=lambda d, names: [n for n in names if n == COMPLETE or n.startswith(".")])
+                storage.plain_modes(staging, tree=True)  # copytree keeps final/'s 0700 and safetensors' 0600
                 os.rename(staging, dest)  # fails if dest exists: a version number is never reused
         return files
 

@@ -30,6 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from distrib_ft.runtime.checkpoint import atomic_write_text  # noqa: E402
+from distrib_ft.runtime.storage import umask  # noqa: E402
 
 _DECISIONS = {
     "accepted": "**Accepted**{code}: final/ is step {step}; every retention suite within budget",
@@ -143,6 +144,7 @@ def _plot(path: Path, title: str, series: dict, limit: float | None, breaches: l
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 would stay after the rename
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png")
         os.replace(tmp, path)

@@ -175,6 +175,8 @@ def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], info: dict,
 
     from safetensors.torch import save_file
 
+    from distrib_ft.runtime.storage import plain_modes
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().to(torch.float32).contiguous() for n, t in fisher.items()}
@@ -185,6 +187,7 @@ def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], info: dict,
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        plain_modes(tmp)  # mkstemp's (and safetensors') 0600 would stay after the rename
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from distrib_ft.preservation.ewc import through_gradients
 from distrib_ft.runtime import dist
+from distrib_ft.runtime.storage import plain_modes
 from distrib_ft.schema import Strict
 
 ANCHORS_FILE = "l2_sp_anchors.safetensors"
@@ -67,6 +68,7 @@ class L2SP:
             if dist.is_main():
                 tmp = file.with_name(f".{file.name}.tmp")
                 save_file(self.anchors, str(tmp))
+                plain_modes(tmp)  # safetensors writes 0600
                 tmp.replace(file)
             dist.barrier()
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -54,6 +54,7 @@ def save_rng_state(path: str | Path) -> None:
             "numpy": json.dumps([kind, int(pos), int(has_gauss), float(cached)])}
     tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}")
     save_file(tensors, str(tmp), metadata=meta)
+    storage.plain_modes(tmp)  # safetensors writes 0600
     os.replace(tmp, path)
 
 
@@ -248,6 +249,7 @@ def export_final(model: torch.nn.Module, tokenizer, output_dir: str | Path, *, m
         tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
         method.export(model, state, tmp)
         tokenizer.save_pretrained(tmp)
+        storage.plain_modes(tmp, tree=True)  # mkdtemp's 0700, safetensors' 0600: as a plain mkdir / open
         if final.exists():
             old = final.with_name(f".final.old.{os.getpid()}")
             final.rename(old)

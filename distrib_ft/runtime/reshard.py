@@ -210,6 +210,7 @@ def _share(path: Path, target: Path) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{UNIVERSAL}.", dir=path))
         try:
             storage.download_tree(url, tmp)
+            storage.plain_modes(tmp)  # mkdtemp's 0700 would stay after the rename
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
         finally:

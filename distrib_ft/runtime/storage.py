@@ -22,7 +22,10 @@ https://arrow.apache.org/docs/python/filesystems.html). S3's endpoint and keys a
 AWS_ENDPOINT_URL itself (checked on pyarrow 26 against moto's server), older ones get it as ``endpoint_override``.
 
 Writes are atomic: local files through a temp file and a rename; one object on s3:// and gs:// is atomic by
-itself; on other filesystems a temp name then a move.
+itself; on other filesystems a temp name then a move. A local result gets the mode a plain ``open()`` / ``mkdir``
+would give it (:func:`plain_modes`: 0o666 / 0o777 less the umask), not the owner-only one of its temp file
+(``tempfile.mkstemp`` 0600, ``mkdtemp`` 0700: https://docs.python.org/3/library/tempfile.html#tempfile.mkstemp),
+which a rename keeps.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 from pathlib import Path, PurePosixPath
@@ -340,6 +344,45 @@ def public(path) -> str:
     return str(p)
 
 
+def _read_umask_once() -> int:
+    """The umask at import, set back at once; the value held meanwhile is the private 0o077, never a wider one."""
+    old = os.umask(0o077)
+    os.umask(old)
+    return old
+
+
+_UMASK_AT_IMPORT = _read_umask_once()
+
+
+def umask() -> int:
+    """This process's umask, read without changing it (Linux: /proc/self/status ``Umask:``; else the import's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return _UMASK_AT_IMPORT
+
+
+def plain_modes(path, *, tree: bool = False) -> None:
+    """Give ``path`` (with ``tree``: everything under it too) the mode a plain ``open()`` / ``mkdir`` would have.
+
+    0o777 & ~umask for folders and files with an owner x bit, 0o666 & ~umask for the others; symlinks are left
+    alone. For results made through a temp file or folder before their rename: ``tempfile.mkstemp`` makes files
+    0600, ``mkdtemp`` / ``TemporaryDirectory`` folders 0700, and safetensors' ``save_file`` files 0600 (checked with
+    safetensors 0.8 under umask 0022), so a deploy service or another user could not read a model otherwise.
+    """
+    mask = umask()
+    path = Path(path)
+    for p in [path, *(path.rglob("*") if tree and path.is_dir() else ())]:
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode
+        os.chmod(p, (0o777 if stat.S_ISDIR(mode) or mode & stat.S_IXUSR else 0o666) & ~mask)
+
+
 def atomic_write_text(path, text: str) -> None:
     """Write a text file so that it is never half-written (UTF-8; see :func:`atomic_write_bytes`)."""
     atomic_write_bytes(path, text.encode())
@@ -358,6 +401,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 would stay after the rename
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

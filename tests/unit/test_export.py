@@ -304,3 +304,24 @@ def test_load_merged_refuses_adapters_that_do_not_merge(tmp_path, tiny_model_dir
     pt = make_prompt_tuning(tiny_model_dir, tmp_path / "pt")
     with pytest.raises(ex.NotMergeable, match=f"--model: {pt} cannot be merged into the base weights"):
         ex.load_merged(_base(tiny_model_dir), [a, pt])
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_an_exported_folder_gets_the_mode_of_a_plain_mkdir(tmp_path, mask):
+    """mkdtemp's 0700 folder and safetensors' 0600 file become 0755 / 0644 under umask 0022; 0077 keeps them private."""
+    import os
+    import stat
+
+    from safetensors.torch import save_file
+
+    old = os.umask(mask)
+    try:
+        with ex.atomic_folder(tmp_path / "out") as tmp:
+            save_file({"w": torch.ones(2)}, str(tmp / "model.safetensors"))
+            (tmp / "README.txt").write_text("how to load it\n")
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    for f in ("model.safetensors", "README.txt"):
+        assert stat.S_IMODE((out / f).stat().st_mode) == 0o666 & ~mask, f

@@ -278,3 +278,34 @@ def test_a_changed_data_file_changes_its_hash(tmp_path):
     folder.mkdir()
     (folder / "a").write_text("1")
     assert len(rg.file_sha256(folder)) == 64
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_a_version_is_readable_as_the_umask_allows(tmp_path, adapter_dir, mask):
+    """An owner-only final/ (mkdtemp 0700, safetensors 0600) is copied with the modes of a plain write.
+
+    Under umask 0022 a deploy service or another user can read the production model: model/ 0755, its files, the
+    version's version.json and current.json 0644; under 0077 they stay private (0700 / 0600).
+    """
+    import shutil
+    import stat
+    import tempfile
+    from pathlib import Path
+
+    final = Path(tempfile.mkdtemp(dir=tmp_path))
+    shutil.copytree(adapter_dir, final, dirs_exist_ok=True)
+    final.chmod(0o700)
+    assert stat.S_IMODE((final / "adapter_model.safetensors").stat().st_mode) == 0o600  # safetensors' own mode
+    old = os.umask(mask)
+    try:
+        reg = _reg(str(tmp_path / "registry"))
+        v = reg.promote(reg.add(final, round="r1").version)
+    finally:
+        os.umask(old)
+    model = Path(v.model)
+    folders = [model, *(p for p in model.rglob("*") if p.is_dir())]
+    files = [p for p in model.rglob("*") if p.is_file()]
+    files += [model.parent / rg.VERSION_FILE, tmp_path / "registry" / rg.POINTER]
+    assert "adapter_model.safetensors" in {p.name for p in files}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folders} == {0o777 & ~mask}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(0o666 & ~mask) for p in files}

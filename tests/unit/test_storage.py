@@ -182,3 +182,40 @@ def test_a_url_that_cannot_be_written_is_one_line(s3):
     assert "bucket does not exist" in line
     storage.check_writable(s3[1])  # the fixture's bucket: fine, and the probe is gone
     assert storage.UrlPath(s3[1]).files() == {}  # (pyarrow may leave an empty "folder" object)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_atomic_writes_get_the_mode_of_a_plain_write(tmp_path, mask):
+    """mkstemp's 0600 and safetensors' 0600 do not survive the rename: 0644 under umask 0022, private under 0077."""
+    import os
+    import stat
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    from distrib_ft.preservation.fisher import save_fisher
+
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    old = os.umask(mask)
+    try:
+        assert storage.umask() == mask
+        storage.atomic_write_text(tmp_path / "verdict.json", "{}\n")
+        storage.atomic_write_bytes(tmp_path / "plot.png", b"\x89PNG")
+        (tmp_path / "plain.txt").write_text("x")  # the reference: what open() gives
+        save_fisher(tmp_path / "fisher.safetensors", {"w": torch.ones(2)}, {"estimator": "empirical"})
+        ckpt.save_rng_state(tmp_path / "rng.safetensors")
+        folder = tempfile.mkdtemp(dir=tmp_path)  # 0700, as export_final's temp folder
+        save_file({"w": torch.ones(2)}, os.path.join(folder, "model.safetensors"))  # 0600
+        os.makedirs(os.path.join(folder, "sub"), mode=0o700)
+        storage.plain_modes(folder, tree=True)
+    finally:
+        os.umask(old)
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    assert mode(tmp_path / "plain.txt") == file_mode == (0o644 if mask == 0o022 else 0o600)
+    for name in ("verdict.json", "plot.png", "fisher.safetensors", "rng.safetensors"):
+        assert mode(tmp_path / name) == file_mode, name
+    assert mode(folder) == mode(os.path.join(folder, "sub")) == dir_mode == (0o755 if mask == 0o022 else 0o700)
+    assert mode(os.path.join(folder, "model.safetensors")) == file_mode
