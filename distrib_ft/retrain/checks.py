@@ -11,6 +11,10 @@ and 2 have trained:
   retention suites of the earlier rounds), then the round's overrides. An error that only the overrides bring is
   reported as ``PIPELINE.yaml: rounds[1].overrides: training.learning_rat: unknown key; ...``. Errors of the template
   itself are left to the round's build (rounds.py), which names the template file.
+
+And, when the pipeline starts (:func:`check_history`, called by Pipeline.run under the registry's lock, since it
+reads the registry), the file against the rounds the registry's records say were decided: a round that has not run
+placed before rounds that have (a renamed or inserted round), or a promoted round no longer in the file, is exit 2.
 """
 
 from __future__ import annotations
@@ -99,3 +103,56 @@ def check_overrides(cfg) -> None:
         for key, value in rnd.overrides.items():
             _set_dotted(job, key, copy.deepcopy(value), where)
         config_from_dict(job, where)
+
+
+def decided_records(cfg) -> dict[str, dict]:
+    """The round records in ``REGISTRY/rounds/`` (the rounds that reached a decision): ``{round name: record}``.
+
+    A record is ``rounds/<name>.json`` holding a ``decision`` (R's row caches, ``<name>.eval.json``, hold none).
+    Read from a folder or a URL (pyarrow.fs: https://arrow.apache.org/docs/python/filesystems.html).
+    """
+    import json
+
+    from distrib_ft.runtime.storage import as_path
+
+    folder = as_path(cfg.registry) / "rounds"
+    if not folder.is_dir():
+        return {}
+    out: dict[str, dict] = {}
+    for p in sorted(folder.iterdir(), key=str):
+        if not str(p).endswith(".json") or str(p).endswith(".eval.json") or not p.is_file():
+            continue
+        try:
+            rec = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            raise ConfigError(f"{p}: not a round record (invalid JSON); remove it to run the round again") from None
+        if isinstance(rec, dict) and rec.get("decision") and rec.get("name"):
+            out[rec["name"]] = rec
+    return out
+
+
+def check_history(cfg) -> None:
+    """The file against the rounds the registry has decided (issue 12), before anything trains.
+
+    A round's name stands for what it trained, and each round is gated on the rounds before it in the file: a round
+    that has not run, placed before one that has (a renamed or inserted round), would train from the current version
+    gated on only part of the history; a promoted round taken out of the file would drop its retention suite.
+    Removing a refused round (docs/scheduling.md's way past a refusal) is fine.
+
+    Raises:
+        ConfigError: one line naming the pipeline file, the round(s) and what to do.
+    """
+    source = cfg.source or "<pipeline>"
+    records = decided_records(cfg)
+    names = [r.name for r in cfg.rounds]
+    for name, rec in sorted(records.items()):
+        if name not in names and rec.get("decision") == "promoted":
+            raise ConfigError(f"{source}: round {name} was promoted ({rec.get('version')}, "
+                              f"{cfg.registry}/rounds/{name}.json) but is no longer in the file; keep decided rounds "
+                              "in the file; only a refused round may be removed")
+    for i, name in enumerate(names):
+        later = [n for n in names[i + 1:] if n in records]
+        if name not in records and later:
+            raise ConfigError(f"{source}: rounds[{i}] ({name}) has not run but rounds after it ({', '.join(later)}) "
+                              "have; append new rounds at the end (a decided round's name stands for what it "
+                              "trained)")

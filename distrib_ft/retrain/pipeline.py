@@ -466,6 +466,9 @@ class Pipeline:
         rows: list[dict] = []
         base: dict = {}
         with self.registry.lock(f"retrain {cfg.source}"):
+            from distrib_ft.retrain.checks import check_history
+
+            check_history(cfg)  # renamed / inserted / removed decided rounds: exit 2 before anything trains
             refused = None  # what stopped the pipeline: "r3 refused", "r2 failed (exit 1)"
             for i in range(last + 1):
                 try:
