@@ -22,6 +22,7 @@ Exit codes (stable; schedulers may rely on them):
     2  usage or input error: bad arguments, job file, DeepSpeed JSON, data or model path (nothing ran)
     3  forgetting budget breached and no checkpoint qualifies: the model is in rejected/, not final/
   130  interrupted (Ctrl-C)
+  141  stdout was closed early (e.g. ``| head``): stopped quietly, as a program killed by SIGPIPE (128 + 13)
 
 Every train (and eval) that ran writes OUTPUT_DIR/verdict.json (distrib_ft/runtime/verdict.py) and prints its path
 last; ``distrib-ft status OUTPUT_DIR`` prints it and exits with the job's code (2: no verdict there).
@@ -38,6 +39,7 @@ from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_BUDGET = 3  # = distrib_ft.monitor.budget.EXIT_BUDGET
+EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of stdout closed it early
 
 
 class UsageError(Exception):
@@ -310,6 +312,31 @@ def _input_errors() -> tuple:
     from distrib_ft.runtime.engine import DeepSpeedConfigError
 
     return UsageError, ConfigError, DataError, DeepSpeedConfigError, FileNotFoundError, ExportError
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has gone: poll() reports POLLERR / POLLHUP on it."""
+    import select
+
+    try:
+        events = select.poll()
+        events.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in events.poll(0))
+    except (AttributeError, OSError, ValueError):  # no fileno (a captured stream), no poll()
+        return False
+
+
+def _closed_stdout() -> int:
+    """Stop quietly when the reader of stdout closed it early (``distrib-ft registry list REG --json | head -3``).
+
+    As the Python docs advise (https://docs.python.org/3/library/signal.html#note-on-sigpipe): point the stdout fd
+    at /dev/null so the flush at exit does not fail again, print nothing, exit 141 (128 + SIGPIPE) as a program
+    killed by SIGPIPE would.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_PIPE
 
 
 def _failure(e: BaseException) -> tuple[int, str]:
@@ -679,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         The exit code (see the module docstring): the command's, 2 for an input error, 1 when the job failed,
-        130 when interrupted.
+        130 when interrupted, 141 when stdout was closed early.
     """
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may also come after the options
@@ -689,9 +716,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
-        return {"train": cmd_train, "fisher": cmd_fisher, "eval": cmd_eval, "export": cmd_export, "merge": cmd_merge,
+        code = {"train": cmd_train, "fisher": cmd_fisher, "eval": cmd_eval, "export": cmd_export, "merge": cmd_merge,
                 "replay": cmd_replay, "status": cmd_status, "registry": cmd_registry,
                 "retrain": cmd_retrain}[args.command](args)
+        sys.stdout.flush()  # a reader that closed stdout early shows here, not in the flush at exit
+        return code
     except _input_errors() as e:
         print(f"distrib-ft: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -699,6 +728,8 @@ def main(argv: list[str] | None = None) -> int:
         print("distrib-ft: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
+        if isinstance(e, BrokenPipeError) and _stdout_closed():
+            return _closed_stdout()
         code, message = _failure(e)
         logs = f" ({e.ray_logs})" if getattr(e, "ray_logs", None) else ""  # launcher/ray_job.py ray_session
         print(message if code == EXIT_USAGE else f"distrib-ft: the job failed: {message}{logs}", file=sys.stderr)
