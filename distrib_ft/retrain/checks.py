@@ -14,7 +14,8 @@ and 2 have trained:
 
 And, when the pipeline starts (:func:`check_history`, called by Pipeline.run under the registry's lock, since it
 reads the registry), the file against the rounds the registry's records say were decided: a round that has not run
-placed before rounds that have (a renamed or inserted round), or a promoted round no longer in the file, is exit 2.
+placed before rounds that have (a renamed or inserted round), a promoted round no longer in the file, or a decided
+round whose ``overrides`` differ from those its record holds (the record keeps them), is exit 2.
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ def check_overrides(cfg) -> None:
         config_from_dict(job, where)
 
 
+_UNSET = object()
+
+
 def decided_records(cfg) -> dict[str, dict]:
     """The round records in ``REGISTRY/rounds/`` (the rounds that reached a decision): ``{round name: record}``.
 
@@ -137,11 +141,15 @@ def check_history(cfg) -> None:
     A round's name stands for what it trained, and each round is gated on the rounds before it in the file: a round
     that has not run, placed before one that has (a renamed or inserted round), would train from the current version
     gated on only part of the history; a promoted round taken out of the file would drop its retention suite.
-    Removing a refused round (docs/scheduling.md's way past a refusal) is fine.
+    Removing a refused round (docs/scheduling.md's way past a refusal) is fine. A decided round's overrides must be
+    those it ran with (its record's ``overrides``; a record without the key, written before they were recorded,
+    is not compared): an edited learning rate on a refused round would otherwise print the old refusal again.
 
     Raises:
         ConfigError: one line naming the pipeline file, the round(s) and what to do.
     """
+    import json
+
     source = cfg.source or "<pipeline>"
     records = decided_records(cfg)
     names = [r.name for r in cfg.rounds]
@@ -150,6 +158,17 @@ def check_history(cfg) -> None:
             raise ConfigError(f"{source}: round {name} was promoted ({rec.get('version')}, "
                               f"{cfg.registry}/rounds/{name}.json) but is no longer in the file; keep decided rounds "
                               "in the file; only a refused round may be removed")
+    for i, rnd in enumerate(cfg.rounds):
+        rec = records.get(rnd.name)
+        if rec is None or "overrides" not in rec:  # a record written before overrides were recorded: unknown
+            continue
+        was, now = rec["overrides"] or {}, json.loads(json.dumps(rnd.overrides))
+        changed = [f"{k}: {json.dumps(was[k]) if k in was else 'unset'} then, "
+                   f"{json.dumps(now[k]) if k in now else 'unset'} now"
+                   for k in sorted(set(was) | set(now)) if was.get(k, _UNSET) != now.get(k, _UNSET)]
+        if changed:
+            raise ConfigError(f"{source}: rounds[{i}] ({rnd.name}): overrides changed since the round ran "
+                              f"({'; '.join(changed)}); give the round a new name")
     for i, name in enumerate(names):
         later = [n for n in names[i + 1:] if n in records]
         if name not in records and later:

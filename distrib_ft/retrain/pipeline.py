@@ -262,7 +262,8 @@ class Pipeline:
         """After the registry decision: the replay update (promoted), the round's record, the line."""
         cfg, rnd = self.cfg, self.cfg.rounds[index]
         verdict = verdict if verdict is not None else (self._verdict(built) or {})
-        rec = {"name": rnd.name, "data": hashes, "version": version.version, "decision": version.decision,
+        rec = {"name": rnd.name, "data": hashes, "overrides": copy.deepcopy(rnd.overrides),  # checks.check_history
+               "version": version.version, "decision": version.decision,
                "exit_code": verdict.get("exit_code"), "verdict": _vline(verdict), "output_dir": built.output_dir,
                "job": str(built.path) if built.path else None, "parent": version.parent,
                "reason": (version.record.get("refused") or {}).get("reason") if version.decision == "refused" else

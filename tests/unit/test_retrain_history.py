@@ -2,10 +2,10 @@
 
 No training: decided rounds are faked through the real Registry and round records (as in
 tests/unit/test_retrain_rounds.py, whose fixtures this reuses). Checked, exit 2 before anything trains: a round that
-has not run placed before rounds that have (a renamed or inserted round) and a promoted round removed from the file;
-a refused round removed from the end still passes. These checks read the registry, so they run when the pipeline
-starts (Pipeline.run, under the registry's lock), before its first round: exit 2 through the CLI, nothing trained or
-added.
+has not run placed before rounds that have (a renamed or inserted round) and a promoted round removed from the file,
+a decided round whose overrides changed since it ran (its record keeps them); a refused round removed from the end
+still passes. These checks read the registry, so they run when the pipeline starts (Pipeline.run, under the
+registry's lock), before its first round: exit 2 through the CLI, nothing trained or added.
 """
 
 import pytest
@@ -86,3 +86,41 @@ def test_a_refused_round_may_be_removed_from_the_end(tmp_path, cache):  # noqa: 
     _edit(path, lambda rs: rs[:1])  # but not a promoted one
     with pytest.raises(ConfigError, match="round r2 was promoted"):
         _start(path)
+
+
+def test_a_decided_rounds_changed_overrides_are_an_input_error(tmp_path, cache, capsys):  # noqa: F811
+    """The record keeps the round's overrides (Pipeline._finish); an edit since -> exit 2, not the old decision."""
+    import json
+
+    from distrib_ft.retrain.rounds import build_round
+
+    path = setup(tmp_path, rounds=2)  # r2's overrides: training.learning_rate 0.5, monitor.policy rollback
+    cfg = load_pipeline(path)
+    reg = Registry(cfg.registry)
+    _decide(tmp_path, cfg, 0, "promoted", overrides={})
+    v = reg.add(adapter(tmp_path / "run1" / "final"), round="r2", job_config={})
+    reg.refuse(v.version, reason="r1 over budget")
+    pipe = Pipeline(cfg)
+    assert pipe._finish(1, build_round(cfg, 1, reg, write=False), reg.show(v.version), data_hashes(cfg.rounds[1])) == 3
+    rec = json.loads((tmp_path / "registry" / "rounds" / "r2.json").read_text())
+    assert rec["overrides"] == {"training.learning_rate": 0.5, "monitor.policy": "rollback"}
+    _start(path)  # unchanged: passes
+    _edit(path, lambda rs: [rs[0], {**rs[1], "overrides": {"training.learning_rate": 1e-4,
+                                                           "monitor.policy": "rollback"}}])
+    from launcher.cli import main
+
+    capsys.readouterr()
+    assert main(["retrain", path, "--launcher", "local"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"distrib-ft: error: {path}: rounds[1] (r2): overrides changed since the round ran "
+                   "(training.learning_rate: 0.5 then, 0.0001 now); give the round a new name"], err
+    ran = rec["overrides"]
+    _edit(path, lambda rs: [{**rs[0], "overrides": {"training.max_steps": 2}}, {**rs[1], "overrides": ran}])
+    with pytest.raises(ConfigError, match=r"rounds\[0\] \(r1\): overrides changed since the round ran "
+                                          r"\(training.max_steps: unset then, 2 now\)"):
+        _start(path)
+    # a record written before overrides were recorded (no key): unknown, not an error
+    rec.pop("overrides")
+    (tmp_path / "registry" / "rounds" / "r2.json").write_text(json.dumps(rec))
+    _edit(path, lambda rs: [{**rs[0], "overrides": {}}, rs[1]])
+    _start(path)
