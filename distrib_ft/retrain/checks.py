@@ -9,8 +9,9 @@ and 2 have trained:
 - every round's job is validated as a job file (distrib_ft/config.py's pydantic models, as ``distrib-ft train``
   validates it): the template with the keys the pipeline owns filled (the round's data files, ``base_model``, the
   retention suites of the earlier rounds), then the round's overrides. An error that only the overrides bring is
-  reported as ``PIPELINE.yaml: rounds[1].overrides: training.learning_rat: unknown key; ...``. Errors of the template
-  itself are left to the round's build (rounds.py), which names the template file.
+  reported as ``PIPELINE.yaml: rounds[1].overrides: training.learning_rat: unknown key; ...``. The template itself
+  (with the owned keys filled) is validated on every load, whether or not a round has overrides or is pending, and
+  its errors name the template file: ``JOB.yaml: training.learning_rat: unknown key ... (the pipeline's job)``.
 
 And, when the pipeline starts (:func:`check_history`, called by Pipeline.run under the registry's lock, since it
 reads the registry), the file against the rounds the registry's records say were decided: a round that has not run
@@ -68,14 +69,25 @@ def _probe_job(cfg, index: int, raw: dict) -> dict | None:
                 "metric": "nll", "max_relative_increase": cfg.retention_budget} for e in cfg.rounds[:index]]
     if suites:
         job["monitor"]["suites"] = suites
+    ewc = job.get("ewc")  # carried forward as rounds.py does: update_after; lambda 0 while there is no Fisher
+    if isinstance(ewc, dict) and float(ewc.get("lambda", ewc.get("lambda_", 0)) or 0) > 0:
+        ewc["update_after"] = True
+        if not (ewc.get("fisher_path") or ewc.get("fisher_data_files")):
+            ewc.pop("lambda_", None)
+            ewc["lambda"] = 0.0
+    replay = job.get("replay")  # the pipeline adds the round's sample after a promotion
+    if isinstance(replay, dict) and replay.get("buffer"):
+        replay["update_after"] = False
+        replay.pop("update_budget", None)
     return job
 
 
 def check_overrides(cfg) -> None:
-    """Refuse pipeline-owned keys in any round's overrides; validate each round's job with its overrides.
+    """Refuse pipeline-owned keys in any round's overrides; validate the template, then each round's overrides.
 
     Raises:
-        ConfigError: one line naming the pipeline file, ``rounds[i].overrides`` and the key.
+        ConfigError: one line naming the pipeline file, ``rounds[i].overrides`` and the key; or the template job
+            file and its key (an error of the template itself).
     """
     from distrib_ft.config import _set_dotted, config_from_dict
     from distrib_ft.retrain.rounds import read_template
@@ -87,9 +99,15 @@ def check_overrides(cfg) -> None:
             if owned is not None:
                 raise ConfigError(f"{source}: rounds[{i}].overrides: {key}: set by the pipeline, not by a round's "
                                   f"overrides; {OWNED[owned]}")
-    if not any(r.overrides for r in cfg.rounds):
-        return
     raw = read_template(cfg.job)
+    job = _probe_job(cfg, 0, raw)  # the template itself, with the keys the pipeline owns filled: every load
+    if job is None:
+        raise ConfigError(f"{cfg.job}: model, data, training and monitor must be sections (mappings) (the "
+                          "pipeline's job)")
+    try:
+        config_from_dict(job, cfg.job)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (the pipeline's job)") from None
     for i, rnd in enumerate(cfg.rounds):
         if not rnd.overrides:
             continue

@@ -5,7 +5,8 @@ tests/unit/test_retrain_rounds.py, whose fixtures this reuses). Checked, exit 2 
 has not run placed before rounds that have (a renamed or inserted round) and a promoted round removed from the file,
 a decided round whose overrides changed since it ran (its record keeps them); a refused round removed from the end
 still passes. These checks read the registry, so they run when the pipeline starts (Pipeline.run, under the
-registry's lock), before its first round: exit 2 through the CLI, nothing trained or added.
+registry's lock), before its first round: exit 2 through the CLI, nothing trained or added. And a typo in the
+template job is an input error on every load (naming the template file), pending rounds or not.
 """
 
 import pytest
@@ -124,3 +125,24 @@ def test_a_decided_rounds_changed_overrides_are_an_input_error(tmp_path, cache, 
     (tmp_path / "registry" / "rounds" / "r2.json").write_text(json.dumps(rec))
     _edit(path, lambda rs: [{**rs[0], "overrides": {}}, rs[1]])
     _start(path)
+
+
+def test_a_typo_in_the_template_job_is_an_input_error_on_every_load(tmp_path, cache, capsys):  # noqa: F811
+    """No round has overrides: the template itself (the pipeline's keys filled) is validated, naming JOB.yaml."""
+    path = setup(tmp_path, rounds=2)
+    _edit(path, lambda rs: [{k: v for k, v in r.items() if k != "overrides"} for r in rs])
+    job = tmp_path / "job.yaml"
+    raw = yaml.safe_load(job.read_text())
+    raw["training"]["learning_rat"] = raw["training"].pop("learning_rate")
+    job.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError) as e:
+        load_pipeline(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{job}: training.learning_rat: unknown key") and msg.endswith(" (the pipeline's job)"), msg
+    assert "\n" not in msg and "jobs/" not in msg  # not a generated job in the cache
+    from launcher.cli import main
+
+    capsys.readouterr()
+    assert main(["retrain", path, "--launcher", "local"]) == 2
+    assert capsys.readouterr().err.strip() == f"distrib-ft: error: {msg}"
+    assert not (tmp_path / "registry").exists() and not (tmp_path / "out").exists()  # nothing ran
