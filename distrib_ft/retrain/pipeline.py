@@ -116,8 +116,10 @@ def round_line(rec: dict) -> str:
 def _child(argv: list[str], launcher: str, address: str | None, verbose: bool) -> int:
     """Run ``distrib-ft ARGV`` as a child process; its stdout to our stderr. Returns its exit code.
 
-    Ctrl-C reaches the child through the process group (it writes its verdict, exit 130); a SIGTERM to this process
-    is passed on to it; the child gets SIGTERM if this process dies (Linux PR_SET_PDEATHSIG).
+    Ctrl-C reaches the child through the process group (it writes its verdict, exit 130): this process waits for it
+    and returns 130 (a SIGINT sent to this process alone, ``kill -INT``, is passed on to a child still running
+    after a few seconds); a SIGTERM to this process is passed on to it; the child gets SIGTERM if this process dies
+    (Linux PR_SET_PDEATHSIG).
     """
     cmd = [sys.executable, "-m", "launcher.cli", *argv, "--launcher", launcher]
     if address and launcher == "ray":
@@ -149,10 +151,15 @@ def _child(argv: list[str], launcher: str, address: str | None, verbose: bool) -
                 if code < 0:  # killed by a signal: SIGINT / SIGTERM read as interrupted (130), others as failed
                     code = EXIT_INTERRUPTED if -code in (signal.SIGINT, signal.SIGTERM) else EXIT_FAILED
                 return code
-            except KeyboardInterrupt:  # the child got the same SIGINT; let it write its verdict
+            except KeyboardInterrupt:  # the child got the same SIGINT (Ctrl-C); let it write its verdict
                 with contextlib.suppress(KeyboardInterrupt):
-                    proc.wait()
-                raise
+                    try:
+                        proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:  # still running: pass it on (a SIGINT sent to us alone)
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.send_signal(signal.SIGINT)
+                        proc.wait()
+                return EXIT_INTERRUPTED
     finally:
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, previous)
@@ -198,7 +205,8 @@ class Pipeline:
             note(f"round {rnd.name}: the job ended with exit {code} after {time.time() - began:.0f} s")
             if code not in (EXIT_OK, EXIT_BUDGET):
                 verdict = self._verdict(built)
-                say(f"round {rnd.name}: failed (exit {code}){': ' + _vline(verdict) if verdict else ''}")
+                what = "interrupted" if code == EXIT_INTERRUPTED else "failed"
+                say(f"round {rnd.name}: {what} (exit {code}){': ' + _vline(verdict) if verdict else ''}")
                 return code
         return self._decide(index, built, hashes, found)
 
@@ -477,16 +485,21 @@ class Pipeline:
                 except ChildFailed as e:
                     note(str(e))
                     code = e.code
+                except KeyboardInterrupt:  # Ctrl-C outside a child job (the gate, the registry)
+                    say(f"round {cfg.rounds[i].name}: interrupted (exit {EXIT_INTERRUPTED})")
+                    code = EXIT_INTERRUPTED
                 if code != EXIT_OK:
-                    refused = cfg.rounds[i].name + (" refused" if code == EXIT_BUDGET else f" failed (exit {code})")
+                    refused = cfg.rounds[i].name + (" refused" if code == EXIT_BUDGET else " interrupted" if code ==
+                                                    EXIT_INTERRUPTED else f" failed (exit {code})")
                     break
                 v = self.registry.show(self.records[-1]["version"])
                 try:
                     b, scores = self.eval_row(i, v)
-                except ChildFailed as e:
-                    note(str(e))
-                    code = e.code
-                    refused = f"{cfg.rounds[i].name}'s row of R failed (exit {code})"
+                except (ChildFailed, KeyboardInterrupt) as e:
+                    code = getattr(e, "code", EXIT_INTERRUPTED)
+                    note(str(e) or f"round {cfg.rounds[i].name}'s row of R: interrupted")
+                    refused = f"{cfg.rounds[i].name}'s row of R " + ("interrupted" if code == EXIT_INTERRUPTED else
+                                                                     f"failed (exit {code})")
                     break
                 base = base or b
                 rows.append({"round": cfg.rounds[i].name, "version": v.version, "scores": scores})

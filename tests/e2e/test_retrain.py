@@ -14,9 +14,11 @@ the round jobs the pipeline built, the resumed round, R against separate ``distr
 trains nothing, a changed data file (exit 2), rollback (on a copy of the registry). A second, shorter pipeline
 (the demo's LoRA + EWC + replay template, two rounds) checks the chain: round 2 trains on the base with round 1's
 adapter merged, reads its Fisher and replays its buffer version, and R's row equals ``distrib-ft eval`` with both
-adapters. The file took 471 s on 2 cores at load 11 (the killed-and-resumed pipeline 209 s, the LoRA pipeline
-178 s, 88 s alone; two eval runs 47 s); the round's training itself is ~1 s of each round's
-~50 s (process start-up, the job's checks, the R row's eval job).
+adapters. A one-round pipeline stopped by Ctrl-C (SIGINT to its process group) mid-round checks that the round's line
+says interrupted, the summary and pipeline_report.json are written and the exit code is 130 (53 s). The file took
+471 s on 2 cores at load 11 before that test (the killed-and-resumed pipeline 209 s, the LoRA pipeline 178 s,
+88 s alone; two eval runs 47 s); the round's training itself is ~1 s of each round's ~50 s (process start-up, the
+job's checks, the R row's eval job).
 """
 
 import json
@@ -313,3 +315,48 @@ def test_lora_rounds_chain_the_adapters_of_the_lineage(tmp_path, tiny_model_dir)
     assert [suites[t]["evaluations"][-1]["value"] for t in ("r1", "r2")] == pytest.approx(R[1], rel=1e-5)
     assert [suites[t]["baseline"] for t in ("r1", "r2")] == pytest.approx([report["base"][t] for t in ("r1", "r2")],
                                                                           rel=1e-5)
+
+
+def test_ctrl_c_ends_the_pipeline_as_interrupted_with_its_summary_and_report(tmp_path, tiny_model_dir):
+    """SIGINT to the pipeline's process group (a terminal's Ctrl-C) while its round trains: the round's line says
+    interrupted, the summary line and pipeline_report.json are written, exit 130 (issue 12, a new user's report).
+
+    A real round (the tiny model, full fine-tuning, ``--launcher local``) with more steps than it gets to run.
+    """
+    files = skill_files(tmp_path / "data", n_train=64, n_eval=8)
+    runs, registry = tmp_path / "runs", tmp_path / "registry"
+    template = {"model": {"name_or_path": str(tiny_model_dir)}, "method": {"type": "full"},
+                "data": {"train_files": [str(files["convert"][0])], "max_seq_length": 64},
+                "training": {"output_dir": str(runs), "max_steps": 100000, "per_device_train_batch_size": 4,
+                             "learning_rate": LR, "logging_steps": 1, "save_steps": 100000, "bf16": False},
+                "distributed": {"num_workers": 1, "deepspeed": str(ROOT / "ds_configs" / "zero2.json")}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(template))
+    spec = {"registry": str(registry), "base_model": str(tiny_model_dir), "job": "job.yaml",
+            "retention_budget": BUDGET, "rounds": [{"name": "long", "train_files": [str(files["convert"][0])],
+                                                    "eval_files": [str(files["convert"][1])]}]}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    env = clean_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    began = time.time()
+    # a background job of a non-interactive shell ignores SIGINT, and so would its children: restore the default
+    p = subprocess.Popen([*CLI, "retrain", str(path), "--launcher", "local"], cwd=ROOT, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
+    metrics = runs / "long" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None and not (
+            metrics.exists() and '"loss"' in metrics.read_text()):
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()[1][-3000:]
+    os.killpg(p.pid, signal.SIGINT)  # Ctrl-C: the pipeline and its round's train process
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err[-3000:]
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("round long: interrupted (exit 130)"), out
+    assert "failed" not in lines[0], lines[0]
+    assert lines[-1].startswith("Pipeline: 0 promoted, long interrupted; current none; report "), out
+    report = json.loads((registry / "pipeline_report.json").read_text())
+    assert report["exit_code"] == 130 and report["current"] is None
+    assert json.loads((runs / "long" / "verdict.json").read_text())["decision"] == "interrupted"
+    assert not (registry / "rounds" / "long.json").exists()  # no decision: the round runs again next time
+    print(f"interrupted pipeline took {time.time() - began:.0f} s")
