@@ -146,3 +146,20 @@ def test_a_typo_in_the_template_job_is_an_input_error_on_every_load(tmp_path, ca
     assert main(["retrain", path, "--launcher", "local"]) == 2
     assert capsys.readouterr().err.strip() == f"distrib-ft: error: {msg}"
     assert not (tmp_path / "registry").exists() and not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_the_history_checks_read_a_registry_on_s3(tmp_path, cache, s3_endpoint, monkeypatch):  # noqa: F811
+    """The records are read through pyarrow.fs from a registry on a URL (moto's S3 server)."""
+    from tests.unit.test_retrain_review import _on_s3
+
+    path = _on_s3(tmp_path, s3_endpoint, monkeypatch, "retrain-history")
+    cfg = load_pipeline(path)
+    reg = Registry(cfg.registry, settle=0.2)
+    for i in range(2):
+        v = promote(reg, adapter(tmp_path / f"run{i}" / "final"), cfg.rounds[i].name)
+        write_record(reg, {"name": cfg.rounds[i].name, "data": data_hashes(cfg.rounds[i]), "version": v.version,
+                           "decision": "promoted", "overrides": cfg.rounds[i].overrides})
+    _start(path)
+    _edit(path, lambda rs: [{**rs[0], "name": "r1_v1"}, rs[1], {**rs[0], "name": "r1"}])
+    with pytest.raises(ConfigError, match=r"rounds\[0\] \(r1_v1\) has not run but rounds after it \(r2, r1\) have"):
+        _start(path)
