@@ -117,7 +117,7 @@ def check_overrides(cfg) -> None:
         try:
             config_from_dict(copy.deepcopy(job), cfg.job)
         except ConfigError:
-            continue  # the template's own error: reported against the template when the round is built
+            continue  # an error of the round's retention suites (a template suite named like a round): rounds.py
         where = f"{source}: rounds[{i}].overrides"
         for key, value in rnd.overrides.items():
             _set_dotted(job, key, copy.deepcopy(value), where)

@@ -173,7 +173,7 @@ def test_a_typo_in_a_rounds_overrides_is_an_input_error_before_anything_trains(t
     path = _pipeline(tmp_path, rounds=lambda rs: [rs[0], {**rs[1], "overrides": {"monitor.policy": "undo"}}])
     with pytest.raises(ConfigError, match=r"rounds\[1\].overrides: monitor.policy: .*'undo'"):
         load_pipeline(path)
-    # good overrides still load (a template typo is left to the round's build, which names the template)
+    # good overrides still load (a template typo: tests/unit/test_retrain_history.py, named against the template)
     cfg = load_pipeline(_pipeline(tmp_path, rounds=lambda rs: [rs[0], {**rs[1], "overrides": {
         "training.learning_rate": 1e-4, "monitor.policy": "rollback", "method.r": 8}}]))
     assert cfg.rounds[1].overrides["method.r"] == 8
