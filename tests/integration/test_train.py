@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from distrib_ft.config import config_from_dict
+from distrib_ft.runtime import storage
 from distrib_ft.runtime.loop import train
 from distrib_ft.runtime.metrics import read_metrics
 from tests.jobs import job_dict, set_in
@@ -75,6 +76,10 @@ def test_final_model_loads_and_matches_the_trained_weights(tmp_path, tiny_model_
     set_in(raw, "method.type", method)
     run(raw)
     out = tmp_path / "out"
+    mask = storage.umask()  # final/ as a plain mkdir / open() makes it, not mkdtemp's 0700 and safetensors' 0600
+    assert {oct(f.stat().st_mode & 0o777) for f in [out / "final", *(out / "final").rglob("*")] if f.is_dir()} == {
+        oct(0o777 & ~mask)}
+    assert {oct(f.stat().st_mode & 0o777) for f in (out / "final").rglob("*") if f.is_file()} == {oct(0o666 & ~mask)}
     # The trained model: DeepSpeed's own checkpoint of the module at the last step.
     trained = torch.load(out / "checkpoints" / "step-4" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
