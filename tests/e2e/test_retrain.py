@@ -258,6 +258,39 @@ def test_rollback_after_the_pipeline(pipeline, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("v0002 (current)"), r.stderr[-3000:]
 
 
+def test_merge_back_promotes_the_largest_alpha_within_budget(pipeline, tmp_path):
+    """The refused round 3 given a new name and ``merge_back: true`` (the documented way past a refusal: remove the
+    refused round, append a new one): its candidate breaks both suites, so theta0 + alpha (theta - theta0) is tried
+    for alpha in 0.5, 0.2, 0.05 (largest first) and the first within budget whose new task still beats its start is
+    promoted as v0004, its table in the registry; R's new row keeps r1 and r2 within the budget of round 3's start."""
+    registry = tmp_path / "registry"
+    shutil.copytree(pipeline["registry"], registry)
+    template = yaml.safe_load((pipeline["tmp"] / "job.yaml").read_text())
+    template["training"]["output_dir"] = str(tmp_path / "runs")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(template))
+    spec = yaml.safe_load(pipeline["path"].read_text())
+    spec.update(registry=str(registry), merge_back=True, merge_back_alphas=[0.5, 0.2, 0.05])
+    spec["rounds"][2]["name"] = "r3_mb"
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    r = cli("retrain", path, "--launcher", "local", timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    lines = _round_lines(r.stdout)
+    assert lines[-1].startswith("round r3_mb: promoted v0004") and "merged back at alpha" in lines[-1], r.stdout
+    assert _listing(registry)[-1] == ("v0004", "r3_mb", "promoted", True)
+    mb = json.loads(cli("registry", "show", registry, "v4", "--json", timeout=120).stdout)["metrics"]["merge_back"]
+    table = mb["table"]
+    assert mb["alpha"] in (0.5, 0.2, 0.05) and table[-1]["alpha"] == mb["alpha"], mb
+    assert [row["alpha"] for row in table] == [0.5, 0.2, 0.05][:len(table)]  # largest first, stops at the pass
+    assert table[-1]["within_budget"] and table[-1]["new_task_better"]
+    assert all(not (row["within_budget"] and row["new_task_better"]) for row in table[:-1])
+    report = json.loads((registry / "pipeline_report.json").read_text())
+    assert report["rounds"][-1]["name"] == "r3_mb" and len(report["R"]) == 3
+    for j in (0, 1):  # r1 and r2 on the merged-back model: within the budget of round 3's start (R's row of r2)
+        assert report["R"][2][j] <= report["R"][1][j] * (1 + BUDGET), report["R"]
+    assert report["R"][2][2] < report["R"][1][2]  # the new task still better than at its start
+
+
 def test_lora_rounds_chain_the_adapters_of_the_lineage(tmp_path, tiny_model_dir):
     """LoRA with the demo's template (examples/retrain/job.yaml: EWC-LoRA and replay carried forward) on the tiny
     model: round 2 trains a fresh adapter on the base with round 1's adapter merged (method.merge_adapters), reads
