@@ -36,6 +36,7 @@ merge and evaluation). Seeds (``training.seed``: data order, sampling): every se
 Results go to ``bench/results/pareto.json`` after every run (temp file then rename), so a partial sweep is
 kept and ``--resume`` skips what is there; the plots ``bench/results/pareto_<suite>.png`` (x: the suite's
 relative change, y: the new-task gain; one point per run, the mean of the seeds marked) are redrawn with it.
+The first, shorter sweep (lr 5e-4, two suites, seed 0) is kept as ``bench/results/pareto_short_lr5e-4.json``.
 
 Usage (from the repository root)::
 
@@ -65,8 +66,9 @@ from harness import ROOT  # noqa: E402
 DATA = ROOT / "examples" / "data"
 DEFAULT_OUT = ROOT / "bench" / "results" / "pareto.json"
 SUITE_EXAMPLES = 64
-SUITES = ("general_qa", "python_docs")
-LR = 5e-4
+SUITES = ("general_qa", "python_docs", "python_qa")
+LR = 5e-4  # the default of --lr
+PYTHON_QA = ROOT / "bench" / "data" / "python_qa.jsonl"
 STEPS = 20
 BATCH = 4
 NEW_EVAL_EXAMPLES = 32
@@ -76,7 +78,7 @@ EWC_LAMBDAS = (1e2, 1e4, 1e6)
 # name -> (what it changes in the job); the order is the run order within a seed
 SETTINGS: dict[str, dict] = {
     "none": {},
-    "lr/10": {"lr": LR / 10},
+    "lr/10": {"lr_factor": 0.1},
     "replay 25%": {"replay": 0.25},
     "ewc 1e4": {"ewc": 1e4},
     "l2_sp": {"l2_sp": {"alpha": 1.0}},
@@ -132,6 +134,28 @@ def python_docs_records(n: int = SUITE_EXAMPLES) -> list[dict]:
     return out[:n]
 
 
+def python_qa_records() -> list[dict]:
+    """The base model's own greedy answers to the python_docs prompts (``bench/data/python_qa.jsonl``).
+
+    The third suite: the model's own answering style (like general_qa) on a topic outside replay's
+    distribution (Python, like python_docs). Generated once with ``scripts/make_demo_data.py``'s recipe (chat
+    template, greedy, at most 48 new tokens, cut answers trimmed to the last full sentence) and committed, since
+    the answers depend on the CPU's arithmetic; a missing file is generated (~3 min on 2 cores).
+    """
+    if not PYTHON_QA.exists():
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
+        mdd = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mdd)
+        recs = mdd.general_qa(48, None, prompts=[r["instruction"] for r in python_docs_records()], label="python_qa")
+        PYTHON_QA.parent.mkdir(parents=True, exist_ok=True)
+        tmp = PYTHON_QA.with_name(f".{PYTHON_QA.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+        tmp.rename(PYTHON_QA)
+    return [json.loads(line) for line in PYTHON_QA.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def prepare_data(work: Path) -> dict:
     """The suites' files, the old data (general_qa's last 36) and the replay buffer built from it, in ``work``."""
     from distrib_ft.data import replay_buffer as rb
@@ -139,13 +163,15 @@ def prepare_data(work: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     qa = [json.loads(line) for line in (DATA / "general_qa.jsonl").read_text().splitlines() if line.strip()]
     files = {"general_qa": work / "general_qa_suite.jsonl", "old": work / "general_qa_old.jsonl",
-             "python_docs": work / "python_docs.jsonl", "buffer": work / "replay_buffer",
+             "python_docs": work / "python_docs.jsonl", "python_qa": work / "python_qa.jsonl",
+             "buffer": work / "replay_buffer",
              "new_eval": work / "units_eval_first32.jsonl"}
     units_eval = (DATA / "units_eval.jsonl").read_text().splitlines(keepends=True)
     files["new_eval"].write_text("".join(units_eval[:NEW_EVAL_EXAMPLES]))
     files["general_qa"].write_text("".join(json.dumps(r) + "\n" for r in qa[:SUITE_EXAMPLES]))
     files["old"].write_text("".join(json.dumps(r) + "\n" for r in qa[SUITE_EXAMPLES:]))
     files["python_docs"].write_text("".join(json.dumps(r) + "\n" for r in python_docs_records()))
+    files["python_qa"].write_text("".join(json.dumps(r) + "\n" for r in python_qa_records()))
     if not rb.list_versions(str(files["buffer"])):
         rb.build(str(files["buffer"]), [str(files["old"])], budget=None, seed=0)
     return {k: str(v) for k, v in files.items()}
@@ -153,7 +179,7 @@ def prepare_data(work: Path) -> dict:
 
 # ------------------------------------------------------------------------------------ one run (worker)
 
-def job_dict(out: Path, setting: dict, seed: int, files: dict) -> dict:
+def job_dict(out: Path, setting: dict, seed: int, files: dict, lr: float = LR) -> dict:
     from distrib_ft.assets import smollm2_path
 
     method = setting.get("method", {"type": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0})
@@ -162,7 +188,8 @@ def job_dict(out: Path, setting: dict, seed: int, files: dict) -> dict:
         {"train_files": [str(DATA / "units_train.jsonl")], "eval_files": [files["new_eval"]],
          "format": "alpaca", "max_seq_length": 128},
         {"output_dir": str(out), "max_steps": STEPS, "per_device_train_batch_size": BATCH,
-         "gradient_accumulation_steps": 1, "learning_rate": setting.get("lr", LR), "lr_scheduler_type": "cosine",
+         "gradient_accumulation_steps": 1, "learning_rate": setting.get("lr", lr * setting.get("lr_factor", 1.0)),
+         "lr_scheduler_type": "cosine",
          "warmup_ratio": 0.1, "bf16": False, "logging_steps": 5, "eval_steps": 0, "save_steps": 0,
          "per_device_eval_batch_size": 16, "seed": seed},
         zero=2,
@@ -233,7 +260,7 @@ def worker_main(spec_path: str) -> None:
 
     out = Path(spec["out"])
     setting = SETTINGS[spec["setting"]]
-    raw = job_dict(out, setting, spec["seed"], spec["files"])
+    raw = job_dict(out, setting, spec["seed"], spec["files"], spec.get("lr", LR))
     summary, train_s = harness.train_job(raw)
     metrics = read_metrics(out / "metrics.jsonl")
     evals = [r for r in metrics if "eval_loss" in r]
@@ -284,7 +311,7 @@ def row_of(r: dict) -> dict:
     """A run's Pareto row: gain, each suite's relative change, wall time."""
     return {"setting": r["setting"], "seed": r["seed"], "gain": r["eval_start"] - r["eval_end"],
             "eval_start": r["eval_start"], "eval_end": r["eval_end"],
-            **{f"{s}_change": r["end"][s] / r["start"][s] - 1 for s in SUITES}, "wall_s": train_wall(r),
+            **{f"{s}_change": r["end"][s] / r["start"][s] - 1 for s in r["start"]}, "wall_s": train_wall(r),
             "cpu_s": r.get("cpu_s") if not r.get("merge_back") else None}
 
 
@@ -298,7 +325,7 @@ def merge_rows(r: dict) -> list[dict]:
         rows.append({"setting": f"merge-back {m['alpha']:g}", "seed": r["seed"],
                      "gain": r["eval_start"] - v["eval_loss"],
                      "eval_start": r["eval_start"], "eval_end": v["eval_loss"],
-                     **{f"{s}_change": v[s] / r["start"][s] - 1 for s in SUITES},
+                     **{f"{s}_change": v[s] / r["start"][s] - 1 for s in r["start"]},
                      "wall_s": (train_wall(r) or 0) + m["seconds"], "cpu_s": None})
     return rows
 
@@ -318,11 +345,18 @@ def order_of(name: str) -> int:
     return names.index(name) if name in names else len(names)
 
 
+def suites_of(doc: dict) -> list[str]:
+    """The retention suites of a results file (older files have two)."""
+    runs = [r for r in doc["runs"] if "error" not in r]
+    return list(runs[0]["start"]) if runs else list(SUITES)
+
+
 def table(doc: dict) -> str:
     rows = all_rows(doc)
     names = sorted({r["setting"] for r in rows}, key=order_of)
-    lines = ["| setting | seeds | new-task gain (NLL) | general_qa change | python_docs change | wall s / run | "
-             "CPU s / run |", "|---|---|---|---|---|---|---|"]
+    suites = suites_of(doc)
+    lines = ["| setting | seeds | new-task gain (NLL) | " + " | ".join(f"{s} change" for s in suites)
+             + " | wall s / run | CPU s / run |", "|---|---|---|" + "---|" * len(suites) + "---|---|"]
     for name in names:
         rs = sorted([r for r in rows if r["setting"] == name], key=lambda r: r["seed"])
 
@@ -334,8 +368,8 @@ def table(doc: dict) -> str:
             return f"{mean:{fmt}}" + (f" ({' / '.join(f'{v:{fmt}}' for v in vals)})" if len(vals) > 1 else "")
 
         lines.append(f"| {name} | {', '.join(str(r['seed']) for r in rs)} | {cell('gain', '.3f')} | "
-                     f"{cell('general_qa_change', '+.1%')} | {cell('python_docs_change', '+.1%')} | "
-                     f"{cell('wall_s', '.0f')} | {cell('cpu_s', '.0f')} |")
+                     + "".join(f"{cell(f'{s}_change', '+.1%')} | " for s in suites)
+                     + f"{cell('wall_s', '.0f')} | {cell('cpu_s', '.0f')} |")
     failed = [f"{r['setting']} seed {r['seed']}: {r['error']}" for r in doc["runs"] if "error" in r]
     if failed:
         lines.append("")
@@ -343,8 +377,11 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(doc: dict, out_dir: Path) -> list[Path]:
-    """One scatter per suite: x its relative change, y the new-task gain; per-seed points and the seeds' mean."""
+def plot(doc: dict, results: Path) -> list[Path]:
+    """One scatter per suite, ``<results stem>_<suite>.png`` beside ``results``.
+
+    x: the suite's relative change, y: the new-task gain; per-seed points and the seeds' mean.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -354,7 +391,8 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
     names = sorted({r["setting"] for r in rows}, key=order_of)
     cmap = plt.get_cmap("tab20")
     paths = []
-    for suite in SUITES:
+    settings = doc["settings"]
+    for suite in suites_of(doc):
         fig, ax = plt.subplots(figsize=(8, 5.5))
         for i, name in enumerate(names):
             rs = [r for r in rows if r["setting"] == name]
@@ -367,10 +405,11 @@ def plot(doc: dict, out_dir: Path) -> list[Path]:
         ax.axvline(0, color="grey", lw=0.6)
         ax.set_xlabel(f"{suite}: relative NLL change, end vs step 0 (%)  (right = forgetting)")
         ax.set_ylabel("new-task gain: units eval NLL step 0 - end")
-        ax.set_title(f"Defences on SmolLM2-135M-Instruct, LoRA lr {LR:g}, {STEPS} steps: {suite}")
+        ax.set_title(f"Defences on SmolLM2-135M-Instruct, LoRA lr {settings['lr']:g}, "
+                     f"{settings['steps']} steps of {settings['batch']}: {suite}")
         ax.legend(fontsize=7, loc="lower right", ncol=2)
         fig.tight_layout()
-        path = out_dir / f"pareto_{suite}.png"
+        path = results.with_name(f"{results.stem}_{suite}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -388,6 +427,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), help="a subset of SETTINGS, in this order")
+    ap.add_argument("--lr", type=float, default=LR, help="the job's learning rate (lr/10 is a tenth of it)")
     ap.add_argument("--threads", type=int, default=2, help="OMP threads of the one worker")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--work", type=Path, default=Path("/tmp/pareto-work"), help="data and run folders")
@@ -401,7 +441,7 @@ def main() -> None:
     if a.table_from:
         doc = json.loads(a.table_from.read_text())
         print(table(doc))
-        print("plots:", *plot(doc, a.table_from.parent))
+        print("plots:", *plot(doc, a.table_from))
         return
     unknown = [s for s in a.settings if s not in SETTINGS]
     if unknown:
@@ -410,16 +450,20 @@ def main() -> None:
     if doc is None:
         doc = {"command": harness.command(__file__),
                "settings": {"model": "offline:SmolLM2-135M-Instruct", "method": "LoRA r16 alpha 32, all projections",
-                            "lr": LR, "scheduler": "cosine, warmup 10%", "steps": STEPS, "batch": BATCH, "world": 1,
+                            "lr": a.lr, "scheduler": "cosine, warmup 10%", "steps": STEPS, "batch": BATCH, "world": 1,
                             "deepspeed": "ds_configs/zero2.json", "bf16": False, "max_seq_length": 128,
                             "threads": a.threads, "suite_examples": SUITE_EXAMPLES,
                             "new_task": "examples/data/units_train.jsonl, eval units_eval.jsonl (60)",
                             "general_qa": "examples/data/general_qa.jsonl[:64]; old data (replay, Fisher, "
                                           "generative prompts) = [64:]",
                             "python_docs": "python_docs_records(): built-in and str docstrings, first paragraph",
+                            "python_qa": "bench/data/python_qa.jsonl: the base model's greedy answers to "
+                                         "python_docs' prompts",
                             "definitions": {k: v for k, v in SETTINGS.items()}},
                "versions": harness.versions(("torch", "transformers", "peft", "deepspeed"), machine=False),
                "runs": []}
+    if doc["settings"]["lr"] != a.lr:
+        raise SystemExit(f"--lr {a.lr:g}: {a.out} holds runs at lr {doc['settings']['lr']:g}; use another --out")
     files = prepare_data(a.work)
     done = {(r["setting"], r["seed"]) for r in doc["runs"] if "error" not in r}
     doc["runs"] = [r for r in doc["runs"] if "error" not in r]
@@ -433,7 +477,8 @@ def main() -> None:
             t0 = time.time()
             try:
                 res = harness.run_worker(__file__, {"out": str(run_dir / "out"), "setting": name, "seed": seed,
-                                                    "files": files}, run_dir, threads=a.threads, time_key="wall_s")
+                                                    "files": files, "lr": a.lr}, run_dir, threads=a.threads,
+                                         time_key="wall_s")
             except SystemExit as e:
                 res = {"setting": name, "seed": seed, "error": str(e), "wall_s": time.time() - t0}
             doc["runs"].append(res)
@@ -449,7 +494,7 @@ def main() -> None:
                 print(f"    {m['setting']}: gain {m['gain']:.3f}, general_qa {m['general_qa_change']:+.1%}, "
                       f"python_docs {m['python_docs_change']:+.1%}", flush=True)
             try:
-                plot(doc, a.out.parent)
+                plot(doc, a.out)
             except Exception as e:  # noqa: BLE001 -- a plot failure must not stop the sweep
                 print(f"plot failed: {e!r}", flush=True)
     print(table(doc))

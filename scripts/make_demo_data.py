@@ -173,8 +173,12 @@ def _trim(text: str) -> str:
     return m.group(1) if m and len(m.group(1)) >= 20 else text
 
 
-def general_qa(max_new_tokens: int, cache_dir: str | None) -> list[dict]:
-    """The base model's own greedy answers to GENERAL_PROMPTS, rendered as ``distrib_ft.data.formats`` does."""
+def general_qa(max_new_tokens: int, cache_dir: str | None, prompts=None, label: str = "general_qa") -> list[dict]:
+    """The base model's own greedy answers to ``prompts`` (default GENERAL_PROMPTS).
+
+    Rendered as ``distrib_ft.data.formats`` does; a prompt is an instruction or an (instruction, input) pair.
+    """
+    prompts = GENERAL_PROMPTS if prompts is None else prompts
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -183,7 +187,7 @@ def general_qa(max_new_tokens: int, cache_dir: str | None) -> list[dict]:
     path = smollm2_path(cache_dir)
     tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
     out, start = [], time.perf_counter()
-    for i, p in enumerate(GENERAL_PROMPTS):
+    for i, p in enumerate(prompts):
         instruction, inp = (p, "") if isinstance(p, str) else p
         user = instruction + ("\n\n" + inp if inp else "")  # distrib_ft.data.formats's chat rendering of alpaca
         enc = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
@@ -195,7 +199,7 @@ def general_qa(max_new_tokens: int, cache_dir: str | None) -> list[dict]:
             answer = _trim(answer)
         out.append({"instruction": instruction, "input": inp, "output": answer})
         if (i + 1) % 10 == 0:
-            print(f"  general_qa {i + 1}/{len(GENERAL_PROMPTS)} ({time.perf_counter() - start:.0f} s)",
+            print(f"  {label} {i + 1}/{len(prompts)} ({time.perf_counter() - start:.0f} s)",
                   file=sys.stderr, flush=True)
     return out
 
