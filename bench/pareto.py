@@ -354,6 +354,19 @@ def suites_of(doc: dict) -> list[str]:
     return list(runs[0]["start"]) if runs else list(SUITES)
 
 
+def front(rows: list[dict], suite: str) -> list[str]:
+    """The settings on the Pareto front of (new-task gain up, ``suite``'s change down), by their seeds' means."""
+    means = {}
+    for name in {r["setting"] for r in rows}:
+        rs = [r for r in rows if r["setting"] == name]
+        means[name] = (sum(r["gain"] for r in rs) / len(rs), sum(r[f"{suite}_change"] for r in rs) / len(rs))
+
+    def dominated(g, c):
+        return any(g2 >= g and c2 <= c and (g2, c2) != (g, c) for g2, c2 in means.values())
+
+    return sorted((n for n, (g, c) in means.items() if not dominated(g, c)), key=lambda n: -means[n][0])
+
+
 def table(doc: dict) -> str:
     rows = all_rows(doc)
     names = sorted({r["setting"] for r in rows}, key=order_of)
@@ -373,6 +386,10 @@ def table(doc: dict) -> str:
         lines.append(f"| {name} | {', '.join(str(r['seed']) for r in rs)} | {cell('gain', '.3f')} | "
                      + "".join(f"{cell(f'{s}_change', '+.1%')} | " for s in suites)
                      + f"{cell('wall_s', '.0f')} | {cell('cpu_s', '.0f')} |")
+    lines.append("")
+    for s in suites:
+        lines.append(f"Pareto front, {s} (seed means; no other setting has at least the gain and at most the "
+                     f"change): " + ", ".join(front(rows, s)))
     failed = [f"{r['setting']} seed {r['seed']}: {r['error']}" for r in doc["runs"] if "error" in r]
     if failed:
         lines.append("")
