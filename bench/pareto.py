@@ -283,6 +283,14 @@ def worker_main(spec_path: str) -> None:
 
         fisher, _, info = load_fisher(state)
         res["fisher_trace"] = float(sum(float(t.double().sum()) for t in fisher.values()))
+    import resource
+
+    def cpu_seconds() -> float:
+        """CPU seconds of the worker, all its threads (shared machines disturb them far less than wall time)."""
+        return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                   for f in ("ru_utime", "ru_stime"))
+
+    res["cpu_s_train"] = cpu_seconds()  # the run itself, before the no-defence run's merge-back evaluations
     if setting == {}:
         try:
             res["merge_back"] = merge_back(out, raw, MERGE_ALPHAS)
@@ -291,12 +299,7 @@ def worker_main(spec_path: str) -> None:
 
             traceback.print_exc()
             res["merge_back_error"] = repr(e)
-    import resource
-
-    # CPU seconds of the worker (all its threads): a cost that other work on a shared machine disturbs far less
-    # than wall time (the merge-back evaluation of the no-defence run included)
-    res["cpu_s"] = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                       for f in ("ru_utime", "ru_stime"))
+    res["cpu_s"] = cpu_seconds()  # with the merge-back evaluations
     harness.write_result(spec, res, indent=1)
     shutil.rmtree(out, ignore_errors=True)  # the weights are not needed after the evaluation
 
@@ -315,7 +318,7 @@ def row_of(r: dict) -> dict:
     return {"setting": r["setting"], "seed": r["seed"], "gain": r["eval_start"] - r["eval_end"],
             "eval_start": r["eval_start"], "eval_end": r["eval_end"],
             **{f"{s}_change": r["end"][s] / r["start"][s] - 1 for s in r["start"]}, "wall_s": train_wall(r),
-            "cpu_s": r.get("cpu_s") if not r.get("merge_back") else None}
+            "cpu_s": r.get("cpu_s_train", r.get("cpu_s") if not r.get("merge_back") else None)}
 
 
 def merge_rows(r: dict) -> list[dict]:
