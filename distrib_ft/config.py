@@ -259,9 +259,9 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def _section_at(loc: tuple) -> type[BaseModel] | None:
-    """The config class that holds the last key of ``loc`` (a pydantic error location), or None."""
-    cls, parts = JobConfig, [p for p in loc[:-1] if not isinstance(p, int)]
+def _section_at(loc: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
+    """The config class under ``root`` that holds the last key of ``loc`` (a pydantic error location), or None."""
+    cls, parts = root, [p for p in loc[:-1] if not isinstance(p, int)]
     while parts and cls is not None:
         part = parts.pop(0)
         if part == "method" and parts and parts[0] in METHODS:
@@ -274,9 +274,9 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
-def _unknown_key(loc: tuple) -> str:
+def _unknown_key(loc: tuple, root: type[BaseModel]) -> str:
     """What to say of an unknown key: the close spelling, or which method has it."""
-    key, cls = str(loc[-1]), _section_at(loc)
+    key, cls = str(loc[-1]), _section_at(loc, root)
     if cls is None:
         return "unknown key (check the spelling)"
     known = [f.alias or n for n, f in cls.model_fields.items() if n != "source"]
@@ -290,7 +290,12 @@ def _unknown_key(loc: tuple) -> str:
     return f"unknown key; the keys here are {', '.join(known)}"
 
 
-def _format_validation(err: ValidationError, source: str) -> str:
+def format_validation(err: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
+    """One line for a pydantic error of a file ``source`` validated as ``root`` (default: JobConfig).
+
+    ``source: key.path: what is wrong; other.key: ...``; an unknown key names its close spelling or the keys there.
+    """
+    root = root or JobConfig
     lines = []
     for e in err.errors():
         loc = list(e["loc"])
@@ -298,7 +303,7 @@ def _format_validation(err: ValidationError, source: str) -> str:
             del loc[1]
         key = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".") or "(top level)"
         if e["type"] == "extra_forbidden":
-            msg = _unknown_key(tuple(e["loc"]))
+            msg = _unknown_key(tuple(e["loc"]), root)
         elif e["type"] == "union_tag_invalid":
             key, msg = f"{key}.type", f"{e['input'].get('type')!r} is not a method; known: {', '.join(METHODS)}"
         elif e["type"] == "missing":
@@ -348,7 +353,7 @@ def config_from_dict(raw: dict, source: str = "<config>") -> JobConfig:
     try:
         cfg = JobConfig.model_validate({**raw, "source": source})
     except ValidationError as e:
-        raise ConfigError(_format_validation(e, source)) from None
+        raise ConfigError(format_validation(e, source)) from None
     return cfg
 
 

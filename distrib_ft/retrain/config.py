@@ -96,22 +96,6 @@ class PipelineConfig(Strict):
                           f"{', '.join(r.name for r in self.rounds)})")
 
 
-def _format(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        key = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in e["loc"]).lstrip(".") or "(top level)"
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            if "input" in e and not isinstance(e["input"], (dict, list)):
-                msg += f" (got {e['input']!r})"
-        lines.append(msg if not e["loc"] else f"{key}: {msg}")  # a whole-file check's message names its key
-    return f"{source}: " + "; ".join(lines)
-
-
 def _input(value: str, key: str, source: str) -> str:
     """An input path: a URL as it is, else absolute (the pipeline's folder, the working directory, the project)."""
     from distrib_ft.job import _candidates, _check_url
@@ -165,14 +149,14 @@ def load_pipeline(path) -> PipelineConfig:
 
     Raises ConfigError with a one-line message (exit code 2).
     """
-    from distrib_ft.config import read_yaml_mapping  # imports the methods (torch): not at module import
+    from distrib_ft.config import format_validation, read_yaml_mapping  # imports the methods (torch): not at import
 
     source = str(path)
     raw = read_yaml_mapping(path, "pipeline file", "keys (registry, base_model, job, rounds, ...)")
     try:
         cfg = PipelineConfig.model_validate({**raw, "source": source})
     except ValidationError as e:
-        raise ConfigError(_format(e, source)) from None
+        raise ConfigError(format_validation(e, source, PipelineConfig)) from None
     cfg = resolve_paths(cfg)
     from distrib_ft.retrain.checks import check_overrides
 

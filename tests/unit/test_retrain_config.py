@@ -61,7 +61,7 @@ def test_paths_resolve_like_a_job_file(files, tmp_path, monkeypatch):
     (lambda r: r["rounds"][0].update(eval_files=[]), ["rounds[0].eval_files", "at least 1"]),
     (lambda r: r["rounds"][1].update(name="r1"), ["rounds[1].name", "rounds[0]", "unique"]),
     (lambda r: r["rounds"][0].update(name="r 1"), ["rounds[0].name", "not a round name"]),
-    (lambda r: r.update(retention_budgt=0.1), ["retention_budgt: unknown key"]),
+    (lambda r: r.update(retention_budgt=0.1), ["retention_budgt: unknown key; did you mean 'retention_budget'?"]),
     (lambda r: r.update(retention_budget=0), ["retention_budget", "greater than 0"]),
     (lambda r: r.update(merge_back_alphas=[0.5, 1.0]), ["merge_back_alphas", "(0, 1)"]),
     (lambda r: r["rounds"][1].update(overrides={"learning_rate": 1}), ["rounds[1].overrides", "section.key"]),
