@@ -352,9 +352,11 @@ def order_of(name: str) -> int:
 
 
 def suites_of(doc: dict) -> list[str]:
-    """The retention suites of a results file (older files have two)."""
+    """A results file's retention suites: inside replay's distribution, outside in its style, in another style."""
     runs = [r for r in doc["runs"] if "error" not in r]
-    return list(runs[0]["start"]) if runs else list(SUITES)
+    names = list(runs[0]["start"]) if runs else list(SUITES)
+    order = ("general_qa", "python_qa", "python_docs")
+    return sorted(names, key=lambda s: order.index(s) if s in order else len(order))
 
 
 def front(rows: list[dict], suite: str) -> list[str]:
