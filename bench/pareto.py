@@ -6,11 +6,11 @@ Issue 13, must-have 5. One setting = one in-process ``train()`` job in a fresh w
 - model ``offline:SmolLM2-135M-Instruct`` (``distrib_ft.assets.smollm2_path()``), the README demo's job made
   smaller for a shared 2-core CPU: LoRA r16 alpha 32 on all projections, cosine with 10% warmup, 20 optimizer
   steps of 4 sequences (a world of one), ZeRO-2 (``ds_configs/zero2.json``), fp32, max_seq_length 128, at
-  ``--lr`` (the sweep in docs/benchmarks.md: 2e-3, where plain training forgets general_qa by ~+19% in these 20
-  steps; at the demo's 5e-4 it moved +6.6% and the new task gained as much). Every defence is added on top of
-  that job; ``lr/10`` and ``full`` change the job itself.
-- new task: ``examples/data/units_train.jsonl``; its held-out ``units_eval.jsonl`` (60) gives the new-task NLL
-  (``eval_loss``); **gain = eval_loss at step 0 - eval_loss at the end** (nats per answer token).
+  ``--lr`` (default and the sweep in docs/benchmarks.md: 2e-3, where plain training forgets general_qa by +19% /
+  +41% (seeds 0 / 1) in these 20 steps; at the demo's 5e-4 it moved +6.6% and the new task gained as much).
+  Every defence is added on top of that job; ``lr/10`` and ``full`` change the job itself.
+- new task: ``examples/data/units_train.jsonl``; the first 32 of its held-out ``units_eval.jsonl`` give the
+  new-task NLL (``eval_loss``); **gain = eval_loss at step 0 - eval_loss at the end** (nats per answer token).
 - suite ``general_qa`` (inside replay's distribution): the first 64 of ``examples/data/general_qa.jsonl`` (the
   base model's own greedy answers to general prompts). The last 36 (disjoint) are the *old data* the defences
   may use: the replay buffer (``distrib_ft.data.replay_buffer.build``), generative replay's prompts (their
@@ -24,8 +24,9 @@ Issue 13, must-have 5. One setting = one in-process ``train()`` job in a fresh w
   (:func:`python_qa_records`, ``bench/data/python_qa.jsonl``): the model's own style, like general_qa, on a topic
   nothing replays. Plain training *improved* python_docs at 5e-4, so it could not show forgetting there.
 - per suite: **relative change = NLL at the end / NLL at step 0 - 1** (monitor, metric nll; > 0 = forgetting).
-- time: the worker's wall seconds (start-up, Fisher / base-model / generation passes, 2 evaluations included),
-  on a 2-core machine shared with other work: read them to about +-30%.
+- time: the worker's CPU seconds at ``--threads`` (2 in the committed sweep; 1 thread takes ~40% fewer) and its
+  wall seconds, both with start-up, the Fisher / base-model / generation passes and the 2 evaluations; the same
+  computation varied by up to ~36% between runs here: compare settings only roughly.
 
 Settings (``SETTINGS``): none; lr/10; full fine-tuning (the method switch: full at 2e-5, the rate of
 ``bench/methods.py``; LoRA is the baseline's own method here); EWC (``estimator: sampled``,
@@ -34,7 +35,8 @@ Settings (``SETTINGS``): none; lr/10; full fine-tuning (the method switch: full 
 25% + EWC (lambda 1e4); and merge-back alpha 0.5 / 0.25: the no-defence run's merged weights interpolated toward
 the start, ``theta0 + alpha (theta1 - theta0)`` (Wortsman et al. 2022, WiSE-FT), computed with torch on its
 saved ``final/`` adapter and evaluated on the same data, no training (its time = the no-defence run's + the
-merge and evaluation). Seeds (``training.seed``: data order, sampling): every setting with seed 0 first, then 1.
+merge and evaluation). Seeds (``training.seed``: data order, LoRA's initialisation, sampling): every setting
+with seed 0 first, then 1.
 
 Results go to ``bench/results/pareto.json`` after every run (temp file then rename), so a partial sweep is
 kept and ``--resume`` skips what is there; the plots ``bench/results/pareto_<suite>.png`` (x: the suite's
@@ -70,7 +72,7 @@ DATA = ROOT / "examples" / "data"
 DEFAULT_OUT = ROOT / "bench" / "results" / "pareto.json"
 SUITE_EXAMPLES = 64
 SUITES = ("general_qa", "python_docs", "python_qa")
-LR = 5e-4  # the default of --lr
+LR = 2e-3  # the default of --lr: the sweep's rate (docs/benchmarks.md)
 PYTHON_QA = ROOT / "bench" / "data" / "python_qa.jsonl"
 STEPS = 20
 BATCH = 4
@@ -405,7 +407,8 @@ def table(doc: dict) -> str:
 def plot(doc: dict, results: Path) -> list[Path]:
     """One scatter per suite, ``<results stem>_<suite>.png`` beside ``results``.
 
-    x: the suite's relative change, y: the new-task gain; per-seed points and the seeds' mean.
+    x: the suite's relative change, y: the new-task gain; small dots the seeds, joined to their mean (large); the
+    Pareto front (:func:`front`) dashed. Labels alternate above and below their point to overlap less.
     """
     import matplotlib
 
@@ -418,21 +421,30 @@ def plot(doc: dict, results: Path) -> list[Path]:
     paths = []
     settings = doc["settings"]
     for suite in suites_of(doc):
-        fig, ax = plt.subplots(figsize=(8, 5.5))
+        fig, ax = plt.subplots(figsize=(11, 6))
+        means = {}
         for i, name in enumerate(names):
             rs = [r for r in rows if r["setting"] == name]
             xs, ys = [100 * r[f"{suite}_change"] for r in rs], [r["gain"] for r in rs]
             color = cmap(i % 20)
-            ax.scatter(xs, ys, color=color, alpha=0.45, s=18)
             mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-            ax.scatter([mx], [my], color=color, s=60, edgecolor="black", label=name)
-            ax.annotate(name, (mx, my), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            means[name] = (mx, my)
+            for x, y in zip(xs, ys):
+                ax.plot([x, mx], [y, my], color=color, lw=0.6, alpha=0.6)
+            ax.scatter(xs, ys, color=color, alpha=0.55, s=16)
+            ax.scatter([mx], [my], color=color, s=60, edgecolor="black", label=name, zorder=3)
+            ax.annotate(name, (mx, my), fontsize=7, xytext=(4, 4 if i % 2 == 0 else -10), textcoords="offset points")
+        pts = sorted(means[n] for n in front(rows, suite))
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "k--", lw=0.8, label="Pareto front (means)")
         ax.axvline(0, color="grey", lw=0.6)
+
         ax.set_xlabel(f"{suite}: relative NLL change, end vs step 0 (%)  (right = forgetting)")
         ax.set_ylabel("new-task gain: units eval NLL step 0 - end")
         ax.set_title(f"Defences on SmolLM2-135M-Instruct, LoRA lr {settings['lr']:g}, "
-                     f"{settings['steps']} steps of {settings['batch']}: {suite}")
-        ax.legend(fontsize=7, loc="lower right", ncol=2)
+                     f"{settings['steps']} steps of {settings['batch']}: {suite}\n"
+                     "better = up (more gain) and left (less forgetting); large dots: the seeds' mean, small: a seed",
+                     fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         path = results.with_name(f"{results.stem}_{suite}.png")
         fig.savefig(path, dpi=110)
@@ -449,12 +461,16 @@ def save(doc: dict, out: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), help="a subset of SETTINGS, in this order")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] + f" ({STEPS} LoRA steps of {BATCH} on "
+                                 f"SmolLM2-135M-Instruct; suites {', '.join(SUITES)}; see the module docstring)",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training.seed values, each for every setting")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), metavar="NAME",
+                    help=f"a subset of: {'; '.join(SETTINGS)} (merge-back rows come with 'none')".replace("%", "%%"))
     ap.add_argument("--lr", type=float, default=LR, help="the job's learning rate (lr/10 is a tenth of it)")
     ap.add_argument("--threads", type=int, default=2, help="OMP threads of the one worker")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                    help="results JSON (plots beside it); an existing one needs --resume")
     ap.add_argument("--work", type=Path, default=Path("/tmp/pareto-work"), help="data and run folders")
     ap.add_argument("--resume", action="store_true", help="keep the runs already in --out and skip them")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -471,6 +487,8 @@ def main() -> None:
     unknown = [s for s in a.settings if s not in SETTINGS]
     if unknown:
         raise SystemExit(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}")
+    if a.out.exists() and not a.resume:
+        raise SystemExit(f"--out {a.out} exists: pass --resume to add to it, or another --out")
     doc = json.loads(a.out.read_text()) if a.resume and a.out.exists() else None
     if doc is None:
         doc = {"command": harness.command(__file__),
@@ -478,7 +496,7 @@ def main() -> None:
                             "lr": a.lr, "scheduler": "cosine, warmup 10%", "steps": STEPS, "batch": BATCH, "world": 1,
                             "deepspeed": "ds_configs/zero2.json", "bf16": False, "max_seq_length": 128,
                             "threads": a.threads, "suite_examples": SUITE_EXAMPLES,
-                            "new_task": "examples/data/units_train.jsonl, eval units_eval.jsonl (60)",
+                            "new_task": f"examples/data/units_train.jsonl, eval units_eval.jsonl[:{NEW_EVAL_EXAMPLES}]",
                             "general_qa": "examples/data/general_qa.jsonl[:64]; old data (replay, Fisher, "
                                           "generative prompts) = [64:]",
                             "python_docs": "python_docs_records(): built-in and str docstrings, first paragraph",
@@ -512,12 +530,12 @@ def main() -> None:
                 print(f"[{time.strftime('%H:%M:%S')}] FAILED {name} seed {seed}: {res['error']}", flush=True)
                 continue
             row = row_of(res)
+            changes = ", ".join(f"{s} {row[f'{s}_change']:+.1%}" for s in suites_of(doc))
             print(f"[{time.strftime('%H:%M:%S')}] done {name} seed {seed} ({res['wall_s']:.0f}s): gain "
-                  f"{row['gain']:.3f}, general_qa {row['general_qa_change']:+.1%}, "
-                  f"python_docs {row['python_docs_change']:+.1%}", flush=True)
+                  f"{row['gain']:.3f}, {changes}", flush=True)
             for m in merge_rows(res):
-                print(f"    {m['setting']}: gain {m['gain']:.3f}, general_qa {m['general_qa_change']:+.1%}, "
-                      f"python_docs {m['python_docs_change']:+.1%}", flush=True)
+                changes = ", ".join(f"{s} {m[f'{s}_change']:+.1%}" for s in suites_of(doc))
+                print(f"    {m['setting']}: gain {m['gain']:.3f}, {changes}", flush=True)
             try:
                 plot(doc, a.out)
             except Exception as e:  # noqa: BLE001 -- a plot failure must not stop the sweep
