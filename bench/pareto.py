@@ -62,7 +62,6 @@ if "--worker" not in sys.argv:  # a worker keeps the OMP_NUM_THREADS its parent 
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 
@@ -153,11 +152,11 @@ def python_qa_records() -> list[dict]:
         spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
         mdd = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mdd)
+        from distrib_ft.runtime.storage import atomic_write_text
+
         recs = mdd.general_qa(48, None, prompts=[r["instruction"] for r in python_docs_records()], label="python_qa")
         PYTHON_QA.parent.mkdir(parents=True, exist_ok=True)
-        tmp = PYTHON_QA.with_name(f".{PYTHON_QA.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-        tmp.rename(PYTHON_QA)
+        atomic_write_text(PYTHON_QA, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
     return [json.loads(line) for line in PYTHON_QA.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -437,7 +436,6 @@ def plot(doc: dict, results: Path) -> list[Path]:
         pts = sorted(means[n] for n in front(rows, suite))
         ax.plot([x for x, _ in pts], [y for _, y in pts], "k--", lw=0.8, label="Pareto front (means)")
         ax.axvline(0, color="grey", lw=0.6)
-
         ax.set_xlabel(f"{suite}: relative NLL change, end vs step 0 (%)  (right = forgetting)")
         ax.set_ylabel("new-task gain: units eval NLL step 0 - end")
         ax.set_title(f"Defences on SmolLM2-135M-Instruct, LoRA lr {settings['lr']:g}, "
@@ -454,10 +452,11 @@ def plot(doc: dict, results: Path) -> list[Path]:
 
 
 def save(doc: dict, out: Path) -> None:
+    """Write the results atomically (a partial sweep is never a half-written file)."""
+    from distrib_ft.runtime.storage import atomic_write_text
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.rename(out)
+    atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
 
 
 def main() -> None:
